@@ -1,0 +1,128 @@
+"""Training-time depth sampling and truncated backprop splits (paper §2 "Depth sampling", App. G-H).
+
+Every sequence i runs T_i = n_i + k_i loop iterations: first n_i without gradient, then the last k_i
+with gradient (truncated BPTT). Samplers:
+
+* ``poisson_truncated`` (paper Alg. 4, the "corrected" sampler used for every main-body model):
+  T ~ Poisson(μ_rec), T ≥ 1; k = min(T, μ_bwd); n = T − k.
+* ``poisson_lognormal`` (Geiping et al. / Huginn, paper Alg. 3 and Eq. 5): τ ~ 𝒩(ln(μ_rec − μ_bwd) − σ²/2, σ),
+  σ = ½; n ~ Poisson(e^τ) + 1; k = μ_bwd. (Huginn's own code instead draws total = Poisson(τ') + 1 with
+  τ' ~ LogNormal(ln μ − σ²/2, σ) and k = min(μ_bwd, total); we follow the paper's algorithm.)
+* ``fixed``: T = μ_rec for every sequence.
+
+Granularity: ``per_sequence`` draws one T per sequence (the paper's choice, App. G); ``per_batch`` one T
+per micro-batch. Randomness comes only from a CPU generator seeded by the step (never from the global
+RNG), so a resumed run samples the same depths. The draw covers the *global* batch (all ranks) and each
+rank takes its own slice: DDP over R ranks samples exactly what one process sees on the same global
+batch. The seed 514229 + step is the official one (REFERENCE_IMPL §7) at rank 0.
+
+Evaluation never samples: the model runs exactly the requested number of loops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+_SEED_OFFSET = 514229       # official per-sequence sampler seed offset (a Fibonacci prime)
+_SEED_MODULUS = 2**31 - 1
+LOGNORMAL_SIGMA = 0.5       # paper Eq. 5
+
+
+@dataclass
+class Depths:
+    """Per-sequence loop counts: ``no_grad[i]`` iterations without gradient, then ``grad[i]`` with it."""
+
+    no_grad: Tensor  # int64 [B], CPU
+    grad: Tensor     # int64 [B], CPU
+
+    def __post_init__(self) -> None:
+        self.no_grad = torch.as_tensor(self.no_grad, dtype=torch.long).cpu().reshape(-1)
+        self.grad = torch.as_tensor(self.grad, dtype=torch.long).cpu().reshape(-1)
+        if self.no_grad.shape != self.grad.shape:
+            raise ValueError(f"Depths: no_grad {tuple(self.no_grad.shape)} and grad {tuple(self.grad.shape)} "
+                             "must have one entry per sequence")
+        if (self.no_grad < 0).any() or (self.grad < 0).any() or (self.total < 1).any():
+            raise ValueError("Depths: every sequence needs no_grad >= 0, grad >= 0 and at least one iteration")
+
+    @property
+    def total(self) -> Tensor:
+        return self.no_grad + self.grad
+
+    def __len__(self) -> int:
+        return self.grad.numel()
+
+    @classmethod
+    def split(cls, loops: int | Tensor, backprop_depth: int, batch_size: int | None = None) -> "Depths":
+        """T loops with only the last min(T, μ_bwd) backpropagated (paper Alg. 4's split)."""
+        total = torch.as_tensor(loops, dtype=torch.long).reshape(-1)
+        if batch_size is not None and total.numel() == 1:
+            total = total.expand(batch_size)
+        if (total < 1).any():
+            raise ValueError(f"loops must be >= 1, got {total.min().item()}")
+        grad = total.clamp(max=backprop_depth)
+        return cls(no_grad=total - grad, grad=grad)
+
+
+@dataclass
+class DepthSampler:
+    """Seeded training-depth sampler. ``sampler(step, batch_size, rank, world_size) -> Depths``."""
+
+    scheme: str = "poisson_truncated"
+    mean_recurrence: int = 8
+    backprop_depth: int = 4
+    granularity: str = "per_sequence"
+    seed_offset: int = _SEED_OFFSET
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "DepthSampler":
+        return cls(config.depth_scheme, config.mean_recurrence, config.backprop_depth, config.depth_granularity)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("poisson_truncated", "poisson_lognormal", "fixed"):
+            raise ValueError(f"DepthSampler.scheme must be poisson_truncated, poisson_lognormal or fixed, "
+                             f"got {self.scheme!r}")
+        if self.granularity not in ("per_sequence", "per_batch"):
+            raise ValueError(f"DepthSampler.granularity must be per_sequence or per_batch, got {self.granularity!r}")
+        if self.mean_recurrence < 1:
+            raise ValueError(f"DepthSampler.mean_recurrence must be >= 1, got {self.mean_recurrence}")
+        if self.backprop_depth < 1:
+            raise ValueError(f"DepthSampler.backprop_depth must be >= 1, got {self.backprop_depth}")
+        if self.scheme == "poisson_lognormal" and self.mean_recurrence <= self.backprop_depth:
+            raise ValueError("DepthSampler: poisson_lognormal needs mean_recurrence > backprop_depth")
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed_offset + int(step)) % _SEED_MODULUS)
+
+    def __call__(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Depths:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        draws = batch_size * world_size if self.granularity == "per_sequence" else 1
+        no_grad, grad = self._draw(draws, self.generator(step))
+        if self.granularity == "per_batch":  # one depth for the whole (global) micro-batch
+            return Depths(no_grad.expand(batch_size), grad.expand(batch_size))
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        return Depths(no_grad[rows], grad[rows])
+
+    def _draw(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        mu, bwd = self.mean_recurrence, self.backprop_depth
+        if self.scheme == "fixed":
+            total = torch.full((n,), mu, dtype=torch.long)
+        elif self.scheme == "poisson_truncated":
+            total = torch.poisson(torch.full((n,), float(mu)), generator=g).long().clamp(min=1)
+        else:  # poisson_lognormal: n ~ Poisson(exp(τ)) + 1 no-grad steps, then exactly μ_bwd grad steps
+            tau = torch.randn(n, generator=g) * LOGNORMAL_SIGMA + (math.log(mu - bwd) - LOGNORMAL_SIGMA**2 / 2)
+            no_grad = torch.poisson(torch.exp(tau), generator=g).long() + 1
+            return no_grad, torch.full((n,), bwd, dtype=torch.long)
+        grad = total.clamp(max=bwd)
+        return total - grad, grad
+
+    def expected_iterations(self, samples: int = 200_000) -> tuple[float, float]:
+        """Mean (no-grad, grad) iterations per sequence, estimated from the sampler itself."""
+        no_grad, grad = self._draw(samples, self.generator(0))
+        return no_grad.double().mean().item(), grad.double().mean().item()

@@ -1,0 +1,242 @@
+"""The looped language model (paper §2, Eq. 1-3, Alg. 1); a fixed-depth GPT when ``injection="none"``.
+
+    e       = N_pre(Prelude(embed(s)))             prelude blocks, then the prelude norm (App. J)
+    h_0     ~ like-init | 0 | given
+    h_{t+1} = R(Ā h_t + B̄ e),  t = 0 .. T−1         injection first, then the recurrent blocks
+    logits  = embedᵀ N_f(Coda(C h_T))               readout C, coda blocks, final norm, tied head
+
+Training runs T_i = n_i + k_i iterations for sequence i: n_i without gradient, then k_i with it
+(truncated BPTT, activation memory ∝ μ_bwd, not T). Sequences with different depths share a batch at
+proportional cost: each iteration computes only the sequences still looping (cost ∝ Σ T_i), which is
+exactly running every sequence alone (the official code instead runs all to the batch maximum and masks).
+
+    python -m parcae.model parcae-debug   # builds a preset, runs one training forward, prints telemetry
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .depth import Depths
+from .init import initialize
+from .injection import make_injection
+from .layers import Block, RMSNorm, rope_table
+
+IGNORE_INDEX = -100  # label value excluded from the loss
+
+
+@dataclass
+class LoopOutput:
+    logits: Tensor                       # fp32 [B, S, padded_vocab]
+    loss: Optional[Tensor] = None        # mean cross-entropy over labels != IGNORE_INDEX
+    telemetry: Optional[dict] = None     # see LoopedLM.forward(telemetry=True)
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        V, d, P, R = config.padded_vocab_size, config.d_model, config.n_prelude, config.n_recurrent
+        self.wte = nn.Embedding(V, d)  # tied with the LM head
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(V, config.kv_heads * config.head_dim) for i in config.value_embedding_layers})
+        self.prelude = nn.ModuleList(Block(config, i) for i in range(P))
+        self.recurrent = nn.ModuleList(Block(config, P + j) for j in range(R))
+        self.coda = nn.ModuleList(Block(config, P + R + k) for k in range(config.n_coda))
+        looped = config.looped
+        self.prelude_norm = RMSNorm(d, config.norm_eps) if looped and config.prelude_norm else None
+        self.injection = make_injection(config) if looped else None
+        self.readout = nn.Linear(d, d, bias=False) if looped and config.readout else None  # C
+        self.final_norm = RMSNorm(d, config.norm_eps)
+        self.register_buffer("rope", rope_table(config.block_size, config.head_dim, config.rope_base),
+                             persistent=False)
+        initialize(self, config)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, *, loops: Optional[int] = None,
+                depths: Optional[Depths] = None, initial_state: Optional[Tensor] = None,
+                state_seed: Optional[int] = None, telemetry: bool = False) -> LoopOutput:
+        """Logits (and loss if ``labels``, already shifted) for ``input_ids`` [B, S].
+
+        Args:
+            loops: exactly this many iterations for every sequence (default μ_rec); with gradient
+                enabled only the last min(loops, μ_bwd) are backpropagated.
+            depths: per-sequence (no-grad, grad) iteration counts, e.g. from :class:`DepthSampler`.
+            initial_state: h₀ [B, S, d]; otherwise ``config.state_init``.
+            state_seed: seed for the like-init noise. ``None`` uses the global RNG in training mode and
+                seed 0 in eval mode, so evaluation is deterministic.
+            telemetry: also return ρ(Ā), mean decay, ‖h_t‖ per iteration, ‖h_T − h_{T−1}‖ (absolute
+                and relative to ‖h_T‖) and the depths run.
+        """
+        B, S = self._check_input(input_ids)
+        rope = self._rope(S)
+        value_embeddings = {int(i): table(input_ids) for i, table in self.value_embeds.items()}  # once, not per loop
+        x = self.wte(input_ids)
+        for block in self.prelude:
+            x = block(x, rope, value_embeddings.get(block.index))
+        stats = None
+        if self.injection is None:  # fixed-depth GPT: the same stack, run once
+            if depths is not None or loops not in (None, 1):
+                raise ValueError(f"{self.config.name} is a fixed-depth model (injection='none'); it has no loops "
+                                 f"to set (got loops={loops})")
+            for block in self.recurrent:
+                x = block(x, rope, value_embeddings.get(block.index))
+        else:
+            e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            depths = self._resolve_depths(B, loops, depths)
+            h = self._initial_state(e, initial_state, state_seed)
+            h, stats = self.loop(h, e, depths, rope, value_embeddings, telemetry)
+            x = self.readout(h) if self.readout is not None else h
+        for block in self.coda:
+            x = block(x, rope, value_embeddings.get(block.index))
+        logits = F.linear(self.final_norm(x), self.wte.weight).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().long(), ignore_index=IGNORE_INDEX)
+        return LoopOutput(logits, loss, stats)
+
+    def loop(self, h: Tensor, e: Tensor, depths: Depths, rope: Tensor, value_embeddings: dict[int, Tensor],
+             telemetry: bool = False) -> tuple[Tensor, Optional[dict]]:
+        """h ← R(Ā h + B̄ e): ``depths.no_grad[i]`` iterations without gradient, then ``depths.grad[i]`` with it."""
+        drive = self.injection.input_term(e)  # B̄ e is the same on every iteration
+        record = _LoopRecorder(h, depths) if telemetry else None
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                h = self._iterate(h, drive, depths.no_grad, rope, value_embeddings, record)
+            h = self._iterate(h, drive, depths.grad, rope, value_embeddings, record)
+        else:  # nothing to backpropagate: the split is irrelevant
+            h = self._iterate(h, drive, depths.total, rope, value_embeddings, record)
+        return h, (record.summary(self.injection) if record else None)
+
+    def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor]) -> Tensor:
+        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks."""
+        u = self.injection(h, drive)
+        for block in self.recurrent:
+            u = block(u, rope, value_embeddings.get(block.index))
+        return u
+
+    def _iterate(self, h: Tensor, drive: Tensor, counts: Tensor, rope: Tensor,
+                 value_embeddings: dict[int, Tensor], record: Optional["_LoopRecorder"]) -> Tensor:
+        """Run sequence i for counts[i] iterations, computing only the sequences still looping."""
+        B = h.shape[0]
+        for t in range(int(counts.max()) if counts.numel() else 0):
+            active = (counts > t).nonzero().flatten()
+            if active.numel() == B:
+                h_new = self.recurrent_step(h, drive, rope, value_embeddings)
+                if record is not None:
+                    record.update(h, h_new, active)
+                h = h_new
+            else:
+                idx = active.to(h.device, non_blocking=True)
+                sub_ve = {i: v.index_select(0, idx) for i, v in value_embeddings.items()}
+                h_sub = self.recurrent_step(h.index_select(0, idx), drive.index_select(0, idx), rope, sub_ve)
+                if record is not None:
+                    record.update(h.index_select(0, idx), h_sub, active)
+                h = h.index_copy(0, idx, h_sub)
+        return h
+
+    # ----------------------------------------------------------------------------------------------
+    def _check_input(self, input_ids: Tensor) -> tuple[int, int]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        V = self.config.padded_vocab_size
+        if input_ids.numel() and not input_ids.is_meta:
+            lo, hi = input_ids.min().item(), input_ids.max().item()
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {V}) of model {self.config.name!r}")
+        return input_ids.shape
+
+    def _rope(self, seq_len: int) -> Tensor:
+        if seq_len > self.rope.shape[0]:
+            # Longer than block_size: extend the table. Rows for earlier positions are bit-identical.
+            self.rope = rope_table(seq_len, self.config.head_dim, self.config.rope_base, self.rope.device)
+        return self.rope
+
+    def _resolve_depths(self, batch_size: int, loops: Optional[int], depths: Optional[Depths]) -> Depths:
+        if depths is not None:
+            if loops is not None:
+                raise ValueError("pass either loops or depths, not both")
+            if len(depths) != batch_size:
+                raise ValueError(f"depths has {len(depths)} entries for a batch of {batch_size} sequences")
+            return depths
+        if loops is None:
+            loops = self.config.mean_recurrence
+        if isinstance(loops, bool) or not isinstance(loops, int) or loops < 1:
+            raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
+        return Depths.split(loops, self.config.backprop_depth, batch_size)
+
+    def _initial_state(self, e: Tensor, initial_state: Optional[Tensor], state_seed: Optional[int]) -> Tensor:
+        if initial_state is not None:
+            if initial_state.shape != e.shape:
+                raise ValueError(f"initial_state must have shape {tuple(e.shape)}, got {tuple(initial_state.shape)}")
+            return initial_state.to(device=e.device, dtype=e.dtype)
+        if self.config.state_init == "zero":
+            return torch.zeros_like(e)
+        if state_seed is None and not self.training:
+            state_seed = 0
+        generator = None if state_seed is None else torch.Generator(e.device).manual_seed(state_seed)
+        std = self.config.state_std  # like-init: truncated normal with the embedding std, cut at ±3σ
+        h = torch.empty(e.shape, device=e.device, dtype=torch.float32)
+        nn.init.trunc_normal_(h, 0.0, std, -3 * std, 3 * std, generator=generator)
+        return h.to(e.dtype)
+
+    # ----------------------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part of the model (for summaries and the paper's tables)."""
+        parts = {"embeddings": self.wte, "value_embeddings": self.value_embeds, "prelude": self.prelude,
+                 "recurrent": self.recurrent, "coda": self.coda, "injection": self.injection,
+                 "readout": self.readout, "norms": nn.ModuleList(m for m in (self.prelude_norm, self.final_norm) if m)}
+        counts = {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+        return counts
+
+
+class _LoopRecorder:
+    """Cheap loop telemetry, accumulated on the device: ‖h_t‖ per iteration and each sequence's last step."""
+
+    def __init__(self, h0: Tensor, depths: Depths) -> None:
+        self.depths = depths
+        B, T = len(depths), int(depths.total.max())
+        self.done = torch.zeros(B, dtype=torch.long)  # iterations completed per sequence (CPU)
+        self.norm_sum = torch.zeros(T + 1, device=h0.device)
+        self.norm_count = torch.zeros(T + 1, device=h0.device)
+        self.norm_sum[0] = h0.detach().float().norm(dim=-1).mean()
+        self.norm_count[0] = 1
+        self.last_residual = torch.zeros(B, device=h0.device)
+        self.last_norm = torch.zeros(B, device=h0.device)
+
+    @torch.no_grad()
+    def update(self, h_old: Tensor, h_new: Tensor, active: Tensor) -> None:
+        idx = active.to(h_new.device)
+        norms = h_new.float().norm(dim=-1).mean(-1)                   # per sequence, mean over tokens
+        residuals = (h_new.float() - h_old.float()).norm(dim=-1).mean(-1)
+        self.done[active] += 1
+        step = self.done[active].to(h_new.device)
+        self.norm_sum.index_add_(0, step, norms)
+        self.norm_count.index_add_(0, step, torch.ones_like(norms))
+        self.last_norm.index_copy_(0, idx, norms)
+        self.last_residual.index_copy_(0, idx, residuals)
+
+    def summary(self, injection) -> dict:
+        return {
+            "spectral_radius": injection.spectral_radius(),
+            "mean_decay": injection.mean_decay(),
+            "state_norm": self.norm_sum / self.norm_count.clamp(min=1),   # [T_max + 1], index 0 is h₀
+            "final_state_norm": self.last_norm.mean(),                    # ‖h_T‖
+            "residual": self.last_residual.mean(),                        # ‖h_T − h_{T−1}‖
+            "rel_residual": (self.last_residual / self.last_norm.clamp(min=1e-12)).mean(),
+            "depth": self.depths.total.clone(),
+            "no_grad_iterations": self.depths.no_grad.clone(),
+            "grad_iterations": self.depths.grad.clone(),
+        }
+
