@@ -1,0 +1,129 @@
+"""LightningDataModule streaming (input, target) token blocks from prepared LitData shards.
+
+    data = TokenDataModule(datasets=["data/shakespeare"], seq_len=256, batch_size=16)
+    # in YAML:  data: {class_path: parcae.data.TokenDataModule, init_args: {datasets: [...], weights: [...]}}
+
+Blocks of ``seq_len + 1`` consecutive tokens (documents packed back to back) become ``input = block[:-1]``,
+``target = block[1:]``, both int64. Several shard folders are mixed by ``weights`` with LitData's
+``CombinedStreamingDataset``. Datasets are built in ``setup()``, so every rank and worker gets its own
+shard of the data. The loader position is saved in Lightning checkpoints (``StreamingDataLoader`` is
+stateful) and restored on resume: keep ``batch_size``, ``num_workers`` and the number of devices fixed
+across a resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+
+from .shards import DataError, ShardFolder, check_vocabulary, open_shards
+
+
+def _to_input_target(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    block = block.long()
+    return block[:-1], block[1:]
+
+
+class TokenDataModule(LightningDataModule):
+    def __init__(self, datasets: list[str] | str = "data/shakespeare", weights: Optional[list[float]] = None,
+                 val_dataset: Optional[str] = None, seq_len: int = 256, batch_size: int = 16,
+                 val_batch_size: Optional[int] = None, num_workers: int = 1, shuffle: bool = True,
+                 seed: int = 1234) -> None:
+        """
+        Args:
+            datasets: Shard folders prepared by ``data_prep`` (each with manifest.json, train/, val/).
+            weights: Mixture weights over ``datasets`` for training (normalised); ``None`` for one dataset.
+            val_dataset: Folder whose val split is used for validation; default the first of ``datasets``.
+            seq_len: Tokens per training sequence (blocks hold ``seq_len + 1`` tokens).
+            batch_size: Sequences per micro-batch and device.
+            val_batch_size: Sequences per validation batch (default ``batch_size``).
+            num_workers: Loader worker processes per device.
+            shuffle: Shuffle chunk order and blocks within chunks (training split only).
+            seed: Shuffle / mixture seed.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+        if not self.datasets:
+            raise DataError("TokenDataModule.datasets is empty; name at least one shard folder")
+        if weights is not None and len(weights) != len(self.datasets):
+            raise DataError(f"TokenDataModule.weights has {len(weights)} entries for {len(self.datasets)} datasets")
+        if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise DataError(f"TokenDataModule.weights must be non-negative with a positive sum, got {weights}")
+        if seq_len < 1 or batch_size < 1 or num_workers < 0:
+            raise DataError("TokenDataModule: seq_len and batch_size must be >= 1 and num_workers >= 0")
+        self.weights = weights
+        self.val_dataset = val_dataset or self.datasets[0]
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.shuffle, self.seed = num_workers, shuffle, seed
+        self._folders: Optional[list[ShardFolder]] = None
+
+    # -- metadata (cheap: reads manifests only) ---------------------------------------------------------
+    @property
+    def folders(self) -> list[ShardFolder]:
+        if self._folders is None:
+            folders = [open_shards(p) for p in self.datasets]
+            first = folders[0]
+            for other in folders[1:]:
+                if other.tokenizer_sha256 != first.tokenizer_sha256:
+                    raise DataError(f"{other.root} and {first.root} were tokenized with different tokenizers "
+                                    f"(sha256 {other.tokenizer_sha256[:12]} vs {first.tokenizer_sha256[:12]})")
+            if Path(self.val_dataset) not in [f.root for f in folders]:
+                val = open_shards(self.val_dataset)
+                if val.tokenizer_sha256 != first.tokenizer_sha256:
+                    raise DataError(f"validation shards {val.root} use a different tokenizer than {first.root}")
+            self._folders = folders
+        return self._folders
+
+    @property
+    def vocab_size(self) -> int:
+        return self.folders[0].vocab_size
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folders[0].tokenizer_path
+
+    def check_vocabulary(self, model_vocab_size: int, model_name: str = "the model") -> None:
+        check_vocabulary(self.folders[0], model_vocab_size, model_name)
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+    def _streaming(self, root: str | Path, split: str, shuffle: bool):
+        from litdata import StreamingDataset, TokensLoader
+
+        return StreamingDataset(str(Path(root) / split), item_loader=TokensLoader(block_size=self.seq_len + 1),
+                                shuffle=shuffle, drop_last=True, seed=self.seed, transform=_to_input_target)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        from litdata import CombinedStreamingDataset
+
+        folders = self.folders  # validates every folder before any worker starts
+        train = [self._streaming(f.root, "train", self.shuffle) for f in folders]
+        if len(train) == 1:
+            self.train_set = train[0]
+        else:
+            weights = self.weights or [f.tokens("train") for f in folders]  # default: proportional to size
+            self.train_set = CombinedStreamingDataset(train, seed=self.seed, weights=weights, iterate_over_all=False)
+        self.val_set = self._streaming(self.val_dataset, "val", shuffle=False)
+        for name, ds in (("train", train[0]), ("val", self.val_set)):
+            if len(ds) == 0:
+                raise DataError(f"{self.datasets[0] if name == 'train' else self.val_dataset}: the {name} split "
+                                f"holds fewer than seq_len + 1 = {self.seq_len + 1} tokens per chunk")
+
+    def _loader(self, dataset, batch_size: int):
+        from litdata import StreamingDataLoader
+
+        return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
+                                   pin_memory=torch.cuda.is_available(), drop_last=True)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.val_batch_size)
+
+    def test_dataloader(self):
+        return self._loader(self.val_set, self.val_batch_size)

@@ -1,0 +1,78 @@
+"""Prepared shard folders: layout, manifest, and the checks training runs before reading them.
+
+    <root>/manifest.json   token/document counts per split, tokenizer vocabulary + sha256, sources, date
+    <root>/tokenizer.json  the tokenizer the shards were made with
+    <root>/train/, val/    LitData chunks + index.json (int32 tokens, documents as <|bos|> ... <|eos|>)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FORMAT = "parcae-token-shards/1"
+SPLITS = ("train", "val")
+PREPARE_HINT = "prepare it with `python -m data_prep.shards --input <text files> --tokenizer <tokenizer.json> " \
+               "--output {root}` (the embedded corpus: `python -m data_prep.shakespeare`)"
+
+
+class DataError(ValueError):
+    """Unusable training data; the message is one line naming the folder."""
+
+
+@dataclass(frozen=True)
+class ShardFolder:
+    root: Path
+    manifest: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.manifest["tokenizer"].get("file", TOKENIZER_FILE)
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    def tokens(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["tokens"])
+
+
+def open_shards(root: str | Path) -> ShardFolder:
+    """Validate a prepared shard folder; every problem is a one-line DataError naming the folder."""
+    root = Path(root)
+    hint = PREPARE_HINT.format(root=root)
+    if not root.exists():
+        raise DataError(f"shard folder {root} does not exist; {hint}")
+    if not (root / MANIFEST).is_file():
+        raise DataError(f"{root} has no {MANIFEST}, so it is not a complete shard folder; {hint}")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{root / MANIFEST} is not valid JSON ({err.msg}); {hint}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{root / MANIFEST} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    for split in SPLITS:
+        index = root / split / "index.json"
+        if not index.is_file():
+            raise DataError(f"{root / split} is missing or has no index.json; {hint}")
+        if int(manifest["splits"][split]["tokens"]) == 0:
+            raise DataError(f"{root / split} holds no tokens; {hint}")
+    return ShardFolder(root, manifest)
+
+
+def check_vocabulary(folder: ShardFolder, model_vocab_size: int, model_name: str = "the model") -> None:
+    """Refuse shards whose tokenizer vocabulary differs from the model's."""
+    if folder.vocab_size != model_vocab_size:
+        raise DataError(f"{folder.root} was tokenized with a {folder.vocab_size:,}-token vocabulary "
+                        f"({folder.tokenizer_path.name}, sha256 {folder.tokenizer_sha256[:12]}) but {model_name} "
+                        f"has vocab_size {model_vocab_size:,}; use a matching tokenizer or model")
