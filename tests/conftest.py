@@ -25,3 +25,37 @@ def tiny_config():
         return ModelConfig(**base)
 
     return make
+
+
+SHAKESPEARE_TOKENIZER = Path(__file__).parent.parent / "data_prep" / "corpus" / "shakespeare_tokenizer.json"
+
+
+def write_jsonl(path, texts, ids=None):
+    """Write documents as JSON lines (optionally with an "id" field); returns the path."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            record = {"text": text} if ids is None else {"id": ids[i], "text": text}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def synthetic_documents(n, seed=0, words=("alpha", "beta", "gamma", "delta", "omega", "lorem", "ipsum")):
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 120))) + f" doc{i}." for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    """A shard folder of 400 synthetic documents (~25k tokens), small chunks, 1 worker."""
+    from data_prep.shards import prepare_shards
+
+    root = tmp_path_factory.mktemp("small_shards")
+    src = write_jsonl(root / "src" / "docs.jsonl", synthetic_documents(400))
+    prepare_shards([src], root / "shards", SHAKESPEARE_TOKENIZER, val_fraction=0.1, chunk_tokens=1024,
+                   num_workers=1, quiet=True)
+    return root / "shards"

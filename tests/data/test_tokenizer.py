@@ -1,0 +1,63 @@
+"""Tokenizer: the paper's recipe (App. R), round trips, special tokens, byte fallback, byte lengths for bpb."""
+
+import pytest
+
+from conftest import SHAKESPEARE_TOKENIZER, synthetic_documents
+from data_prep.tokenizer import capped_texts, new_tokenizer, train_tokenizer
+from parcae.data.tokenizer import load_tokenizer, special_ids, token_byte_lengths
+
+TEXTS = ["To be, or not to be, that is the question:", "Numbers 1234567 and 3.14159!",
+         "Ünïcödé — “quotes”, 漢字 and emoji 🤖 all survive.", "  leading spaces\n\n\ttabs\r\nand CRLF  ", ""]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(str(SHAKESPEARE_TOKENIZER))
+
+
+def test_round_trip_is_lossless_including_unseen_characters(tok):
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    # byte fallback: characters never seen in training still encode (as bytes), no <unk>
+    assert len(tok.encode("漢", add_special_tokens=False).ids) == 3
+
+
+def test_special_tokens_have_ids_0_1_2_and_are_atomic(tok):
+    assert special_ids(tok) == {"<|bos|>": 0, "<|eos|>": 1, "<|pad|>": 2}
+    assert tok.encode("<|bos|>hi<|eos|>", add_special_tokens=False).ids[0] == 0
+    assert tok.get_vocab_size() == 4096
+
+
+def test_numbers_split_into_groups_of_at_most_two_digits():
+    pieces = [p for p, _ in new_tokenizer().pre_tokenizer.pre_tokenize_str("year 12345")]
+    assert pieces[-3:] == ["12", "34", "5"]
+
+
+def test_token_byte_lengths_count_utf8_bytes_exactly(tok):
+    lengths = token_byte_lengths(tok)
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths[0] == lengths[1] == lengths[2] == 0
+
+
+def test_training_a_small_tokenizer(tmp_path):
+    tok = train_tokenizer(synthetic_documents(200), vocab_size=300, show_progress=False)
+    assert tok.get_vocab_size() == 300
+    assert special_ids(tok) == {"<|bos|>": 0, "<|eos|>": 1, "<|pad|>": 2}
+    path = tmp_path / "t.json"
+    tok.save(str(path))
+    assert load_tokenizer(str(path)).decode(tok.encode("omega alpha").ids) == "omega alpha"
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["x"], vocab_size=100)
+
+
+def test_character_caps():
+    class D:
+        def __init__(self, text):
+            self.text = text
+    out = list(capped_texts([D("a" * 50), D("b" * 50), D("c" * 50)], max_chars=120, max_doc_chars=40))
+    assert [len(t) for t in out] == [40, 40, 40]
+    out = list(capped_texts([D("a" * 50), D("b" * 50)], max_chars=70, max_doc_chars=None))
+    assert [len(t) for t in out] == [50, 20]
