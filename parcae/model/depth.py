@@ -12,9 +12,9 @@ with gradient (truncated BPTT). Samplers:
 
 Granularity: ``per_sequence`` draws one T per sequence (the paper's choice, App. G); ``per_batch`` one T
 per micro-batch. Randomness comes only from a CPU generator seeded by the step (never from the global
-RNG), so a resumed run samples the same depths. The draw covers the *global* batch (all ranks) and each
-rank takes its own slice: DDP over R ranks samples exactly what one process sees on the same global
-batch. The seed 514229 + step is the official one (REFERENCE_IMPL §7) at rank 0.
+RNG), so a resumed run samples the same depths. The draw covers the *global* batch (all ranks) and rank r
+takes rows r, r + R, r + 2R, ... (the layout of DistributedSampler): DDP over R ranks samples exactly what
+one process sees on the same global batch. The seed 514229 + step is the official one (REFERENCE_IMPL §7) at rank 0.
 
 Evaluation never samples: the model runs exactly the requested number of loops.
 """
@@ -106,7 +106,8 @@ class DepthSampler:
         no_grad, grad = self._draw(draws, self.generator(step))
         if self.granularity == "per_batch":  # one depth for the whole (global) micro-batch
             return Depths(no_grad.expand(batch_size), grad.expand(batch_size))
-        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        # Row i of rank r is global sequence i·world_size + r: DistributedSampler's interleaved layout.
+        rows = slice(rank, batch_size * world_size, world_size)
         return Depths(no_grad[rows], grad[rows])
 
     def _draw(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -61,7 +61,7 @@ class LoopedLM(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, *, loops: Optional[int] = None,
                 depths: Optional[Depths] = None, initial_state: Optional[Tensor] = None,
-                state_seed: Optional[int] = None, telemetry: bool = False) -> LoopOutput:
+                state_seed: Optional[int | list[int]] = None, telemetry: bool = False) -> LoopOutput:
         """Logits (and loss if ``labels``, already shifted) for ``input_ids`` [B, S].
 
         Args:
@@ -69,8 +69,8 @@ class LoopedLM(nn.Module):
                 enabled only the last min(loops, μ_bwd) are backpropagated.
             depths: per-sequence (no-grad, grad) iteration counts, e.g. from :class:`DepthSampler`.
             initial_state: h₀ [B, S, d]; otherwise ``config.state_init``.
-            state_seed: seed for the like-init noise. ``None`` uses the global RNG in training mode and
-                seed 0 in eval mode, so evaluation is deterministic.
+            state_seed: seed for the like-init noise, or one seed per sequence. ``None`` uses the global RNG
+                in training mode and seed 0 in eval mode, so evaluation is deterministic.
             telemetry: also return ρ(Ā), mean decay, ‖h_t‖ per iteration, ‖h_T − h_{T−1}‖ (absolute
                 and relative to ‖h_T‖) and the depths run.
         """
@@ -174,7 +174,7 @@ class LoopedLM(nn.Module):
             raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
         return Depths.split(loops, self.config.backprop_depth, batch_size)
 
-    def _initial_state(self, e: Tensor, initial_state: Optional[Tensor], state_seed: Optional[int]) -> Tensor:
+    def _initial_state(self, e: Tensor, initial_state: Optional[Tensor], state_seed) -> Tensor:
         if initial_state is not None:
             if initial_state.shape != e.shape:
                 raise ValueError(f"initial_state must have shape {tuple(e.shape)}, got {tuple(initial_state.shape)}")
@@ -183,10 +183,17 @@ class LoopedLM(nn.Module):
             return torch.zeros_like(e)
         if state_seed is None and not self.training:
             state_seed = 0
-        generator = None if state_seed is None else torch.Generator(e.device).manual_seed(state_seed)
         std = self.config.state_std  # like-init: truncated normal with the embedding std, cut at ±3σ
         h = torch.empty(e.shape, device=e.device, dtype=torch.float32)
-        nn.init.trunc_normal_(h, 0.0, std, -3 * std, 3 * std, generator=generator)
+        if isinstance(state_seed, (list, tuple)):  # one seed per sequence: noise independent of batch layout
+            if len(state_seed) != e.shape[0]:
+                raise ValueError(f"state_seed has {len(state_seed)} seeds for a batch of {e.shape[0]} sequences")
+            for row, seed in zip(h, state_seed):
+                nn.init.trunc_normal_(row, 0.0, std, -3 * std, 3 * std,
+                                      generator=torch.Generator(e.device).manual_seed(int(seed)))
+        else:
+            generator = None if state_seed is None else torch.Generator(e.device).manual_seed(state_seed)
+            nn.init.trunc_normal_(h, 0.0, std, -3 * std, 3 * std, generator=generator)
         return h.to(e.dtype)
 
     # ----------------------------------------------------------------------------------------------
