@@ -59,3 +59,25 @@ def small_shards(tmp_path_factory):
     prepare_shards([src], root / "shards", SHAKESPEARE_TOKENIZER, val_fraction=0.1, chunk_tokens=1024,
                    num_workers=1, quiet=True)
     return root / "shards"
+
+
+TINY_ARCH = dict(name="tiny-parcae", vocab_size=4096, block_size=32, d_model=32, n_heads=2, d_ff=64, n_prelude=1,
+                 n_recurrent=1, n_coda=1, mean_recurrence=3, backprop_depth=2)
+
+
+def write_recipe(path, data_dir, runs_dir, run_name="tiny", max_steps=12, arch=None, extra=""):
+    """A complete tiny CLI recipe (CPU, d=32, seq 32, batch 4) over ``data_dir``."""
+    import yaml
+
+    recipe = {
+        "seed_everything": 1234, "run_name": run_name, "runs_dir": str(runs_dir), "checkpoint_every": 4,
+        "val_every": 6,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": max_steps,
+                    "gradient_clip_val": 1.0, "log_every_n_steps": 1, "limit_val_batches": 2,
+                    "limit_test_batches": 2, "num_sanity_val_steps": 0, "enable_progress_bar": False},
+        "model": {"arch": {**TINY_ARCH, **(arch or {})}, "optimizer": {"name": "adamw", "lr": 0.003},
+                  "schedule": {"name": "trapezoid"}, "eval_loops": [1, 2], "telemetry_every": 2},
+        "data": {"datasets": [str(data_dir)], "seq_len": 32, "batch_size": 4, "num_workers": 0},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False) + extra)
+    return path
