@@ -16,11 +16,13 @@ exactly running every sequence alone (the official code instead runs all to the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .depth import Depths
@@ -56,6 +58,9 @@ class LoopedLM(nn.Module):
         self.final_norm = RMSNorm(d, config.norm_eps)
         self.register_buffer("rope", rope_table(config.block_size, config.head_dim, config.rope_base),
                              persistent=False)
+        # Recompute each backpropagated iteration in the backward pass instead of storing its activations
+        # (the official "per-iteration" activation checkpointing): memory per iteration ~ one state h.
+        self.checkpoint_iterations = False
         initialize(self, config)
 
     # ----------------------------------------------------------------------------------------------
@@ -125,17 +130,20 @@ class LoopedLM(nn.Module):
                  value_embeddings: dict[int, Tensor], record: Optional["_LoopRecorder"]) -> Tensor:
         """Run sequence i for counts[i] iterations, computing only the sequences still looping."""
         B = h.shape[0]
+        step = self.recurrent_step
+        if self.checkpoint_iterations and torch.is_grad_enabled():
+            step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
         for t in range(int(counts.max()) if counts.numel() else 0):
             active = (counts > t).nonzero().flatten()
             if active.numel() == B:
-                h_new = self.recurrent_step(h, drive, rope, value_embeddings)
+                h_new = step(h, drive, rope, value_embeddings)
                 if record is not None:
                     record.update(h, h_new, active)
                 h = h_new
             else:
                 idx = active.to(h.device, non_blocking=True)
                 sub_ve = {i: v.index_select(0, idx) for i, v in value_embeddings.items()}
-                h_sub = self.recurrent_step(h.index_select(0, idx), drive.index_select(0, idx), rope, sub_ve)
+                h_sub = step(h.index_select(0, idx), drive.index_select(0, idx), rope, sub_ve)
                 if record is not None:
                     record.update(h.index_select(0, idx), h_sub, active)
                 h = h.index_copy(0, idx, h_sub)

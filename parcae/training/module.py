@@ -77,7 +77,7 @@ class LoopedLMModule(L.LightningModule):
     def __init__(self, arch: ModelConfig = ModelConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  schedule: ScheduleConfig = ScheduleConfig(), eval_loops: list[int] = [1, 2, 4, 8],
                  telemetry_every: int = 10, max_nonfinite_losses: int = 10, compile: bool = False,
-                 peak_tflops: Optional[float] = None) -> None:
+                 activation_checkpointing: bool = False, peak_tflops: Optional[float] = None) -> None:
         """
         Args:
             arch: The model (see ``parcae.model.ModelConfig``; presets in ``configs/model/``).
@@ -87,6 +87,8 @@ class LoopedLMModule(L.LightningModule):
             telemetry_every: Log loop telemetry (ρ(Ā), state norms, residual, depth histogram) every N steps.
             max_nonfinite_losses: Stop after this many consecutive non-finite training losses.
             compile: ``torch.compile`` each block (GPU; the loop itself stays eager).
+            activation_checkpointing: Recompute each backpropagated loop iteration during backward instead of
+                storing its activations (the official 1.3B setting).
             peak_tflops: Peak device TFLOP/s for MFU; default: the GPU's bf16/fp32 peak, or a measured fp32
                 matmul rate on CPU.
         """
@@ -103,8 +105,10 @@ class LoopedLMModule(L.LightningModule):
                                    "schedule": dataclasses.asdict(self.schedule_config),
                                    "eval_loops": list(eval_loops), "telemetry_every": telemetry_every,
                                    "max_nonfinite_losses": max_nonfinite_losses, "compile": compile,
+                                   "activation_checkpointing": activation_checkpointing,
                                    "peak_tflops": peak_tflops})
         self.net = LoopedLM(self.arch)
+        self.net.checkpoint_iterations = activation_checkpointing
         self.sampler = DepthSampler.from_config(self.arch) if self.arch.looped else None
         self.micro_step = 0           # training forwards so far (seeds depths and state noise)
         self.skipped_steps = 0        # optimizer steps dropped for non-finite gradients

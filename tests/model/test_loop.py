@@ -215,3 +215,31 @@ def test_zoh_gain_matches_the_closed_form(tiny_config):
         inj.A_log.fill_(0.0)
         inj.dt_bias.fill_(-20.0)
     torch.testing.assert_close(inj.gain(), torch.nn.functional.softplus(inj.dt_bias), rtol=1e-6, atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memory(tiny_config):
+    model = _model(tiny_config).train()
+    ids, labels, h0 = _batch(model.config, B=3)
+    depths = Depths(no_grad=torch.tensor([1, 0, 3]), grad=torch.tensor([2, 1, 2]))
+
+    def run():
+        saved = 0
+
+        def pack(t):
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids, labels, depths=depths, initial_state=h0)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+    loss, grads, saved = run()
+    model.checkpoint_iterations = True
+    loss_ckpt, grads_ckpt, saved_ckpt = run()
+    torch.testing.assert_close(loss, loss_ckpt)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ckpt[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert saved_ckpt < 0.8 * saved
