@@ -112,18 +112,18 @@ class LRSchedule:
     def __call__(self, step: int) -> float:
         c, total = ScheduleConfig(**self.schedule), self.total_steps
         floor = c.min_lr_ratio
-        if c.warmup_steps and step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
+        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         if c.name == "constant":
-            return 1.0
+            return warm
         if c.name == "cosine":
+            if step < c.warmup_steps:
+                return warm
             progress = min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         cooldown = round(c.cooldown_fraction * total) if c.name == "trapezoid" else c.cooldown_steps
-        start = total - cooldown
-        if cooldown <= 0 or step < start:
-            return 1.0
-        return floor + (1 - floor) * max(0.0, (total - step) / cooldown)
+        cool = 1.0 if cooldown <= 0 or step < total - cooldown else max(0.0, (total - step) / cooldown)
+        # The smaller ramp wins, so a run shorter than warm-up + cool-down has a continuous schedule.
+        return min(warm, floor + (1 - floor) * cool)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:

@@ -114,6 +114,10 @@ def test_schedules_by_hand():
     assert [trap(s) for s in (0, 49, 50, 75, 99, 100)] == pytest.approx([1, 1, 1, 0.5, 0.02, 0])  # (T − s)/cooldown
     wc = LRSchedule(ScheduleConfig("warmup_cooldown", warmup_steps=10, cooldown_steps=20), total_steps=100)
     assert [wc(s) for s in (0, 4, 9, 10, 79, 80, 90, 100)] == pytest.approx([0.1, 0.5, 1, 1, 1, 1, 0.5, 0])
+    short = LRSchedule(ScheduleConfig("warmup_cooldown", warmup_steps=60, cooldown_steps=60), total_steps=100)
+    values = [short(s) for s in range(100)]  # ramps overlap: continuous, peaks where they cross
+    assert max(abs(a - b) for a, b in zip(values, values[1:])) < 0.02
+    assert max(values) == pytest.approx(50 / 60)  # (s + 1)/60 meets (100 − s)/60 at s = 49.5
     cos = LRSchedule(ScheduleConfig("cosine", warmup_steps=0, min_lr_ratio=0.1), total_steps=100)
     assert [cos(s) for s in (0, 50, 100)] == pytest.approx([1, 0.55, 0.1])
     with pytest.raises(ValueError, match="max_steps"):
