@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 Injection = Literal["none", "add", "concat", "diagonal", "diagonal_zoh"]
-DepthScheme = Literal["poisson_truncated", "poisson_lognormal", "fixed"]
+DepthScheme = Literal["poisson_truncated", "poisson_lognormal", "huginn", "fixed"]
 DepthGranularity = Literal["per_sequence", "per_batch"]
 
 INJECTIONS = ("none", "add", "concat", "diagonal", "diagonal_zoh")
@@ -64,7 +64,8 @@ class ModelConfig:
             number at evaluation.
         backprop_depth: μ_bwd, the last iterations that are backpropagated through (truncated BPTT).
         depth_scheme: Training depth sampler: ``poisson_truncated`` (paper Alg. 4, T ~ Poisson(μ_rec),
-            T ≥ 1), ``poisson_lognormal`` (Huginn / Geiping et al., paper Alg. 3) or ``fixed``.
+            T ≥ 1), ``poisson_lognormal`` (Geiping et al. as in paper Alg. 3), ``huginn`` (Huginn's code,
+            the paper's early RDM runs) or ``fixed``.
         depth_granularity: One depth per sequence (paper's choice, App. G) or per micro-batch.
         init: ``scaled-zero`` (official Parcae/nanochat: orthogonal, zero output projections) or
             ``scaled`` (Takase, Huginn setup).
@@ -207,6 +208,24 @@ def _build_presets() -> dict[str, ModelConfig]:
         # RDM: sandwich norm, concat injection, no readout C and no prelude norm (Huginn's recipe).
         presets[f"rdm-{size}"] = ModelConfig(name=f"rdm-{size}", block="sandwich", injection="concat",
                                              readout=False, prelude_norm=False, **common)
+    # Named variants the paper's tables train (recipes reference model pieces by name).
+    for size in _HUGINN_SIZES:
+        # Table 2's "Pre-Norm RDM": the RDM with pre-norm instead of sandwich blocks.
+        presets[f"rdm-{size}-prenorm"] = presets[f"rdm-{size}"].replace(name=f"rdm-{size}-prenorm", block="prenorm")
+        # Table 8: Parcae with one depth per micro-batch instead of per sequence.
+        presets[f"parcae-{size}-per-batch"] = presets[f"parcae-{size}"].replace(
+            name=f"parcae-{size}-per-batch", depth_granularity="per_batch")
+    # Tables 9-10: the early RDM runs used Huginn's sampler (one depth per micro-batch), backprop depth 4.
+    presets["rdm-100m-huginn-sampler"] = presets["rdm-100m"].replace(
+        name="rdm-100m-huginn-sampler", depth_scheme="huginn", depth_granularity="per_batch", backprop_depth=4)
+    # Table 4, the 140M ladder in the Transformer setup: RDM (concat, per-batch, no prelude norm) ->
+    # + constrained (diagonal) A -> + per-sequence sampling -> + prelude norm (= parcae-140m).
+    base = presets["parcae-140m"]
+    presets["ladder-140m-rdm"] = base.replace(name="ladder-140m-rdm", injection="concat", prelude_norm=False,
+                                              depth_granularity="per_batch")
+    presets["ladder-140m-constrained"] = base.replace(name="ladder-140m-constrained", prelude_norm=False,
+                                                      depth_granularity="per_batch")
+    presets["ladder-140m-per-sequence"] = base.replace(name="ladder-140m-per-sequence", prelude_norm=False)
     # A debug model for tests and CPU demos (torchtitan's "debugmodel" idea).
     presets["parcae-debug"] = ModelConfig(
         name="parcae-debug", vocab_size=4096, block_size=256, d_model=64, n_heads=4, d_ff=256,

@@ -5,9 +5,11 @@ with gradient (truncated BPTT). Samplers:
 
 * ``poisson_truncated`` (paper Alg. 4, the "corrected" sampler used for every main-body model):
   T ~ Poisson(μ_rec), T ≥ 1; k = min(T, μ_bwd); n = T − k.
-* ``poisson_lognormal`` (Geiping et al. / Huginn, paper Alg. 3 and Eq. 5): τ ~ 𝒩(ln(μ_rec − μ_bwd) − σ²/2, σ),
-  σ = ½; n ~ Poisson(e^τ) + 1; k = μ_bwd. (Huginn's own code instead draws total = Poisson(τ') + 1 with
-  τ' ~ LogNormal(ln μ − σ²/2, σ) and k = min(μ_bwd, total); we follow the paper's algorithm.)
+* ``poisson_lognormal`` (Geiping et al., as the paper writes it in Alg. 3 / Eq. 5): τ ~ 𝒩(ln(μ_rec − μ_bwd) − σ²/2, σ),
+  σ = ½; n ~ Poisson(e^τ) + 1; k = μ_bwd. Needs μ_rec > μ_bwd.
+* ``huginn`` (what Huginn's code runs, REFERENCE_IMPL §14, and what the paper's early RDM runs of Tables 9-10
+  used): rate ~ LogNormal(ln μ_rec − σ²/2, σ); T = Poisson(rate) + 1; k = min(μ_bwd, T); n = T − k. Defined
+  for any μ_rec (Table 9 has μ_rec = μ_bwd = 4, where Alg. 3 is not).
 * ``fixed``: T = μ_rec for every sequence.
 
 Granularity: ``per_sequence`` draws one T per sequence (the paper's choice, App. G); ``per_batch`` one T
@@ -84,8 +86,8 @@ class DepthSampler:
         return cls(config.depth_scheme, config.mean_recurrence, config.backprop_depth, config.depth_granularity)
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("poisson_truncated", "poisson_lognormal", "fixed"):
-            raise ValueError(f"DepthSampler.scheme must be poisson_truncated, poisson_lognormal or fixed, "
+        if self.scheme not in ("poisson_truncated", "poisson_lognormal", "huginn", "fixed"):
+            raise ValueError(f"DepthSampler.scheme must be poisson_truncated, poisson_lognormal, huginn or fixed, "
                              f"got {self.scheme!r}")
         if self.granularity not in ("per_sequence", "per_batch"):
             raise ValueError(f"DepthSampler.granularity must be per_sequence or per_batch, got {self.granularity!r}")
@@ -116,6 +118,9 @@ class DepthSampler:
             total = torch.full((n,), mu, dtype=torch.long)
         elif self.scheme == "poisson_truncated":
             total = torch.poisson(torch.full((n,), float(mu)), generator=g).long().clamp(min=1)
+        elif self.scheme == "huginn":
+            rate = torch.exp(torch.randn(n, generator=g) * LOGNORMAL_SIGMA + (math.log(mu) - LOGNORMAL_SIGMA**2 / 2))
+            total = torch.poisson(rate, generator=g).long() + 1
         else:  # poisson_lognormal: n ~ Poisson(exp(τ)) + 1 no-grad steps, then exactly μ_bwd grad steps
             tau = torch.randn(n, generator=g) * LOGNORMAL_SIGMA + (math.log(mu - bwd) - LOGNORMAL_SIGMA**2 / 2)
             no_grad = torch.poisson(torch.exp(tau), generator=g).long() + 1

@@ -72,3 +72,12 @@ def test_bad_sampler_settings_name_the_field():
         Depths(no_grad=torch.tensor([0]), grad=torch.tensor([0]))
     with pytest.raises(ValueError, match="loops"):
         Depths.split(0, 4, 2)
+
+
+def test_huginn_sampler_matches_its_definition():
+    s = DepthSampler("huginn", mean_recurrence=4, backprop_depth=4, granularity="per_sequence")
+    d = s(2, 200_000)  # defined at mu_rec == mu_bwd, unlike Alg. 3
+    assert torch.equal(d.grad, d.total.clamp(max=4)) and d.total.min() >= 1
+    # E[T] = E[Poisson(rate)] + 1 = E[rate] + 1 = mu_rec + 1, with the log-normal adding variance
+    assert abs(d.total.double().mean().item() - 5.0) < 0.03
+    assert d.total.double().var().item() > 4 * 1.2
