@@ -32,6 +32,7 @@ from parcae.training.callbacks import AtomicCheckpointIO, RunSummary, StepProgre
 from parcae.training.module import LoopedLMModule, NonFiniteLossError, parse_loops
 
 VERBS = {
+    "sweep": "expand a sweep definition into runs: `parcae sweep recipes/sweeps/isoflop_140m.yaml [--run]`",
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
@@ -128,7 +129,7 @@ class ParcaeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
         for root in ([cfg.data.datasets] if isinstance(cfg.data.datasets, str) else cfg.data.datasets):
-            open_shards(root)  # fail fast, before a large model is built, naming the folder and the fix
+            open_shards(root, cfg.data.get("prepare_hint"))  # fail fast, before a large model is built
         if self.subcommand not in ("fit", None):
             return
         self._resolve_run_length(cfg)
@@ -148,7 +149,7 @@ class ParcaeCLI(LightningCLI):
             raise CLIError(f"--ckpt_path last: there is no {last} to resume")
 
     @staticmethod
-    def _resolve_run_length(cfg) -> None:
+    def _resolve_run_length(cfg, quiet: bool = False) -> None:
         """Paper quantities -> Trainer settings: accumulation from the global batch, steps from tokens."""
         trainer = cfg.trainer
         devices = _device_count(trainer.accelerator, trainer.devices)
@@ -164,7 +165,7 @@ class ParcaeCLI(LightningCLI):
         if cfg.val_every is not None:
             trainer.val_check_interval = cfg.val_every * (trainer.accumulate_grad_batches or 1)
             trainer.check_val_every_n_epoch = None
-        if trainer.max_steps and trainer.max_steps > 0:
+        if trainer.max_steps and trainer.max_steps > 0 and not quiet:
             print(f"[parcae] {tokens_per_step:,} tokens per step ({per_pass * (trainer.accumulate_grad_batches or 1)}"
                   f" sequences x {cfg.data.seq_len}), {trainer.max_steps:,} steps = "
                   f"{trainer.max_steps * tokens_per_step / 1e6:,.1f}M tokens", flush=True)
@@ -193,6 +194,40 @@ class ParcaeCLI(LightningCLI):
             if self.model.schedule_config.name != "constant":
                 raise CLIError(f"trainer.max_steps must be set (> 0) for the {self.model.schedule_config.name!r} "
                                "learning-rate schedule")
+
+
+class _ParseOnlyCLI(ParcaeCLI):
+    """Parses and validates a recipe without building the model, data or trainer."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_recipe(path: str | Path, overrides: Optional[list[str]] = None, resolve: bool = True):
+    """The fully resolved ``fit`` config of a recipe (composed pieces, defaults, command-line style overrides),
+    with run length and accumulation derived as ``parcae fit`` would (``resolve``); builds nothing."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments travel in args=
+    try:
+        cli = _ParseOnlyCLI(args=["--config", str(path), *(overrides or [])], run=False)
+    finally:
+        sys.argv = argv
+    if resolve:
+        ParcaeCLI._resolve_run_length(cli.config, quiet=True)
+    return cli.config
+
+
+def model_config_of(cfg) -> "ModelConfig":
+    """The ModelConfig of a parsed config (``cfg.model.arch``), without jsonargparse's bookkeeping keys."""
+    import dataclasses
+
+    from parcae.model import ModelConfig
+
+    arch = cfg.model.arch
+    values = arch.as_dict() if hasattr(arch, "as_dict") else dict(arch)
+    return ModelConfig(**{f.name: values[f.name] for f in dataclasses.fields(ModelConfig) if f.name in values})
 
 
 def _device_count(accelerator, devices) -> int:
@@ -248,6 +283,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             sys.argv = ["parcae model", *rest]
             return model_main()
+        if verb == "sweep":
+            from parcae.sweep import main as sweep_main
+
+            return sweep_main(rest)
         return _prepare(rest)
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands:\n" + "\n".join(f"  {v:<8} {h}" for v, h in VERBS.items()) + "\n")

@@ -31,7 +31,7 @@ class TokenDataModule(LightningDataModule):
     def __init__(self, datasets: list[str] | str = "data/shakespeare", weights: Optional[list[float]] = None,
                  val_dataset: Optional[str] = None, seq_len: int = 256, batch_size: int = 16,
                  val_batch_size: Optional[int] = None, num_workers: int = 1, shuffle: bool = True,
-                 seed: int = 1234) -> None:
+                 seed: int = 1234, prepare_hint: Optional[str] = None) -> None:
         """
         Args:
             datasets: Shard folders prepared by ``data_prep`` (each with manifest.json, train/, val/).
@@ -43,6 +43,7 @@ class TokenDataModule(LightningDataModule):
             num_workers: Loader worker processes per device.
             shuffle: Shuffle chunk order and blocks within chunks (training split only).
             seed: Shuffle / mixture seed.
+            prepare_hint: How to prepare the data, shown when a folder is missing (data pieces set it).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -60,20 +61,21 @@ class TokenDataModule(LightningDataModule):
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle, self.seed = num_workers, shuffle, seed
+        self.prepare_hint = prepare_hint
         self._folders: Optional[list[ShardFolder]] = None
 
     # -- metadata (cheap: reads manifests only) ---------------------------------------------------------
     @property
     def folders(self) -> list[ShardFolder]:
         if self._folders is None:
-            folders = [open_shards(p) for p in self.datasets]
+            folders = [open_shards(p, self.prepare_hint) for p in self.datasets]
             first = folders[0]
             for other in folders[1:]:
                 if other.tokenizer_sha256 != first.tokenizer_sha256:
                     raise DataError(f"{other.root} and {first.root} were tokenized with different tokenizers "
                                     f"(sha256 {other.tokenizer_sha256[:12]} vs {first.tokenizer_sha256[:12]})")
             if Path(self.val_dataset) not in [f.root for f in folders]:
-                val = open_shards(self.val_dataset)
+                val = open_shards(self.val_dataset, self.prepare_hint)
                 if val.tokenizer_sha256 != first.tokenizer_sha256:
                     raise DataError(f"validation shards {val.root} use a different tokenizer than {first.root}")
             self._folders = folders

@@ -47,10 +47,10 @@ class ShardFolder:
         return int(self.manifest["splits"][split]["tokens"])
 
 
-def open_shards(root: str | Path) -> ShardFolder:
-    """Validate a prepared shard folder; every problem is a one-line DataError naming the folder."""
+def open_shards(root: str | Path, prepare_hint: str | None = None) -> ShardFolder:
+    """Validate a prepared shard folder; every problem is a one-line DataError naming the folder and the fix."""
     root = Path(root)
-    hint = PREPARE_HINT.format(root=root)
+    hint = prepare_hint or PREPARE_HINT.format(root=root)
     if not root.exists():
         raise DataError(f"shard folder {root} does not exist; {hint}")
     if not (root / MANIFEST).is_file():
