@@ -8,14 +8,14 @@
 
 from .config import PAPER_PARAMETER_COUNTS, PRESET_PARAMETER_COUNTS, PRESETS, ModelConfig, preset
 from .depth import DepthSampler, Depths
-from .flops import FlopBreakdown, flops_per_token, tokens_for_budget
+from .flops import FlopBreakdown, effective_parameters, flops_per_token, tokens_for_budget
 from .injection import AddInjection, ConcatInjection, DiagonalInjection, Injection
 from .layers import Block, RMSNorm
 from .looped import IGNORE_INDEX, LoopedLM, LoopOutput
 from .official import config_from_official, from_official, to_official
 
 __all__ = [
-    "AddInjection", "Block", "ConcatInjection", "DepthSampler", "Depths", "DiagonalInjection", "FlopBreakdown",
+    "AddInjection", "Block", "ConcatInjection", "DepthSampler", "Depths", "DiagonalInjection", "FlopBreakdown", "effective_parameters",
     "IGNORE_INDEX", "Injection", "LoopOutput", "LoopedLM", "ModelConfig", "PAPER_PARAMETER_COUNTS",
     "PRESETS", "PRESET_PARAMETER_COUNTS", "RMSNorm", "config_from_official", "flops_per_token", "from_official",
     "preset", "to_official", "tokens_for_budget",

@@ -95,6 +95,15 @@ def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None, *,
                          attention_unit * attn_train_layers, per_token)
 
 
+def effective_parameters(config: ModelConfig, mean_recurrence: Optional[float] = None) -> float:
+    """N(μ_rec), the unrolled parameter count of the scaling laws (paper Eq. 4/7): non-embedding parameters
+    with the per-iteration ones (recurrent blocks + injection) counted μ_rec times. The paper does not state
+    its exact counting (PAPER §7); this is the matmul-parameter count of the "paper" FLOP convention."""
+    core, other = _param_groups(config, "paper")
+    mu = config.mean_recurrence if mean_recurrence is None else mean_recurrence
+    return float(other + (mu if config.looped else 0) * core)
+
+
 def tokens_for_budget(config: ModelConfig, flops: float, seq_len: Optional[int] = None,
                       convention: Convention = "paper") -> int:
     """Training tokens D for a FLOP budget C: D = C / (FLOPs per token) (paper §5.2 isoFLOP sweeps)."""
