@@ -1,0 +1,38 @@
+"""Load a trained model (plain PyTorch, no Trainer) and its tokenizer from a parcae checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from parcae.model import LoopedLM, ModelConfig
+
+
+def load_checkpoint(ckpt_path: str | Path, device: str | torch.device = "cpu",
+                    tokenizer: Optional[str | Path] = None) -> tuple[LoopedLM, Path]:
+    """(model in eval mode, tokenizer.json path). The tokenizer comes from ``tokenizer`` or from the shard folder
+    named in the run's ``config.yaml`` (every prepared shard folder carries a copy of its tokenizer)."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if "arch" not in hp:
+        raise ValueError(f"{ckpt_path} is not a parcae checkpoint (no hyper_parameters.arch)")
+    model = LoopedLM(ModelConfig(**hp["arch"]))
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    if tokenizer is None:
+        config = ckpt_path.resolve().parent / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{ckpt_path}: no config.yaml beside it to find the tokenizer; pass --tokenizer")
+        datasets = yaml.safe_load(config.read_text())["data"]["datasets"]
+        root = Path(datasets if isinstance(datasets, str) else datasets[0])
+        tokenizer = root / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"tokenizer {tokenizer} (from {config}) not found; pass --tokenizer")
+    return model, Path(tokenizer)

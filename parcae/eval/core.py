@@ -1,0 +1,292 @@
+"""CORE and Core-Extended (DCLM in-context tasks as in nanochat and the paper, App. M / Table 15) at a chosen
+loop count.
+
+    parcae core --ckpt_path checkpoints/table5_140m_parcae/last.ckpt --bundle /data/eval_bundle --loops 8
+    parcae core ... --tasks core_extended --seeds 1234,2345,3456 --max-per-task 500
+
+The eval bundle cannot be downloaded here; get ``eval_bundle.zip`` once from
+https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip (nanochat's copy of the DCLM data: ``core.yaml``,
+``eval_meta_data.csv``, ``eval_data/<category>/<task>.jsonl``) and pass its folder. Nothing is downloaded.
+
+Protocol (as the official evaluation): each task's examples are shuffled with ``Random(1337)``; few-shot examples
+for item i are ``Random(seed + i).sample`` of the other items; every sequence starts with ``<|bos|>`` and is
+cropped from the left to the context length. Multiple choice: the choice with the lowest mean loss over its
+tokens; schema: the context option with the lowest mean loss over the shared continuation; language modelling:
+the greedy prediction must reproduce the continuation exactly. Centered accuracy (acc − b)/(1 − b) with b the
+random baseline of ``eval_meta_data.csv`` (25% when missing). CORE = mean over the 22 CORE tasks, Core-Extended
+= mean over all 46 (tasks whose file is missing are skipped and reported); mean ± population std over seeds.
+The initial recurrent state is seeded from (seed, task, item, option), so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+TASKS_FILE = Path(__file__).with_name("core_tasks.yaml")
+SEEDS = (1234, 2345, 3456)
+
+
+@dataclass(frozen=True)
+class Task:
+    label: str
+    file: str
+    shots: int
+    type: str
+    delimiter: str = " "
+    core: bool = False
+
+
+def load_tasks(which: str = "core") -> list[Task]:
+    """The paper's CORE (22) or Core-Extended (46) tasks, or the tasks of a bundle-format ``core.yaml`` path."""
+    if which.endswith((".yaml", ".yml")):
+        return tasks_from_bundle_yaml(Path(which))
+    if which not in ("core", "core_extended"):
+        raise ValueError(f"tasks must be 'core', 'core_extended' or a core.yaml path, got {which!r}")
+    tasks = [Task(**{**t, "delimiter": t.get("delimiter", " ")}) for t in yaml.safe_load(TASKS_FILE.read_text())["tasks"]]
+    return [t for t in tasks if t.core] if which == "core" else tasks
+
+
+def tasks_from_bundle_yaml(path: Path) -> list[Task]:
+    """Tasks from a bundle's own ``core.yaml`` (nanochat format: icl_tasks with label, dataset_uri, ...)."""
+    spec = yaml.safe_load(path.read_text())
+    return [Task(t["label"], t["dataset_uri"], int(t["num_fewshot"][0]), t["icl_task_type"],
+                 t.get("continuation_delimiter", " "), True) for t in spec["icl_tasks"]]
+
+
+def read_baselines(bundle: Path) -> dict[str, float]:
+    meta = bundle / "eval_meta_data.csv"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: is {bundle} an eval bundle folder?")
+    with open(meta, newline="") as f:
+        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+
+
+# -- prompts ----------------------------------------------------------------------------------------------------
+def render(task: Task, item: dict, shots: Sequence[dict]) -> list[str]:
+    """The prompt strings of one item: one per choice (MC), per context option (schema), or
+    [without, with] continuation (language modelling)."""
+    d = task.delimiter
+    if task.type == "multiple_choice":
+        prefix = "".join(f"{s['query']}{d}{s['choices'][s['gold']]}\n\n" for s in shots)
+        return [f"{prefix}{item['query']}{d}{choice}" for choice in item["choices"]]
+    if task.type == "schema":
+        prefix = "".join(f"{s['context_options'][s['gold']]}{d}{s['continuation']}\n\n" for s in shots)
+        return [f"{prefix}{option}{d}{item['continuation']}" for option in item["context_options"]]
+    if task.type == "language_modeling":
+        prefix = "".join(f"{s['context'].strip()}{d}{s['continuation']}\n\n" for s in shots)
+        head = f"{prefix}{item['context'].strip()}{d}"
+        # Stripping the prompt without the continuation keeps it a clean token prefix of the one with it.
+        return [head.strip(), head + item["continuation"]]
+    raise ValueError(f"unknown task type {task.type!r} (multiple_choice, schema, language_modeling)")
+
+
+def _common(seqs: list[list[int]], from_end: bool = False) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        pos = -1 - i if from_end else i
+        if any(s[pos] != seqs[0][pos] for s in seqs):
+            return i
+    return n
+
+
+def spans(task: Task, token_lists: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """(sequences to run, [start, end) of the scored tokens in each)."""
+    if task.type == "multiple_choice":
+        start = _common(token_lists)                      # shared context, different continuations
+        return token_lists, [(start, len(t)) for t in token_lists]
+    if task.type == "schema":
+        suffix = _common(token_lists, from_end=True)      # different contexts, shared continuation
+        return token_lists, [(len(t) - suffix, len(t)) for t in token_lists]
+    without, with_ = token_lists
+    if len(without) >= len(with_) or with_[: len(without)] != without:
+        raise ValueError("language-modelling prompt without the continuation is not a token prefix of the full one")
+    return [with_], [(len(without), len(with_))]
+
+
+class CoreScorer:
+    """Scores a :class:`parcae.model.LoopedLM` (or anything with the same call) on CORE tasks at ``loops``."""
+
+    def __init__(self, model, tokenizer, loops: Optional[int] = None, max_seq_len: Optional[int] = None,
+                 batch_size: int = 32, device: Optional[torch.device] = None) -> None:
+        self.model, self.tok, self.loops = model, tokenizer, loops
+        self.max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "block_size", 2048)
+        self.batch_size = batch_size
+        self.device = device or next(model.parameters()).device
+        self.bos = tokenizer.token_to_id("<|bos|>")
+
+    def _encode(self, text: str) -> list[int]:
+        return [self.bos, *self.tok.encode(text, add_special_tokens=False).ids]
+
+    @torch.no_grad()
+    def _run(self, sequences: list[list[int]], seeds: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-position losses and greedy predictions for each sequence (right-padded batches)."""
+        losses, preds = [], []
+        for i in range(0, len(sequences), self.batch_size):
+            chunk = sequences[i:i + self.batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), self.bos, dtype=torch.long)
+            for row, s in enumerate(chunk):
+                ids[row, : len(s)] = torch.tensor(s)
+            ids = ids.to(self.device)
+            kwargs = {"state_seed": seeds[i:i + self.batch_size]}
+            if getattr(getattr(self.model, "config", None), "looped", True):
+                kwargs["loops"] = self.loops
+            logits = self.model(ids, **kwargs).logits.float()
+            vocab = getattr(getattr(self.model, "config", None), "vocab_size", logits.shape[-1])
+            logits[..., vocab:] = float("-inf")  # padding rows of the embedding are never tokens
+            step_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            for row, s in enumerate(chunk):
+                losses.append(step_loss[row, : len(s) - 1].cpu())
+                preds.append(logits[row, : len(s) - 1].argmax(-1).cpu())
+        return losses, preds
+
+    def evaluate_task(self, task: Task, data: list[dict], seed: int) -> float:
+        """Accuracy of one task (data already shuffled and truncated)."""
+        batch_seqs, batch_meta = [], []
+        results = [False] * len(data)
+
+        def flush():
+            if not batch_seqs:
+                return
+            seeds = [int.from_bytes(hashlib.blake2b(f"{seed}:{task.label}:{idx}:{j}".encode(), digest_size=7).digest(), "big")
+                     for idx, j, _ in batch_meta]
+            losses, preds = self._run(batch_seqs, seeds)
+            by_item: dict[int, list] = {}
+            for (idx, j, span), loss, pred, seq in zip(batch_meta, losses, preds, batch_seqs):
+                by_item.setdefault(idx, []).append((j, span, loss, pred, seq))
+            for idx, entries in by_item.items():
+                if task.type == "language_modeling":
+                    (_, (s, e), _, pred, seq), = entries
+                    results[idx] = bool(torch.equal(pred[s - 1:e - 1], torch.tensor(seq[s:e])))
+                else:
+                    means = [loss[s - 1:e - 1].mean().item() for _, (s, e), loss, _, _ in sorted(entries, key=lambda x: x[0])]
+                    results[idx] = means.index(min(means)) == data[idx]["gold"]
+            batch_seqs.clear()
+            batch_meta.clear()
+
+        for idx, item in enumerate(data):
+            shots = []
+            if task.shots > 0:
+                others = [i for i in range(len(data)) if i != idx]
+                shots = [data[i] for i in random.Random(seed + idx).sample(others, min(task.shots, len(others)))]
+            token_lists = [self._encode(p) for p in render(task, item, shots)]
+            seqs, item_spans = spans(task, token_lists)
+            for j, (seq, (s, e)) in enumerate(zip(seqs, item_spans)):
+                crop = max(0, len(seq) - self.max_seq_len)   # keep the end: crop the oldest context
+                batch_seqs.append(seq[crop:])
+                batch_meta.append((idx, j, (s - crop, e - crop)))
+            if len(batch_seqs) >= self.batch_size:
+                flush()
+        flush()
+        return sum(results) / len(results) if results else 0.0
+
+    def evaluate(self, bundle: str | Path, tasks: Sequence[Task], seeds: Sequence[int] = SEEDS,
+                 max_per_task: Optional[int] = None, progress: bool = True) -> dict:
+        bundle = Path(bundle)
+        baselines = read_baselines(bundle)
+        per_seed: dict[int, dict] = {}
+        skipped = [t.label for t in tasks if not (bundle / "eval_data" / t.file).is_file()]
+        present = [t for t in tasks if t.label not in skipped]
+        if not present:
+            raise FileNotFoundError(f"{bundle}/eval_data holds none of the {len(tasks)} task files")
+        for seed in seeds:
+            accuracy, centered = {}, {}
+            for task in present:
+                started = time.time()
+                data = [json.loads(line) for line in open(bundle / "eval_data" / task.file) if line.strip()]
+                random.Random(1337).shuffle(data)
+                if max_per_task:
+                    data = data[:max_per_task]
+                acc = self.evaluate_task(task, data, seed)
+                base = baselines.get(task.label, 25.0) / 100.0
+                accuracy[task.label], centered[task.label] = acc, (acc - base) / (1.0 - base)
+                if progress:
+                    print(f"[core seed {seed}] {task.label}: accuracy {acc:.4f}, centered {centered[task.label]:.4f} "
+                          f"({len(data)} items, {time.time() - started:.1f}s)", flush=True)
+            core = [centered[t.label] for t in present if t.core]
+            per_seed[seed] = {"accuracy": accuracy, "centered": centered,
+                              "core": sum(core) / len(core) if core else None,
+                              "core_extended": sum(centered.values()) / len(centered)}
+
+        def stats(values):
+            values = [v for v in values if v is not None]
+            if not values:
+                return None, None
+            return statistics.fmean(values), statistics.pstdev(values)
+
+        labels = [t.label for t in present]
+        summary = {
+            "loops": self.loops, "seeds": list(seeds), "skipped_tasks": skipped,
+            "tasks": {label: dict(zip(("centered_mean", "centered_std"), stats([per_seed[s]["centered"][label] for s in seeds])))
+                      | {"accuracy_mean": stats([per_seed[s]["accuracy"][label] for s in seeds])[0]} for label in labels},
+            "core": dict(zip(("mean", "std"), stats([per_seed[s]["core"] for s in seeds]))),
+            "core_extended": dict(zip(("mean", "std"), stats([per_seed[s]["core_extended"] for s in seeds]))),
+            "per_seed": per_seed,
+        }
+        return summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae core", description="CORE / Core-Extended at a chosen loop count.")
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--bundle", required=True, help="eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/)")
+    p.add_argument("--loops", type=int, default=None, help="loop count (default: the model's μ_rec)")
+    p.add_argument("--tasks", default="core", help="core | core_extended | path of a bundle-format core.yaml")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--max-per-task", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")
+    args = p.parse_args(argv)
+    from parcae.data import load_tokenizer
+
+    from .checkpoint import load_checkpoint
+
+    try:
+        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if args.loops is not None and (args.loops < 1 or (not model.config.looped and args.loops != 1)):
+            raise ValueError(f"--loops {args.loops}: must be >= 1" + ("" if model.config.looped else
+                                                                    f", and {model.config.name} has no loops"))
+        loops = args.loops if model.config.looped else None
+        scorer = CoreScorer(model, load_tokenizer(str(tok_path)), loops=loops or model.config.mean_recurrence,
+                            batch_size=args.batch_size)
+        result = scorer.evaluate(args.bundle, load_tasks(args.tasks), seeds, args.max_per_task)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"parcae core: error: {err}") from None
+    name = Path(args.tasks).stem if args.tasks.endswith((".yaml", ".yml")) else args.tasks
+    out = args.out or Path(args.ckpt_path).with_name(f"{name}_T{scorer.loops}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.tasks} at T = {scorer.loops} ({len(seeds)} seed(s))")
+    for col in ("task", "accuracy", "centered ×100"):
+        table.add_column(col)
+    for label, r in result["tasks"].items():
+        table.add_row(label, f"{r['accuracy_mean']:.4f}", f"{100 * r['centered_mean']:.2f} ± {100 * r['centered_std']:.2f}")
+    for key in ("core", "core_extended"):
+        if result[key]["mean"] is not None:
+            table.add_row(f"[bold]{key}[/bold]", "", f"[bold]{100 * result[key]['mean']:.2f} ± {100 * result[key]['std']:.2f}[/bold]")
+    Console().print(table)
+    if result["skipped_tasks"]:
+        print(f"skipped (file not in the bundle): {', '.join(result['skipped_tasks'])}")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
