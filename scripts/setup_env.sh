@@ -13,7 +13,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-if [ "${PARCAE_REINSTALL:-0}" != 1 ] && python -c "import parcae, lightning, litdata, tokenizers" 2>/dev/null \
+if [ "${PARCAE_REINSTALL:-0}" != 1 ] && python -c "import parcae, lightning, litdata, tokenizers, lm_eval" 2>/dev/null \
     && [ "$(python -c 'import parcae, pathlib; print(pathlib.Path(parcae.__file__).resolve().parent.parent)')" = "$(pwd -P)" ]; then
     echo "[setup] .venv is ready ($(python -c 'import torch; print("torch", torch.__version__)'))"
     exit 0
@@ -39,7 +39,7 @@ else
 fi
 
 echo "[setup] installing parcae and its dependencies (torch held at the constraint)"
-python -m pip install --quiet -c constraints.txt -e '.[test]'
+python -m pip install --quiet -c constraints.txt -e '.[test,eval]'
 # litdata declares torchvision, but token shards never import it, and a torchvision built for another
 # torch breaks `import lightning` ("operator torchvision::nms does not exist").
 python -m pip uninstall --quiet -y torchvision 2>/dev/null || true

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval / datasets: local files only, never the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ASSETS = Path(__file__).parent / "assets"

@@ -1,0 +1,176 @@
+"""lm-evaluation-harness adapter: a parcae checkpoint as an ``lm_eval`` model at a fixed loop count (optional extra:
+``pip install -e '.[eval]'``).
+
+    parcae lm-eval --ckpt_path checkpoints/run/last.ckpt --tasks hellaswag,arc_easy,piqa --loops 8
+    lm_eval --model parcae --model_args ckpt_path=checkpoints/run/last.ckpt,loops=8 --tasks lambada_openai
+        (the second form needs ``import parcae.eval.lm_eval_adapter`` to register; ``parcae lm-eval`` does it)
+
+All three request types — ``loglikelihood``, ``loglikelihood_rolling`` (perplexity tasks such as WikiText) and
+``generate_until`` — run exactly ``loops`` iterations (the official adapter's rolling path forgot the depth and
+ran at a random one). Sequences start with ``<|bos|>``, as in training; the initial recurrent state is seeded
+per request, so scores do not depend on batching. Paper Table 3 reports HellaSwag, ARC-c/e, PIQA, BoolQ, SciQ
+(0-shot) and WikiText perplexity; lm-eval reports both ``acc`` and ``acc_norm`` (the paper does not say which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as err:  # optional extra
+    raise ImportError("the lm-eval adapter needs the optional extra: pip install -e '.[eval]'") from err
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=7).digest(), "big")
+
+
+@register_model("parcae")
+class ParcaeEvalLM(TemplateLM):
+    def __init__(self, ckpt_path: Optional[str] = None, loops: Optional[int] = None, batch_size: int | str = 16,
+                 device: Optional[str] = None, tokenizer: Optional[str] = None, max_length: Optional[int] = None,
+                 model=None, tokenizer_obj=None) -> None:
+        super().__init__()
+        if model is None:
+            from parcae.data import load_tokenizer
+
+            from .checkpoint import load_checkpoint
+
+            if ckpt_path is None:
+                raise ValueError("ParcaeEvalLM needs ckpt_path (or a model and tokenizer_obj)")
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model, tok_path = load_checkpoint(ckpt_path, device, tokenizer)
+            tokenizer_obj = load_tokenizer(str(tok_path))
+        self.model, self.tok = model, tokenizer_obj
+        self._device = next(model.parameters()).device
+        looped = getattr(model.config, "looped", True)
+        self.loops = (int(loops) if loops is not None else model.config.mean_recurrence) if looped else None
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_length = int(max_length or model.config.block_size)
+        self.bos = tokenizer_obj.token_to_id("<|bos|>")
+        self.eos = tokenizer_obj.token_to_id("<|eos|>")
+
+    # -- TemplateLM plumbing ----------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.bos  # empty contexts are conditioned on <|bos|>, like the start of a training document
+
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        ids = self.tok.encode(string, add_special_tokens=False).ids
+        return ids if add_special_tokens is False else [self.bos, *ids]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=True)
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[tuple[float, bool]]:
+        """Sum of continuation log-probs and greedy-match flag for (context tokens, continuation tokens) pairs."""
+        out = []
+        for i in range(0, len(pairs), self.batch_size):
+            chunk, chunk_seeds = pairs[i:i + self.batch_size], seeds[i:i + self.batch_size]
+            seqs = []
+            for context, continuation in chunk:
+                full = (context + continuation)[-(self.max_length + 1):]   # crop the oldest context
+                seqs.append((full[:-1], len(continuation)))
+            width = max(len(s) for s, _ in seqs)
+            ids = torch.full((len(seqs), width), self.bos, dtype=torch.long)
+            for row, (s, _) in enumerate(seqs):
+                ids[row, : len(s)] = torch.tensor(s)
+            kwargs = {"loops": self.loops} if self.loops is not None else {}
+            logits = self.model(ids.to(self._device), state_seed=chunk_seeds, **kwargs).logits.float()
+            logits[..., self.model.config.vocab_size:] = float("-inf")
+            logprobs = F.log_softmax(logits, dim=-1)
+            for row, ((context, continuation), (s, n)) in enumerate(zip(chunk, seqs)):
+                positions = torch.arange(len(s) - n, len(s), device=logprobs.device)
+                target = torch.tensor(continuation, device=logprobs.device)
+                lp = logprobs[row, positions, target].sum().item()
+                greedy = bool((logprobs[row, positions].argmax(-1) == target).all())
+                out.append((lp, greedy))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        seeds = [_seed("ll", *key) for key, _, _ in requests]
+        return self._score(pairs, seeds)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for (text,) in [req.args for req in requests]:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._score(windows, [_seed("rolling", text, k) for k in range(len(windows))])
+            results.append(sum(lp for lp, _ in scores))
+        return results
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        outputs = []
+        for context, gen_kwargs in [req.args for req in requests]:
+            until = gen_kwargs.get("until", [])
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = self.tok_encode(context)
+            generated: list[int] = []
+            text = ""
+            for step in range(max_new):
+                window = (ids + generated)[-self.max_length:]
+                kwargs = {"loops": self.loops} if self.loops is not None else {}
+                logits = self.model(torch.tensor([window], device=self._device), state_seed=[_seed("gen", context)],
+                                    **kwargs).logits[0, -1].float()
+                logits[self.model.config.vocab_size:] = float("-inf")
+                token = int(logits.argmax())  # greedy, as lm-eval's generate_until expects by default
+                if token == self.eos:
+                    break
+                generated.append(token)
+                text = self.tok_decode(generated)
+                if any(stop in text for stop in until):
+                    break
+            for stop in until:  # cut at the first stop sequence
+                text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae lm-eval", description="lm-evaluation-harness tasks at a fixed loop count.")
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (e.g. hellaswag,arc_easy)")
+    p.add_argument("--loops", type=int, default=None)
+    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--limit", type=float, default=None)
+    p.add_argument("--include_path", default=None, help="folder of local task YAMLs (offline tasks)")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = ParcaeEvalLM(args.ckpt_path, loops=args.loops, batch_size=args.batch_size, device=args.device)
+    results = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot,
+                                      limit=args.limit, task_manager=TaskManager(include_path=args.include_path))
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    out = Path(args.ckpt_path).with_name(f"lm_eval_T{lm.loops}.json")
+    out.write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

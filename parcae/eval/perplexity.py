@@ -1,0 +1,123 @@
+"""Perplexity of a plain-text file at chosen loop counts: token-level, word-level (as WikiText is reported) and bits
+per byte.
+
+    parcae perplexity --ckpt_path checkpoints/run/last.ckpt --text wiki.test.raw --loops 1,4,8
+
+The text is tokenized once (``<|bos|>`` first) and scored in consecutive windows of ``block_size`` predicted tokens;
+each window after the first is given the last ``context`` tokens before it as conditioning (lm-eval's rolling
+log-likelihood uses 1 token; more context lowers the number a little). From the total negative log-likelihood NLL:
+
+* token perplexity  = exp(NLL / predicted tokens)            (tokenizer-dependent)
+* word perplexity   = exp(NLL / words)                         (words = whitespace-separated; lm-eval's WikiText metric)
+* bits per byte     = NLL / (ln 2 · UTF-8 bytes of the text)   (vocabulary-independent)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def text_nll(model, token_ids: Sequence[int], loops: Optional[int], window: int, context: int = 1,
+             batch_size: int = 8) -> tuple[float, int]:
+    """Total NLL (nats) of token_ids[1:] given everything before, scored in windows; returns (nll, predicted)."""
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    if len(ids) < 2:
+        raise ValueError("the text is too short to score (fewer than 2 tokens)")
+    if not 0 < context < window:
+        raise ValueError(f"context must be in [1, window), got {context} for window {window}")
+    device = next(model.parameters()).device
+    # Window k predicts positions [start, end) from inputs [start - ctx, end - 1].
+    jobs = []
+    start = 1
+    while start < len(ids):
+        end = min(start + window - context, len(ids)) if start > 1 else min(window, len(ids))
+        ctx_start = max(0, start - context) if start > 1 else 0
+        jobs.append((ctx_start, start, end))
+        start = end
+    total, count = 0.0, 0
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        width = max(e - c for c, _, e in chunk)
+        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for row, (c, s, e) in enumerate(chunk):
+            inputs[row, : e - c - 1] = ids[c: e - 1]
+            targets[row, s - c - 1: e - c - 1] = ids[s:e]
+        kwargs = {"loops": loops} if model.config.looped else {}
+        logits = model(inputs.to(device), state_seed=[i + row for row in range(len(chunk))], **kwargs).logits
+        logits[..., model.config.vocab_size:] = float("-inf")
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum",
+                              ignore_index=-100)
+        total += nll.item()
+        count += int((targets != -100).sum())
+    return total, count
+
+
+def text_perplexity(model, tokenizer, text: str, loops_list: Sequence[Optional[int]], window: Optional[int] = None,
+                    context: int = 1) -> list[dict]:
+    bos = tokenizer.token_to_id("<|bos|>")
+    ids = [bos, *tokenizer.encode(text, add_special_tokens=False).ids]
+    words = len([w for w in re.split(r"\s+", text) if w])
+    nbytes = len(text.encode("utf-8"))
+    window = window or model.config.block_size
+    rows = []
+    for loops in loops_list:
+        nll, n = text_nll(model, ids, loops, window, context)
+        rows.append({"loops": loops, "tokens": n, "words": words, "bytes": nbytes,
+                     "token_perplexity": math.exp(nll / n), "word_perplexity": math.exp(nll / words),
+                     "bits_per_byte": nll / (math.log(2) * nbytes), "nll": nll})
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae perplexity", description="Perplexity of a text file at chosen loops.")
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--text", required=True, type=Path, help="a UTF-8 plain-text file (e.g. WikiText-103 wiki.test.raw)")
+    p.add_argument("--loops", default=None, help="comma list / ranges (default: μ_rec)")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's block_size)")
+    p.add_argument("--context", type=int, default=1, help="tokens of preceding context for each later window")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default=None)
+    args = p.parse_args(argv)
+    from parcae.data import load_tokenizer
+    from parcae.training.module import parse_loops
+
+    from .checkpoint import load_checkpoint
+
+    try:
+        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        loops = parse_loops(args.loops) if args.loops else [model.config.mean_recurrence]
+        if not model.config.looped:
+            if loops not in ([1], [model.config.mean_recurrence]):
+                raise ValueError(f"--loops: {model.config.name} is a fixed-depth model")
+            loops = [None]
+        text = args.text.read_text(encoding="utf-8")
+        rows = text_perplexity(model, load_tokenizer(str(tok_path)), text, loops, args.window, args.context)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"parcae perplexity: error: {err}") from None
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.text.name}: {rows[0]['words']:,} words, {rows[0]['tokens']:,} tokens")
+    for col in ("loops", "token ppl", "word ppl", "bits/byte"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["loops"] or "-"), f"{r['token_perplexity']:.3f}", f"{r['word_perplexity']:.3f}",
+                      f"{r['bits_per_byte']:.4f}")
+    Console().print(table)
+    out = Path(args.ckpt_path).with_name(f"perplexity_{args.text.stem}.json")
+    out.write_text(json.dumps({"text": str(args.text), "results": rows}, indent=2) + "\n")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The lm-evaluation-harness adapter at a fixed loop count: a local task through simple_evaluate, rolling
+log-likelihood and generate_until, all checked against the hand-computable bigram model (toy_models.py)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import lm_eval
+import pytest
+from lm_eval.tasks import TaskManager
+
+from parcae.eval.lm_eval_adapter import ParcaeEvalLM
+from toy_models import Bigram, word_tokenizer
+
+ITEMS = [("cat", ["cat", "dog", "fish", "bird"], 0), ("cat", ["cat", "dog", "fish", "bird"], 1),
+         ("dog", ["dog", "fish", "bird", "cow"], 0), ("cat", ["fish", "bird", "cat", "cow"], 2),
+         ("cow cat", ["cow cat", "dog", "fish", "bird"], 0)]
+
+
+def test_local_multiple_choice_task_through_simple_evaluate(tmp_path):
+    data = tmp_path / "toy_pets.jsonl"
+    data.write_text("".join(json.dumps({"query": "pet", "choices": c, "gold": g}) + "\n" for _, c, g in ITEMS))
+    (tmp_path / "toy_pets.yaml").write_text(f"""task: toy_pets
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+""")
+    model = Bigram()
+    lm = ParcaeEvalLM(model=model, tokenizer_obj=word_tokenizer(), loops=6, batch_size=4)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["toy_pets"], task_manager=TaskManager(include_path=str(tmp_path)))
+    # "cat" (p .4) wins among single words; "cow cat" sums ln .05 + ln .9 < ln .3, so "dog" beats it: items 0, 2, 3
+    assert results["results"]["toy_pets"]["acc,none"] == pytest.approx(3 / 5)
+    assert model.calls and all(loops == 6 for _, loops in model.calls)
+
+
+def test_rolling_loglikelihood_sums_every_token_once():
+    model = Bigram()
+    lm = ParcaeEvalLM(model=model, tokenizer_obj=word_tokenizer(), loops=3, max_length=3)  # several windows
+    text = "pet cat sat down the dog ran"
+    words = text.split()
+    expected = model.logprob("<|bos|>", words[0]) + sum(model.logprob(a, b) for a, b in zip(words, words[1:]))
+    (got,) = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(loops == 3 for _, loops in model.calls)
+
+
+def test_loglikelihood_and_generate_until():
+    model = Bigram()
+    lm = ParcaeEvalLM(model=model, tokenizer_obj=word_tokenizer(), loops=2)
+    (lp, greedy), (lp2, greedy2) = lm.loglikelihood([SimpleNamespace(args=("the cat", " sat down")),
+                                                    SimpleNamespace(args=("the cat", " ran"))])
+    assert lp == pytest.approx(model.logprob("cat", "sat") + model.logprob("sat", "down"), abs=1e-5) and greedy
+    assert lp2 == pytest.approx(model.logprob("cat", "ran"), abs=1e-5) and not greedy2
+    (text,) = lm.generate_until([SimpleNamespace(args=("the cat", {"until": ["down"], "max_gen_toks": 5}))])
+    assert text.strip() == "sat"  # greedy: cat -> sat -> down, cut at the stop sequence
+    assert all(loops == 2 for _, loops in model.calls)
