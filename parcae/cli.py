@@ -32,6 +32,13 @@ from parcae.training.callbacks import AtomicCheckpointIO, RunSummary, StepProgre
 from parcae.training.module import LoopedLMModule, NonFiniteLossError, parse_loops
 
 VERBS = {
+    "report": "the paper's tables beside our results (`parcae report table5`, `parcae report mini`, `--list`)",
+    "lm-eval": "lm-evaluation-harness tasks at a fixed loop count (optional extra `.[eval]`; `parcae lm-eval --help`)",
+    "perplexity": "token/word perplexity and bits per byte of a text file at chosen loops (`parcae perplexity ...`)",
+    "core": "CORE / Core-Extended at a loop count from a local eval bundle (`parcae core --ckpt_path ... --bundle ...`)",
+    "scaling-law": "isoFLOP optima, power laws, parametric and unified laws (`parcae scaling-law runs.csv`)",
+    "fit-loops": "fit L(T) = L∞ + Z·exp(−zT) and Table 12's other forms to a loop sweep (`parcae fit-loops <run dir>`)",
+    "mini": "run a CPU miniature of a paper claim and write its report: `parcae mini stability` (docs/miniatures.md)",
     "sweep": "expand a sweep definition into runs: `parcae sweep recipes/sweeps/isoflop_140m.yaml [--run]`",
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
@@ -287,6 +294,34 @@ def main(argv: Optional[list[str]] = None) -> None:
             from parcae.sweep import main as sweep_main
 
             return sweep_main(rest)
+        if verb == "mini":
+            from parcae.eval.miniatures import main as mini_main
+
+            return mini_main(rest)
+        if verb == "fit-loops":
+            from parcae.eval.fits import main as fits_main
+
+            return fits_main(rest)
+        if verb == "scaling-law":
+            from parcae.eval.scaling import main as scaling_main
+
+            return scaling_main(rest)
+        if verb == "core":
+            from parcae.eval.core import main as core_main
+
+            return core_main(rest)
+        if verb == "perplexity":
+            from parcae.eval.perplexity import main as perplexity_main
+
+            return perplexity_main(rest)
+        if verb == "lm-eval":
+            from parcae.eval.lm_eval_adapter import main as lm_eval_main
+
+            return lm_eval_main(rest)
+        if verb == "report":
+            from parcae.eval.report import main as report_main
+
+            return report_main(rest)
         return _prepare(rest)
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands:\n" + "\n".join(f"  {v:<8} {h}" for v, h in VERBS.items()) + "\n")
@@ -308,6 +343,7 @@ def _quiet_known_noise() -> None:
 
     for pattern in (r".*isinstance\(treespec, LeafSpec\)", r".*`IterableDataset` has `__len__` defined",
                     r"Checkpoint directory .* exists and is not empty", r".*persistent_workers=True",
+                    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
                     r".*does not have many workers which may be a bottleneck"):
         warnings.filterwarnings("ignore", message=pattern)
 
