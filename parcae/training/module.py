@@ -397,6 +397,20 @@ def _report_test(module: LoopedLMModule, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=["loops", "loss", "ppl", "bpb", "tokens_per_sec"])
         writer.writeheader()
         writer.writerows(rows)
+    fit = None
+    if module.arch.looped and len(rows) >= 3:
+        from parcae.eval.fits import fit_loops_file
+
+        try:
+            fitted = fit_loops_file(run_dir / "test_loops.json", plot=False)["fits"].get("exp", {})
+        except Exception as err:  # a failed fit must not lose the measured results
+            fitted = {}
+            Console().print(f"[yellow]test-time fit failed ({type(err).__name__}: {err}); results are saved[/yellow]")
+        if "params" in fitted:
+            fit = fitted
+            p = fit["params"]
+            Console().print(f"test-time fit L(T) = L∞ + Z·exp(−z·T): L∞ = {p['L_inf']:.4f}, Z = {p['Z']:.4g}, "
+                            f"z = {p['z']:.4g} (mean Huber {fit['huber']:.2e}; all forms: parcae fit-loops {run_dir})")
     if len(rows) > 1:
         import matplotlib
 
@@ -404,13 +418,20 @@ def _report_test(module: LoopedLMModule, rows: list[dict]) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        ax.plot([r["loops"] for r in rows], [r["loss"] for r in rows], "o-", label="validation loss")
+        loops = [r["loops"] for r in rows]
+        ax.plot(loops, [r["loss"] for r in rows], "o", label="validation loss")
+        if fit is not None:
+            import numpy as np
+
+            p, grid = fit["params"], np.linspace(min(loops), max(loops), 200)
+            ax.plot(grid, p["L_inf"] + p["Z"] * np.exp(-p["z"] * grid), "-", lw=1,
+                    label=f"L∞ + Z·e^(−zT): L∞ = {p['L_inf']:.3f}, z = {p['z']:.2f}")
         if module.arch.looped:
             ax.axvline(module.arch.mean_recurrence, color="grey", ls="--", label=f"μ_rec = {module.arch.mean_recurrence}")
         ax.set_xlabel("loops T at test time")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(f"{module.arch.name}, step {module.global_step}")
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(run_dir / "test_loops.png", dpi=120)
         plt.close(fig)
