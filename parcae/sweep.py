@@ -77,7 +77,7 @@ def expand(sweep_path: str | Path) -> list[Run]:
     sweep_path = Path(sweep_path)
     spec = yaml.safe_load(sweep_path.read_text())
     unknown = set(spec) - {"recipes", "set", "grid", "backprop_depth", "flop_budgets", "flop_convention",
-                           "run_name", "test_loops"}
+                           "run_name", "test_loops", "title", "claim", "report"}
     if unknown:
         raise ValueError(f"{sweep_path}: unknown key(s) {', '.join(sorted(unknown))}")
     recipes = [(sweep_path.parent / r).resolve() for r in spec["recipes"]]

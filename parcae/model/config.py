@@ -226,6 +226,22 @@ def _build_presets() -> dict[str, ModelConfig]:
     presets["ladder-140m-constrained"] = base.replace(name="ladder-140m-constrained", prelude_norm=False,
                                                       depth_granularity="per_batch")
     presets["ladder-140m-per-sequence"] = base.replace(name="ladder-140m-per-sequence", prelude_norm=False)
+    # CPU miniatures (recipes/mini/, docs/miniatures.md): the paper's model families at d = 128 on the
+    # embedded corpus (vocabulary 4,096). Transformer setup: P/R/C 1/2/1; the GPT is that stack run once.
+    mini = dict(vocab_size=4096, block_size=256, d_model=128, n_heads=4, d_ff=512, n_prelude=1, n_recurrent=2,
+                n_coda=1, mean_recurrence=4, backprop_depth=2)
+    presets["mini-parcae"] = ModelConfig(name="mini-parcae", **mini)
+    presets["mini-gpt"] = ModelConfig(name="mini-gpt", injection="none", **mini)
+    presets["mini-rdm"] = ModelConfig(name="mini-rdm", injection="concat", prelude_norm=False, **mini)
+    presets["mini-parcae-per-batch"] = presets["mini-parcae"].replace(name="mini-parcae-per-batch",
+                                                                      depth_granularity="per_batch")
+    # Huginn setup (Table 2 in miniature): SwiGLU (d_ff ≈ 8d/3), no value embeddings or QK-norm, Takase init.
+    huginn = dict(mini, d_ff=352, mlp="swiglu", qk_norm=False, value_embeddings=False, init="scaled")
+    presets["mini-huginn-parcae"] = ModelConfig(name="mini-huginn-parcae", **huginn)
+    presets["mini-huginn-rdm-prenorm"] = ModelConfig(name="mini-huginn-rdm-prenorm", injection="concat",
+                                                     readout=False, prelude_norm=False, **huginn)
+    presets["mini-huginn-rdm-resnorm"] = presets["mini-huginn-rdm-prenorm"].replace(
+        name="mini-huginn-rdm-resnorm", block="sandwich")
     # A debug model for tests and CPU demos (torchtitan's "debugmodel" idea).
     presets["parcae-debug"] = ModelConfig(
         name="parcae-debug", vocab_size=4096, block_size=256, d_model=64, n_heads=4, d_ff=256,

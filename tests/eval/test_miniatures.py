@@ -1,0 +1,30 @@
+"""The miniature runner end to end on a two-run suite of tiny models: runs, report table, plots, re-reporting."""
+
+import json
+
+from conftest import write_recipe
+from parcae.eval.miniatures import run_suite
+
+
+def test_suite_runs_and_reports(tmp_path, small_shards):
+    recipe = write_recipe(tmp_path / "tiny.yaml", small_shards, tmp_path / "ignored", max_steps=6)
+    suite = tmp_path / "tiny_stability.yaml"
+    suite.write_text(f"""title: tiny
+claim: a claim
+report: stability
+recipes: [{recipe.name}]
+grid:
+  model.optimizer.lr: [1.0e-3, 5.0e-3]
+run_name: "tiny_lr{{model.optimizer.lr}}"
+test_loops: "1,2"
+""")
+    report = run_suite(str(suite), tmp_path / "runs")
+    text = report.read_text()
+    assert "| tiny_lr0.001 | 0.001 | ok |" in text and "| tiny_lr0.005 | 0.005 | ok |" in text
+    assert (report.parent / "curves.png").stat().st_size > 1000
+    results = json.loads((report.parent / "results.json").read_text())
+    first = results["tiny_lr0.001"]
+    assert first["max_spectral_radius"] > 0 and first["test_by_loops"].keys() == {"1", "2"}
+    assert first["curves"]["train/loss"][0][0] == 0
+    again = run_suite(str(suite), tmp_path / "runs", report_only=True)  # reads the finished runs back
+    assert again.read_text().splitlines()[4:8] == text.splitlines()[4:8]
