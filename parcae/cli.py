@@ -15,6 +15,7 @@ run's ``config.yaml`` (model, data, trainer), so a checkpoint path is all they n
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -43,6 +44,16 @@ VERBS = {
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
+}
+
+
+# Verbs outside LightningCLI: module:function taking the remaining arguments (imported only when used).
+VERB_MAINS = {
+    "report": "parcae.eval.report:main", "lm-eval": "parcae.eval.lm_eval_adapter:main",
+    "perplexity": "parcae.eval.perplexity:main", "core": "parcae.eval.core:main",
+    "scaling-law": "parcae.eval.scaling:main", "fit-loops": "parcae.eval.fits:main",
+    "mini": "parcae.eval.miniatures:main", "sweep": "parcae.sweep:main", "prepare": "parcae.cli:_prepare",
+    "model": "parcae.model.__main__:main",
 }
 
 
@@ -284,45 +295,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     torch.set_float32_matmul_precision("high")
     if argv and argv[0] in VERBS:
-        verb, rest = argv[0], argv[1:]
-        if verb == "model":
-            from parcae.model.__main__ import main as model_main
-
-            sys.argv = ["parcae model", *rest]
-            return model_main()
-        if verb == "sweep":
-            from parcae.sweep import main as sweep_main
-
-            return sweep_main(rest)
-        if verb == "mini":
-            from parcae.eval.miniatures import main as mini_main
-
-            return mini_main(rest)
-        if verb == "fit-loops":
-            from parcae.eval.fits import main as fits_main
-
-            return fits_main(rest)
-        if verb == "scaling-law":
-            from parcae.eval.scaling import main as scaling_main
-
-            return scaling_main(rest)
-        if verb == "core":
-            from parcae.eval.core import main as core_main
-
-            return core_main(rest)
-        if verb == "perplexity":
-            from parcae.eval.perplexity import main as perplexity_main
-
-            return perplexity_main(rest)
-        if verb == "lm-eval":
-            from parcae.eval.lm_eval_adapter import main as lm_eval_main
-
-            return lm_eval_main(rest)
-        if verb == "report":
-            from parcae.eval.report import main as report_main
-
-            return report_main(rest)
-        return _prepare(rest)
+        module, function = VERB_MAINS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands:\n" + "\n".join(f"  {v:<8} {h}" for v, h in VERBS.items()) + "\n")
     _quiet_known_noise()

@@ -11,11 +11,11 @@ import torch
 from . import DepthSampler, LoopedLM, flops_per_token, preset
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parcae model", description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["parcae-debug"])
     parser.add_argument("--meta", action="store_true", help="shape-only build: no weights, no forward")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in args.presets:
         cfg = preset(name)
         with torch.device("meta" if args.meta else "cpu"):

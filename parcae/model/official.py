@@ -102,24 +102,29 @@ def config_from_official(config: Mapping[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _stage(config: ModelConfig, index: int) -> tuple[str, int]:
+    """(stage, index within it) of block ``index`` of the P+R+C stack."""
+    P, R = config.n_prelude, config.n_recurrent
+    if index < P:
+        return "prelude", index
+    if index < P + R:
+        return "recurrent", index - P
+    return "coda", index - P - R
+
+
+_OFFICIAL_STAGES = {"prelude": "prelude", "recurrent": "core_block", "coda": "coda"}
+
+
 def _official_block_prefix(config: ModelConfig, index: int) -> str:
     if not config.looped:
         return f"transformer.h.{index}."
-    P, R = config.n_prelude, config.n_recurrent
-    if index < P:
-        return f"transformer.prelude.{index}."
-    if index < P + R:
-        return f"transformer.core_block.{index - P}."
-    return f"transformer.coda.{index - P - R}."
+    stage, local = _stage(config, index)
+    return f"transformer.{_OFFICIAL_STAGES[stage]}.{local}."
 
 
 def _our_block_prefix(config: ModelConfig, index: int) -> str:
-    P, R = config.n_prelude, config.n_recurrent
-    if index < P:
-        return f"prelude.{index}."
-    if index < P + R:
-        return f"recurrent.{index - P}."
-    return f"coda.{index - P - R}."
+    stage, local = _stage(config, index)
+    return f"{stage}.{local}."
 
 
 def key_map(config: ModelConfig) -> dict[str, str]:

@@ -118,3 +118,13 @@ def test_validate_reports_every_loop_count(trained_run, capsys):
     main(["validate", "--ckpt_path", str(run_dir / "step=0000008.ckpt")])
     out = capsys.readouterr().out
     assert "val/loss_T3" in out and "val/bpb" in out
+
+
+def test_every_extra_verb_is_listed_and_dispatches(capsys):
+    from parcae.cli import VERB_MAINS, VERBS
+
+    assert set(VERBS) == set(VERB_MAINS)
+    main(["model", "parcae-debug", "--meta"])
+    assert "942,976 parameters" in capsys.readouterr().out
+    main(["report", "--list"])
+    assert "table5" in capsys.readouterr().out
