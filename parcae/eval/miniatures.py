@@ -121,15 +121,13 @@ def write_report(name: str, spec: dict, results: dict, out_dir: Path, seconds: O
                  _fmt(r["val_loss"]), _fmt(r["max_spectral_radius"]), _fmt(r["max_state_norm"], "{:.1f}")]
                 for n, r in results.items()]
     elif kind in ("comparison", "sampling"):
+        # val loss at μ_rec (every model, GPTs included), then at each validated loop count of the looped ones
         loops = sorted({t for r in results.values() for t in r["val_by_loops"]})
-        header = ["run", "status", "tokens", "final train loss"] + [f"val loss T={t}" for t in loops] + ["val bpb"]
-        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["train_loss"])]
-                + [_fmt(r["val_by_loops"].get(t)) for t in loops] + [_fmt(r["val_bpb"], "{:.4f}")]
+        header = ["run", "status", "tokens", "final train loss", "val loss (μ_rec)", "val bpb"] + \
+            [f"val loss T={t}" for t in loops]
+        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["train_loss"]), _fmt(r["val_loss"], "{:.4f}"),
+                 _fmt(r["val_bpb"], "{:.4f}")] + [_fmt(r["val_by_loops"].get(t)) for t in loops]
                 for n, r in results.items()]
-        if not loops:
-            header = ["run", "status", "tokens", "final train loss", "val loss", "val bpb"]
-            rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["train_loss"]), _fmt(r["val_loss"]),
-                     _fmt(r["val_bpb"], "{:.4f}")] for n, r in results.items()]
     else:  # test_time
         loops = sorted({t for r in results.values() for t in r.get("test_by_loops", {})})
         header = ["run", "μ_rec"] + [f"T={t}" for t in loops]
