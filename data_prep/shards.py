@@ -10,9 +10,12 @@ depend on the number of worker processes.
 Re-running on the same inputs is a no-op; ``--overwrite`` rebuilds. The output appears only when complete:
 everything is written into a hidden staging folder that is renamed at the end, and removed on failure.
 
-    # FineWeb-Edu parquet files (paper §4) with the tokenizer trained by data_prep.tokenizer:
-    python -m data_prep.shards --input data/raw/fineweb-edu/sample/100BT --text-field text \\
-        --tokenizer data/tokenizers/fineweb-32k.json --output data/fineweb-edu --num-workers 16
+    # FineWeb-Edu parquet files (paper §4), training the paper's tokenizer first (App. R) — one command:
+    python -m data_prep.shards --input data/raw/fineweb-edu/sample/100BT --output data/fineweb-edu \\
+        --vocab-size 32768 --max-chars 2000000000 --max-doc-chars 10000 --val-fraction 0.001 --num-workers 16
+    # ... or with an existing tokenizer:
+    python -m data_prep.shards --input data/raw/fineweb-edu/sample/100BT --tokenizer data/tokenizers/fineweb-32k.json \\
+        --output data/fineweb-edu --num-workers 16
 """
 
 from __future__ import annotations
@@ -227,11 +230,40 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
     return manifest
 
 
+def train_split_tokenizer(inputs: Sequence[str | Path], output: Path, vocab_size: int, *, text_field: str = "text",
+                          id_field: Optional[str] = None, val_fraction: float = 0.01, val_ids: Sequence[str] = (),
+                          seed: int = 1234, decode_errors: str = "error", max_chars: Optional[int] = None,
+                          max_doc_chars: Optional[int] = None) -> Path:
+    """Train the paper's tokenizer on the documents that will form the training split (never on validation)."""
+    from .tokenizer import capped_texts, train_tokenizer
+
+    if output.is_file():
+        print(f"[shards] using the existing tokenizer {output} (delete it to retrain)", flush=True)
+        return output
+    options = ShardOptions("", text_field, id_field, val_fraction, tuple(val_ids), seed, decode_errors)
+    try:
+        files = expand_sources(inputs)
+        docs = (d for f in files for d in iter_documents(f, text_field, id_field, decode_errors)
+                if split_of(d.id, options) == "train")
+        tok = train_tokenizer(capped_texts(docs, max_chars, max_doc_chars), vocab_size)
+    except (SourceError, ValueError) as err:
+        raise ShardError(str(err)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(output))
+    print(f"[shards] trained a {tok.get_vocab_size():,}-token tokenizer on the training split: {output}", flush=True)
+    return output
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Tokenize text/JSONL/Parquet into LitData token shards.")
     p.add_argument("--input", nargs="+", required=True, help="files or folders (.txt, .jsonl[.gz|.xz], .parquet)")
     p.add_argument("--output", required=True, help="shard folder to create (gets train/, val/, manifest.json)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (see data_prep.tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (see data_prep.tokenizer); or train one with "
+                                                      "--vocab-size")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="train a tokenizer (paper App. R) on the training split's documents first")
+    p.add_argument("--max-chars", type=int, default=None, help="tokenizer training: character budget (paper 2e9)")
+    p.add_argument("--max-doc-chars", type=int, default=None, help="tokenizer training: per-document cap (10,000)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     p.add_argument("--id-field", default=None, help="JSONL field / Parquet column with document ids")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by id hash)")
@@ -243,8 +275,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="undecodable UTF-8: stop (default) or replace and count")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing shard folder")
     args = p.parse_args(argv)
+    if (args.tokenizer is None) == (args.vocab_size is None):
+        p.error("give either --tokenizer or --vocab-size (to train one)")
     try:
-        prepare_shards(args.input, args.output, args.tokenizer, text_field=args.text_field, id_field=args.id_field,
+        tokenizer = args.tokenizer or train_split_tokenizer(
+            args.input, Path(args.output).with_name(Path(args.output).name + "_tokenizer.json"), args.vocab_size,
+            text_field=args.text_field, id_field=args.id_field, val_fraction=args.val_fraction,
+            val_ids=[x for x in args.val_ids.split(",") if x], seed=args.seed, decode_errors=args.decode_errors,
+            max_chars=args.max_chars, max_doc_chars=args.max_doc_chars)
+        prepare_shards(args.input, args.output, tokenizer, text_field=args.text_field, id_field=args.id_field,
                        val_fraction=args.val_fraction, val_ids=[x for x in args.val_ids.split(",") if x],
                        seed=args.seed, num_workers=args.num_workers, chunk_tokens=args.chunk_tokens,
                        decode_errors=args.decode_errors, overwrite=args.overwrite)

@@ -183,3 +183,21 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     manifest = prepare_shards([src], out, SHAKESPEARE_TOKENIZER, val_fraction=0.1, quiet=True)  # recovers
     assert manifest["splits"]["train"]["documents"] > 5000
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_one_command_trains_the_tokenizer_on_the_training_split_then_shards(tmp_path):
+    from data_prep.shards import main, train_split_tokenizer
+
+    texts = synthetic_documents(80, seed=11)
+    ids = [f"d{i}" for i in range(80)]
+    texts[5] = "qx" * 5000  # held out below: "qx" would be the most frequent pair if the tokenizer saw it
+    src = write_jsonl(tmp_path / "docs.jsonl", texts, ids)
+    main(["--input", str(src), "--output", str(tmp_path / "corpus"), "--vocab-size", "300", "--id-field", "id",
+          "--val-ids", "d5,d9", "--num-workers", "1"])
+    tok_path = tmp_path / "corpus_tokenizer.json"
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == 300 and manifest["tokenizer"]["sha256"] == file_sha256(tok_path)
+    assert manifest["splits"]["val"]["documents"] == 2
+    assert load_tokenizer(str(tok_path)).token_to_id("qx") is None       # validation text never seen
+    seen = train_split_tokenizer([src], tmp_path / "all.json", 300, id_field="id", val_ids=["d9"])
+    assert load_tokenizer(str(seen)).token_to_id("qx") is not None        # ... while training on it learns it
