@@ -128,3 +128,18 @@ def test_every_extra_verb_is_listed_and_dispatches(capsys):
     assert "942,976 parameters" in capsys.readouterr().out
     main(["report", "--list"])
     assert "table5" in capsys.readouterr().out
+
+
+def test_compiled_blocks_train_like_eager(tmp_path, small_shards, monkeypatch):
+    """model.compile compiles each block (the loop stays eager); the losses match eager training."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    losses = {}
+    for compile_blocks in ("false", "true"):
+        recipe = write_recipe(tmp_path / f"c_{compile_blocks}.yaml", small_shards, tmp_path / "runs",
+                              run_name=f"compile_{compile_blocks}", max_steps=4)
+        main(["fit", "--config", str(recipe), "--model.compile", compile_blocks])
+        ea = EventAccumulator(str(tmp_path / "runs" / f"compile_{compile_blocks}"), size_guidance={"scalars": 0})
+        ea.Reload()
+        losses[compile_blocks] = [e.value for e in ea.Scalars("train/loss")]
+    assert len(losses["true"]) == 4
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
