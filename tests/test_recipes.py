@@ -152,3 +152,14 @@ def test_isoflop_tokens_come_from_the_flop_budget():
     r = runs["isoflop_140m_mu8_C1.6e19"]
     cfg = parse_recipe(r.recipe, ["--model.arch.mean_recurrence", "8", "--model.arch.backprop_depth", "4"])
     assert r.tokens == int(1.6e19 / flops_per_token(model_config_of(cfg), 2048, convention="official").per_token)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mini" / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_miniature_suites_expand(path):
+    import yaml
+
+    runs = expand(path)
+    spec = yaml.safe_load(path.read_text())
+    assert runs and spec["report"] in ("stability", "comparison", "sampling", "test_time") and spec["claim"].strip()
+    for run in runs:
+        parse_recipe(run.recipe, [a for k, v in run.overrides.items() for a in (f"--{k}", str(v))])
