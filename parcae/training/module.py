@@ -169,8 +169,9 @@ class LoopedLMModule(L.LightningModule):
         return [(base + i * world + rank) % (2**63 - 1) for i in range(batch_size)]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        update_muon_schedules(self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer")
-                              else self.optimizers(), self.optim_config, self.global_step, self.trainer.max_steps)
+        optimizer = self.optimizers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Lightning's LightningOptimizer
+        update_muon_schedules(optimizer, self.optim_config, self.global_step, self.trainer.max_steps)
         if self._step_start is None:
             self._step_start = time.perf_counter()
 
