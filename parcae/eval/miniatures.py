@@ -123,11 +123,12 @@ def write_report(name: str, spec: dict, results: dict, out_dir: Path, seconds: O
     elif kind in ("comparison", "sampling"):
         # val loss at μ_rec (every model, GPTs included), then at each validated loop count of the looped ones
         loops = sorted({t for r in results.values() for t in r["val_by_loops"]})
-        header = ["run", "status", "tokens", "final train loss", "val loss (μ_rec)", "val bpb"] + \
+        # train tokens/s: equal tokens is not equal compute, a looped model pays for its recurrence
+        header = ["run", "status", "tokens", "train tok/s", "final train loss", "val loss (μ_rec)", "val bpb"] + \
             [f"val loss T={t}" for t in loops]
-        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["train_loss"]), _fmt(r["val_loss"], "{:.4f}"),
-                 _fmt(r["val_bpb"], "{:.4f}")] + [_fmt(r["val_by_loops"].get(t)) for t in loops]
-                for n, r in results.items()]
+        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["tokens_per_sec"], "{:,.0f}"),
+                 _fmt(r["train_loss"]), _fmt(r["val_loss"], "{:.4f}"), _fmt(r["val_bpb"], "{:.4f}")]
+                + [_fmt(r["val_by_loops"].get(t)) for t in loops] for n, r in results.items()]
     else:  # test_time
         loops = sorted({t for r in results.values() for t in r.get("test_by_loops", {})})
         header = ["run", "μ_rec"] + [f"T={t}" for t in loops]
@@ -138,7 +139,8 @@ def write_report(name: str, spec: dict, results: dict, out_dir: Path, seconds: O
     plots = _plots(kind, results, out_dir)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     if seconds is not None:
-        lines += ["", f"Wall time: {seconds / 60:.1f} min."]
+        # runs finished by an earlier invocation are skipped here, so this is not the suite's full cost
+        lines += ["", f"Wall time of this invocation: {seconds / 60:.1f} min."]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     from rich.console import Console

@@ -28,3 +28,11 @@ test_loops: "1,2"
     assert first["curves"]["train/loss"][0][0] == 0
     again = run_suite(str(suite), tmp_path / "runs", report_only=True)  # reads the finished runs back
     assert again.read_text().splitlines()[4:8] == text.splitlines()[4:8]
+    # the same runs as a comparison table: tokens, throughput and val loss per loop count, from the event files
+    from parcae.eval.miniatures import write_report
+    (tmp_path / "cmp").mkdir()
+    comparison = write_report("tiny", {"report": "comparison"}, results, tmp_path / "cmp", None).read_text()
+    row = next(line for line in comparison.splitlines() if line.startswith("| tiny_lr0.001 |")).split(" | ")
+    header = next(line for line in comparison.splitlines() if line.startswith("| run |")).split(" | ")
+    assert float(row[header.index("train tok/s")].replace(",", "")) == round(first["tokens_per_sec"])
+    assert float(row[header.index("val loss (μ_rec)")]) == round(first["val_loss"], 4)
