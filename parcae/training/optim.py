@@ -157,6 +157,14 @@ def _newton_schulz(update: Tensor, coefficients: tuple[float, float, float], ste
     return x.T if transposed else x
 
 
+def _evaluate_closure(closure) -> Optional[Tensor]:
+    """The loss from an optimizer closure, with gradients on (``step`` itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with fp32 orthogonalisation on CPU and optional cautious weight decay."""
 
@@ -168,10 +176,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -216,10 +221,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss

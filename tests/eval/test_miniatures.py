@@ -3,7 +3,7 @@
 import json
 
 from conftest import write_recipe
-from parcae.eval.miniatures import run_suite
+from parcae.eval.miniatures import run_suite, write_report
 
 
 def test_suite_runs_and_reports(tmp_path, small_shards):
@@ -28,8 +28,7 @@ test_loops: "1,2"
     assert first["curves"]["train/loss"][0][0] == 0
     again = run_suite(str(suite), tmp_path / "runs", report_only=True)  # reads the finished runs back
     assert again.read_text().splitlines()[4:8] == text.splitlines()[4:8]
-    # the same runs as a comparison table: tokens, throughput and val loss per loop count, from the event files
-    from parcae.eval.miniatures import write_report
+    # the same runs as a comparison table: its throughput and val-loss columns come from the event files
     (tmp_path / "cmp").mkdir()
     comparison = write_report("tiny", {"report": "comparison"}, results, tmp_path / "cmp", None).read_text()
     row = next(line for line in comparison.splitlines() if line.startswith("| tiny_lr0.001 |")).split(" | ")
