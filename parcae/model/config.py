@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
+
+from parcae.errors import ConfigError
+from parcae.validation import check_choices
 
 Injection = Literal["none", "add", "concat", "diagonal", "diagonal_zoh"]
 DepthScheme = Literal["poisson_truncated", "poisson_lognormal", "huginn", "fixed"]
 DepthGranularity = Literal["per_sequence", "per_batch"]
 
-INJECTIONS = ("none", "add", "concat", "diagonal", "diagonal_zoh")
+INJECTIONS = get_args(Injection)
 VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 normed channels (REFERENCE_IMPL §4)
 
 
@@ -99,32 +102,31 @@ class ModelConfig:
     init: Literal["scaled-zero", "scaled"] = "scaled-zero"
 
     def __post_init__(self) -> None:
+        check_choices(self)  # every Literal field: one error naming the field and its allowed values
         for field in ("vocab_size", "padding_multiple", "block_size", "d_model", "n_heads", "d_ff",
                       "mean_recurrence", "backprop_depth"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{field} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"ModelConfig.{field} must be an integer >= 1, got {value!r}")
         for field in ("n_prelude", "n_recurrent", "n_coda"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ModelConfig.{field} must be an integer >= 0, got {value!r}")
-        if self.injection not in INJECTIONS:
-            raise ValueError(f"ModelConfig.injection must be one of {INJECTIONS}, got {self.injection!r}")
+                raise ConfigError(f"ModelConfig.{field} must be an integer >= 0, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.n_kv_heads ({self.n_kv_heads}) must be >= 1 and divide n_heads ({self.n_heads})")
         if self.value_embeddings and self.d_model < VALUE_GATE_CHANNELS:
-            raise ValueError(f"ModelConfig.d_model must be >= {VALUE_GATE_CHANNELS} with value_embeddings "
+            raise ConfigError(f"ModelConfig.d_model must be >= {VALUE_GATE_CHANNELS} with value_embeddings "
                              f"(the gate reads the first {VALUE_GATE_CHANNELS} channels), got {self.d_model}")
         if self.n_layers < 1:
-            raise ValueError("ModelConfig needs at least one block (n_prelude + n_recurrent + n_coda >= 1)")
+            raise ConfigError("ModelConfig needs at least one block (n_prelude + n_recurrent + n_coda >= 1)")
         if self.looped and self.n_recurrent < 1:
-            raise ValueError(f"ModelConfig.n_recurrent must be >= 1 for a looped model (injection="
+            raise ConfigError(f"ModelConfig.n_recurrent must be >= 1 for a looped model (injection="
                              f"{self.injection!r}); use injection='none' for a fixed-depth GPT")
         if self.depth_scheme == "poisson_lognormal" and self.mean_recurrence <= self.backprop_depth:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.mean_recurrence ({self.mean_recurrence}) must exceed backprop_depth "
                 f"({self.backprop_depth}) for depth_scheme='poisson_lognormal' (its no-grad part has mean "
                 "μ_rec − μ_bwd)")
@@ -278,5 +280,5 @@ PRESET_PARAMETER_COUNTS = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A paper preset by name (``parcae-140m``, ``gpt-1.3b``, ``rdm-100m``, ...), optionally overridden."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name].replace(**overrides)

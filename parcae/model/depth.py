@@ -29,7 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from parcae.errors import UsageError
+from parcae.validation import check_choices
+
+from .config import DepthGranularity, DepthScheme, ModelConfig
 
 _SEED_OFFSET = 514229       # official per-sequence sampler seed offset (a Fibonacci prime)
 _SEED_MODULUS = 2**31 - 1
@@ -75,10 +78,10 @@ class Depths:
 class DepthSampler:
     """Seeded training-depth sampler. ``sampler(step, batch_size, rank, world_size) -> Depths``."""
 
-    scheme: str = "poisson_truncated"
+    scheme: DepthScheme = "poisson_truncated"
     mean_recurrence: int = 8
     backprop_depth: int = 4
-    granularity: str = "per_sequence"
+    granularity: DepthGranularity = "per_sequence"
     seed_offset: int = _SEED_OFFSET
 
     @classmethod
@@ -86,11 +89,7 @@ class DepthSampler:
         return cls(config.depth_scheme, config.mean_recurrence, config.backprop_depth, config.depth_granularity)
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("poisson_truncated", "poisson_lognormal", "huginn", "fixed"):
-            raise ValueError(f"DepthSampler.scheme must be poisson_truncated, poisson_lognormal, huginn or fixed, "
-                             f"got {self.scheme!r}")
-        if self.granularity not in ("per_sequence", "per_batch"):
-            raise ValueError(f"DepthSampler.granularity must be per_sequence or per_batch, got {self.granularity!r}")
+        check_choices(self)
         if self.mean_recurrence < 1:
             raise ValueError(f"DepthSampler.mean_recurrence must be >= 1, got {self.mean_recurrence}")
         if self.backprop_depth < 1:
@@ -132,3 +131,32 @@ class DepthSampler:
         """Mean (no-grad, grad) iterations per sequence, estimated from the sampler itself."""
         no_grad, grad = self._draw(samples, self.generator(0))
         return no_grad.double().mean().item(), grad.double().mean().item()
+
+
+def parse_loops(spec: str | int | list[int] | None) -> list[int] | None:
+    """"4,8,16" / "1-4,8" / 8 / [4, 8] -> sorted unique loop counts; a one-line UsageError otherwise."""
+    if spec is None:
+        return None
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        items = [str(spec)]
+    elif isinstance(spec, (list, tuple)):
+        items = [str(s) for s in spec]
+    else:
+        items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    loops: set[int] = set()
+    for item in items:
+        bounds = item.split("-") if "-" in item[1:] else [item]
+        try:
+            values = [int(b) for b in bounds]
+        except ValueError:
+            raise UsageError(f"--loops: {item!r} is not an integer or a range like 1-16") from None
+        if len(values) == 2:
+            if values[0] > values[1]:
+                raise UsageError(f"--loops: range {item!r} is empty")
+            values = list(range(values[0], values[1] + 1))
+        if min(values) < 1:
+            raise UsageError(f"--loops: loop counts must be >= 1, got {item!r}")
+        loops.update(values)
+    if not loops:
+        raise UsageError("--loops: no loop counts given")
+    return sorted(loops)

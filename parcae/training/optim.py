@@ -28,6 +28,9 @@ from typing import Iterable, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from parcae.errors import ConfigError
+from parcae.validation import check_choices
+
 
 @dataclass
 class OptimizerConfig:
@@ -60,14 +63,13 @@ class OptimizerConfig:
     muon_cautious_weight_decay: bool = True
 
     def __post_init__(self) -> None:
+        check_choices(self)
         self.betas = tuple(float(b) for b in self.betas)  # YAML gives a list
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.name not in ("adamw", "muon_adamw"):
-            raise ValueError(f"OptimizerConfig.name must be 'adamw' or 'muon_adamw', got {self.name!r}")
+            raise ConfigError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {self.betas}")
         for field in ("lr", "muon_lr"):
             if not getattr(self, field) > 0:
-                raise ValueError(f"OptimizerConfig.{field} must be > 0, got {getattr(self, field)}")
+                raise ConfigError(f"OptimizerConfig.{field} must be > 0, got {getattr(self, field)}")
 
 
 @dataclass
@@ -91,12 +93,11 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("trapezoid", "warmup_cooldown", "cosine", "constant"):
-            raise ValueError(f"ScheduleConfig.name={self.name!r} is not a known schedule")
+        check_choices(self)
         if not 0.0 <= self.cooldown_fraction <= 1.0:
-            raise ValueError(f"ScheduleConfig.cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
+            raise ConfigError(f"ScheduleConfig.cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
         if self.warmup_steps < 0 or self.cooldown_steps < 0:
-            raise ValueError("ScheduleConfig.warmup_steps and cooldown_steps must be >= 0")
+            raise ConfigError("ScheduleConfig.warmup_steps and cooldown_steps must be >= 0")
 
 
 class LRSchedule:
@@ -104,7 +105,7 @@ class LRSchedule:
 
     def __init__(self, config: ScheduleConfig, total_steps: int) -> None:
         if total_steps < 1 and config.name != "constant":
-            raise ValueError(f"the {config.name!r} schedule needs trainer.max_steps > 0 (got {total_steps})")
+            raise ConfigError(f"the {config.name!r} schedule needs trainer.max_steps > 0 (got {total_steps})")
         # Plain fields only: LambdaLR checkpoints this object's __dict__ (loadable with weights_only=True).
         self.schedule = dataclasses.asdict(config)
         self.total_steps = total_steps
