@@ -6,7 +6,7 @@ of no-grad and of grad iterations and freezes finished ones with torch.where; ou
 sequences still looping. The script first checks both give the same loss, then times forward+backward.
 
     python benchmarks/loop_cost.py                      # CPU defaults (a few minutes on 2 cores)
-    python benchmarks/loop_cost.py --batch 32 --steps 5 --d-model 512 --device cuda
+    python benchmarks/loop_cost.py --batch 32 --steps 5 --d_model 512 --device cuda
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class MaskedLoopLM(LoopedLM):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()

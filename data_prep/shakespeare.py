@@ -63,8 +63,8 @@ def build_corpus(sdist: Path, output: Path = CORPUS) -> None:
 def train_corpus_tokenizer(output: Path = TOKENIZER) -> None:
     from .tokenizer import main as tokenizer_main
 
-    tokenizer_main(["--input", str(CORPUS), "--id-field", "id", "--exclude-ids", ",".join(VAL_WORKS),
-                    "--vocab-size", str(VOCAB_SIZE), "--output", str(output)])
+    tokenizer_main(["--input", str(CORPUS), "--id_field", "id", "--exclude_ids", ",".join(VAL_WORKS),
+                    "--vocab_size", str(VOCAB_SIZE), "--output", str(output)])
 
 
 def prepare(output: Path = DEFAULT_OUTPUT, overwrite: bool = False, num_workers: int = 1) -> dict:
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("train-tokenizer", help="retrain corpus/shakespeare_tokenizer.json (vocabulary 4,096)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="shard folder (default data/shakespeare)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num_workers", type=int, default=1)
     args = p.parse_args(argv)
     if args.command == "build-corpus":
         build_corpus(args.sdist)

@@ -92,7 +92,7 @@ def decode(data: bytes, where: str, decode_errors: str) -> tuple[str, int]:
         bad = _ReplacementCounter.count
         if decode_errors == "error":
             raise SourceError(f"{where}: {bad} undecodable UTF-8 byte sequence(s), the first at byte {err.start}; "
-                              "fix the file or pass --decode-errors replace to count and replace them") from None
+                              "fix the file or pass --decode_errors replace to count and replace them") from None
         return text, bad
 
 

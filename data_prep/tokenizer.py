@@ -4,8 +4,8 @@ Byte-level BPE, GPT-4-style split pattern with numbers in groups of at most two 
 byte fallback, no normalisation, special tokens <|bos|>, <|eos|>, <|pad|> at ids 0-2. The paper trains
 vocabulary 32,768 on 2B characters of FineWeb-Edu with documents capped at 10,000 characters:
 
-    python -m data_prep.tokenizer --input data/raw/fineweb-edu/ --text-field text \\
-        --vocab-size 32768 --max-chars 2000000000 --max-doc-chars 10000 --output data/tokenizers/fineweb-32k.json
+    python -m data_prep.tokenizer --input data/raw/fineweb-edu/ --text_field text \\
+        --vocab_size 32768 --max_chars 2000000000 --max_doc_chars 10000 --output data/tokenizers/fineweb-32k.json
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (paper App. R).")
     p.add_argument("--input", nargs="+", required=True, help="text files/folders, .jsonl[.gz|.xz], .parquet")
     p.add_argument("--output", required=True, help="where to write tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
-    p.add_argument("--max-chars", type=int, default=None, help="stop after this many characters (paper: 2e9)")
-    p.add_argument("--max-doc-chars", type=int, default=None, help="cap each document (paper: 10,000)")
-    p.add_argument("--exclude-ids", default="", help="comma-separated document ids to leave out (held-out works)")
-    p.add_argument("--id-field", default=None, help="JSONL field / Parquet column with document ids")
-    p.add_argument("--decode-errors", choices=["error", "replace"], default="error")
+    p.add_argument("--vocab_size", type=int, default=32768)
+    p.add_argument("--text_field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--max_chars", type=int, default=None, help="stop after this many characters (paper: 2e9)")
+    p.add_argument("--max_doc_chars", type=int, default=None, help="cap each document (paper: 10,000)")
+    p.add_argument("--exclude_ids", default="", help="comma-separated document ids to leave out (held-out works)")
+    p.add_argument("--id_field", default=None, help="JSONL field / Parquet column with document ids")
+    p.add_argument("--decode_errors", choices=["error", "replace"], default="error")
     args = p.parse_args(argv)
     try:
         files = expand_sources(args.input)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from parcae.cli import main, model_config_of, parse_recipe
+from parcae.cli import main
+from parcae.training.run import model_config_of, parse_recipe
 from parcae.model import PRESET_PARAMETER_COUNTS, LoopedLM, flops_per_token
-from parcae.sweep import expand
+from parcae.experiments.sweep import expand
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

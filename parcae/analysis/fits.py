@@ -3,11 +3,11 @@
 Every fit minimises the Huber loss (δ = 1e-3) between log predicted and log observed loss with L-BFGS from many
 starting points and keeps the best, as the paper does (after Hoffmann et al.'s "approach 3").
 
-    from parcae.eval.fits import fit_test_time, fit_parametric_law, isoflop_optima
+    from parcae.analysis.fits import fit_test_time, fit_parametric_law, isoflop_optima
     fit = fit_test_time(loops=[1, 2, 4, 8, 16], losses=[...])        # L(T) = L∞ + Z·exp(−z·T)
     fit.params            # {"L_inf": ..., "Z": ..., "z": ...};  fit.huber: mean Huber of the fit
 
-    python -m parcae.eval.fits checkpoints/mini/test_time/mini_tts_mu4/test_loops.json   # = parcae fit-loops
+    python -m parcae.analysis.fits checkpoints/mini/test_time/mini_tts_mu4/test_loops.json   # = parcae fit-loops
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae fit-loops",
                                 description="Fit L(T) = L∞ + Z·exp(−zT) and Table 12's other forms to a loop sweep.")
     p.add_argument("results", help="test_loops.json from `parcae test --loops`, or its run directory")
-    p.add_argument("--mean-recurrence", type=int, default=None, help="μ_rec (default: read from the file)")
+    p.add_argument("--mean_recurrence", type=int, default=None, help="μ_rec (default: read from the file)")
     args = p.parse_args(argv)
     result = fit_loops_file(args.results, args.mean_recurrence)
     from rich.console import Console

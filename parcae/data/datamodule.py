@@ -89,8 +89,17 @@ class TokenDataModule(LightningDataModule):
     def tokenizer_path(self) -> Path:
         return self.folders[0].tokenizer_path
 
+    @property
+    def test_split(self) -> str:
+        """What ``parcae test`` evaluates: the held-out ``test`` split when the folder has one, else ``val``
+        (and every output of ``parcae test`` then says it is the validation split)."""
+        folder = open_shards(self.val_dataset)
+        return "test" if folder.has_split("test") else "val"
+
     def check_vocabulary(self, model_vocab_size: int, model_name: str = "the model") -> None:
-        check_vocabulary(self.folders[0], model_vocab_size, model_name)
+        """Every folder's tokenizer fits the model: the model then needs no per-batch token-id check."""
+        for folder in self.folders:
+            check_vocabulary(folder, model_vocab_size, model_name)
 
     # -- Lightning hooks ----------------------------------------------------------------------------------
     def _streaming(self, root: str | Path, split: str, shuffle: bool):
@@ -110,6 +119,8 @@ class TokenDataModule(LightningDataModule):
             weights = self.weights or [f.tokens("train") for f in folders]  # default: proportional to size
             self.train_set = CombinedStreamingDataset(train, seed=self.seed, weights=weights, iterate_over_all=False)
         self.val_set = self._streaming(self.val_dataset, "val", shuffle=False)
+        split = self.test_split
+        self.test_set = self.val_set if split == "val" else self._streaming(self.val_dataset, split, shuffle=False)
         for name, ds in (("train", train[0]), ("val", self.val_set)):
             if len(ds) == 0:
                 raise DataError(f"{self.datasets[0] if name == 'train' else self.val_dataset}: the {name} split "
@@ -128,4 +139,4 @@ class TokenDataModule(LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size)
 
     def test_dataloader(self):
-        return self._loader(self.val_set, self.val_batch_size)
+        return self._loader(self.test_set, self.val_batch_size)

@@ -3,6 +3,7 @@
     <root>/manifest.json   token/document counts per split, tokenizer vocabulary + sha256, sources, date
     <root>/tokenizer.json  the tokenizer the shards were made with
     <root>/train/, val/    LitData chunks + index.json (int32 tokens, documents as <|bos|> ... <|eos|>)
+    <root>/test/           optional held-out test split (``--test_fraction``), evaluated by ``parcae test``
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from parcae.errors import UsageError
+
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FORMAT = "parcae-token-shards/1"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")          # every shard folder has these
+OPTIONAL_SPLITS = ("test",)       # written when data preparation is asked for a held-out test split
 PREPARE_HINT = "prepare it with `python -m data_prep.shards --input <text files> --tokenizer <tokenizer.json> " \
                "--output {root}` (the embedded corpus: `python -m data_prep.shakespeare`)"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Unusable training data; the message is one line naming the folder."""
 
 
@@ -42,6 +46,9 @@ class ShardFolder:
 
     def split_dir(self, split: str) -> Path:
         return self.root / split
+
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest["splits"] and (self.root / split / "index.json").is_file()
 
     def tokens(self, split: str) -> int:
         return int(self.manifest["splits"][split]["tokens"])

@@ -2,7 +2,7 @@
 loop count.
 
     parcae core --ckpt_path checkpoints/table5_140m_parcae/last.ckpt --bundle /data/eval_bundle --loops 8
-    parcae core ... --tasks core_extended --seeds 1234,2345,3456 --max-per-task 500
+    parcae core ... --tasks core_extended --seeds 1234,2345,3456 --max_per_task 500
 
 The eval bundle cannot be downloaded here; get ``eval_bundle.zip`` once from
 https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip (nanochat's copy of the DCLM data: ``core.yaml``,
@@ -246,8 +246,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--loops", type=int, default=None, help="loop count (default: the model's μ_rec)")
     p.add_argument("--tasks", default="core", help="core | core_extended | path of a bundle-format core.yaml")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    p.add_argument("--max-per-task", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max_per_task", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")

@@ -89,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--tokenizer", default=None)
     args = p.parse_args(argv)
     from parcae.data import load_tokenizer
-    from parcae.training.module import parse_loops
+    from parcae.model import parse_loops
 
     from .checkpoint import load_checkpoint
 

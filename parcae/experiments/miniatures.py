@@ -4,9 +4,9 @@
     parcae mini comparison       # Tables 3/5 in miniature: GPT vs RDM vs Parcae, equal parameters and tokens
     parcae mini sampling         # Table 8 in miniature: per-batch vs per-sequence depth sampling
     parcae mini test_time        # Fig. 7 in miniature: loss vs test-time loops for several μ_rec
-    parcae mini <suite> --report-only     # re-read finished runs and rewrite the report
+    parcae mini <suite> --report_only     # re-read finished runs and rewrite the report
 
-A suite is a sweep file (``recipes/mini/suites/<suite>.yaml``, format in ``parcae/sweep.py``) plus ``title``,
+A suite is a sweep file (``recipes/mini/suites/<suite>.yaml``, format in ``parcae/experiments/sweep.py``) plus ``title``,
 ``claim`` and ``report`` (which table and plots to make). Runs go to ``checkpoints/mini/<suite>/<run>/``; the
 report to ``checkpoints/mini/<suite>/report.md`` with its PNGs. Re-running resumes or skips finished runs.
 """
@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 import yaml
 
-SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "recipes" / "mini" / "suites"
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -66,12 +65,14 @@ def summarize(run_dir: Path, status: str) -> dict[str, Any]:
 
 
 def run_suite(name: str, runs_dir: Path, report_only: bool = False) -> Path:
-    from parcae.sweep import expand
+    from .sweep import expand
 
-    suite_file = Path(name) if name.endswith(".yaml") else SUITES_DIR / f"{name}.yaml"
+    from parcae.resources import suites_dir
+
+    suite_file = Path(name) if name.endswith(".yaml") else suites_dir() / f"{name}.yaml"
     name = suite_file.stem
     if not suite_file.exists():
-        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+        known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.yaml")))
         raise SystemExit(f"parcae mini: unknown suite {name!r} (known: {known})")
     spec = yaml.safe_load(suite_file.read_text())
     runs = expand(suite_file)
@@ -204,8 +205,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae mini", description="Run a CPU miniature suite and write its report.")
     p.add_argument("suite", help="stability | comparison | sampling | test_time | ... (recipes/mini/suites/), "
                                  "or the path of a suite file")
-    p.add_argument("--runs-dir", type=Path, default=Path("checkpoints/mini"))
-    p.add_argument("--report-only", action="store_true", help="only re-read finished runs and rewrite the report")
+    p.add_argument("--runs_dir", type=Path, default=Path("checkpoints/mini"))
+    p.add_argument("--report_only", action="store_true", help="only re-read finished runs and rewrite the report")
     args = p.parse_args(argv)
     run_suite(args.suite, args.runs_dir, args.report_only)
 

@@ -1,7 +1,7 @@
 """Paper-format reports: each of the paper's tables beside our results, as a rich table and markdown.
 
     parcae report table5                     # reads checkpoints/table5_*/ (test_loops, core_T8, lm_eval_T8 ...)
-    parcae report table2 --runs-dir /scratch/runs --out docs/table2.md
+    parcae report table2 --runs_dir /scratch/runs --out docs/table2.md
     parcae report mini                       # the CPU miniature suites (checkpoints/mini/*/results.json)
     parcae report --list
 
@@ -178,10 +178,10 @@ def markdown(title: str, cols: list[str], rows: list[list[str]]) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae report", description="The paper's tables beside our results.")
     p.add_argument("table", nargs="?", help=f"{', '.join(TABLES)} or mini")
-    p.add_argument("--runs-dir", type=Path, default=None, help="default: checkpoints (mini: checkpoints/mini)")
+    p.add_argument("--runs_dir", type=Path, default=None, help="default: checkpoints (mini: checkpoints/mini)")
     p.add_argument("--out", type=Path, default=None, help="also write markdown here")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--image-prefix", default="", help="mini: prefix for the plots' links (e.g. miniatures/)")
+    p.add_argument("--image_prefix", default="", help="mini: prefix for the plots' links (e.g. miniatures/)")
     args = p.parse_args(argv)
     if args.list or not args.table:
         for key, spec in TABLES.items():

@@ -123,7 +123,7 @@ def _render(template: str, fields: dict[str, str]) -> str:
 
 
 def _tokens_for(run: Run, flops: float, convention: str) -> int:
-    from parcae.cli import model_config_of, parse_recipe
+    from parcae.training.run import model_config_of, parse_recipe
     from parcae.model import flops_per_token
 
     cfg = parse_recipe(run.recipe, [a for k, v in run.overrides.items() if k != "max_tokens"

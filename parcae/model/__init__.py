@@ -7,7 +7,7 @@
 """
 
 from .config import PAPER_PARAMETER_COUNTS, PRESET_PARAMETER_COUNTS, PRESETS, ModelConfig, preset
-from .depth import DepthSampler, Depths
+from .depth import DepthSampler, Depths, parse_loops
 from .flops import FlopBreakdown, effective_parameters, flops_per_token, tokens_for_budget
 from .injection import AddInjection, ConcatInjection, DiagonalInjection, Injection
 from .layers import Block, RMSNorm
@@ -18,5 +18,5 @@ __all__ = [
     "AddInjection", "Block", "ConcatInjection", "DepthSampler", "Depths", "DiagonalInjection", "FlopBreakdown", "effective_parameters",
     "IGNORE_INDEX", "Injection", "LoopOutput", "LoopedLM", "ModelConfig", "PAPER_PARAMETER_COUNTS",
     "PRESETS", "PRESET_PARAMETER_COUNTS", "RMSNorm", "config_from_official", "flops_per_token", "from_official",
-    "preset", "to_official", "tokens_for_budget",
+    "parse_loops", "preset", "to_official", "tokens_for_budget",
 ]

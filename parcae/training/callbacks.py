@@ -1,10 +1,11 @@
 """Training-run furniture: atomic checkpoint writes, a step-based rich progress bar, the run summary and the
-TensorBoard layout (custom scalars, hyperparameters under ``hp/``)."""
+TensorBoard layout (custom scalars, hyperparameters under ``hp/``), and throughput / MFU at the sampled depth."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -129,3 +130,80 @@ class RunSummary(L.Callback):
         hparams["trainer.max_steps"] = trainer.max_steps
         # Metrics only under hp/: a placeholder logged here never lands on the real val/ curves.
         logger.log_hyperparams(hparams, metrics={"hp/val_loss": float("nan")})
+
+
+class ThroughputCallback(L.Callback):
+    """Logs ``perf/tokens_per_sec``, ``perf/mfu`` and (GPU) ``perf/max_memory_gib`` after each optimizer step.
+
+    FLOPs per token are those of the depths the step actually sampled (``pl_module.last_depths``): a looped
+    model's cost changes from step to step, which Lightning's ``ThroughputMonitor`` (one fixed
+    ``flops_per_batch``, MFU only for GPUs in its table) does not model. The peak is ``peak_tflops`` when given,
+    else the GPU's datasheet figure from Lightning's table, else a measured fp32 matmul rate on CPU.
+    Validation time is not counted as training time.
+    """
+
+    def __init__(self) -> None:
+        self._step_start: Optional[float] = None
+        self._peak: Optional[float] = None
+        self._peak_known = False
+        self._flops_cache: dict[tuple, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._step_start = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or self._step_start is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self._step_start = now - self._step_start, now
+        x = batch[0]
+        tokens = x.numel() * trainer.world_size * trainer.accumulate_grad_batches
+        pl_module.log("perf/tokens_per_sec", tokens / elapsed, on_step=True)
+        peak = self._peak_flops(pl_module, trainer)
+        if peak:
+            flops = tokens * self._flops_per_token(pl_module, x.shape[1])
+            pl_module.log("perf/mfu", flops / elapsed / (peak * trainer.world_size), on_step=True)
+        if pl_module.device.type == "cuda":
+            pl_module.log("perf/max_memory_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
+
+    def _flops_per_token(self, pl_module, seq_len: int) -> float:
+        from parcae.model import flops_per_token
+
+        depths = getattr(pl_module, "last_depths", None) if pl_module.arch.looped else None
+        # mean iterations of this micro-batch, rounded so that the cache stays small
+        no_grad = round(depths.no_grad.float().mean().item(), 3) if depths is not None else None
+        grad = round(depths.grad.float().mean().item(), 3) if depths is not None else None
+        key = (no_grad, grad, seq_len)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = flops_per_token(pl_module.arch, seq_len, no_grad_iterations=no_grad,
+                                                     grad_iterations=grad).per_token
+        return self._flops_cache[key]
+
+    def _peak_flops(self, pl_module, trainer) -> Optional[float]:
+        if not self._peak_known:
+            tflops = getattr(pl_module, "peak_tflops", None)
+            self._peak = tflops * 1e12 if tflops else device_peak_flops(pl_module.device, trainer.precision)
+            self._peak_known = True
+        return self._peak
+
+
+def device_peak_flops(device: torch.device, precision) -> Optional[float]:
+    """Peak FLOP/s: the GPU's datasheet figure (Lightning's table; ``None`` for a GPU it does not list) or a
+    measured fp32 matmul rate on CPU."""
+    if device.type == "cuda":
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
+        return get_available_flops(device, dtype)
+    a = torch.randn(1024, 1024)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    return 5 * 2 * 1024**3 / (time.perf_counter() - start)

@@ -12,12 +12,9 @@ Metric tags are defined here, namespaced: ``train/``, ``val/``, ``test/``, ``loo
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -25,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from parcae.model import DepthSampler, LoopedLM, ModelConfig, flops_per_token
+from parcae.errors import ConfigError
+from parcae.model import DepthSampler, LoopedLM, ModelConfig, parse_loops
 
 from .optim import (LRSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, update_muon_schedules)
 
@@ -44,35 +42,6 @@ def _as(cls, value):
     return value if isinstance(value, cls) else cls(**value)
 
 
-def parse_loops(spec: str | int | list[int] | None) -> Optional[list[int]]:
-    """"4,8,16" / "1-4,8" / 8 / [4, 8] -> sorted unique loop counts; one-line ValueError otherwise."""
-    if spec is None:
-        return None
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        items = [str(spec)]
-    elif isinstance(spec, (list, tuple)):
-        items = [str(s) for s in spec]
-    else:
-        items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    loops: set[int] = set()
-    for item in items:
-        bounds = item.split("-") if "-" in item[1:] else [item]
-        try:
-            values = [int(b) for b in bounds]
-        except ValueError:
-            raise ValueError(f"--loops: {item!r} is not an integer or a range like 1-16") from None
-        if len(values) == 2:
-            if values[0] > values[1]:
-                raise ValueError(f"--loops: range {item!r} is empty")
-            values = list(range(values[0], values[1] + 1))
-        if min(values) < 1:
-            raise ValueError(f"--loops: loop counts must be >= 1, got {item!r}")
-        loops.update(values)
-    if not loops:
-        raise ValueError("--loops: no loop counts given")
-    return sorted(loops)
-
-
 class LoopedLMModule(L.LightningModule):
     def __init__(self, arch: ModelConfig = ModelConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  schedule: ScheduleConfig = ScheduleConfig(), eval_loops: list[int] = [1, 2, 4, 8],
@@ -80,7 +49,8 @@ class LoopedLMModule(L.LightningModule):
                  activation_checkpointing: bool = False, peak_tflops: Optional[float] = None) -> None:
         """
         Args:
-            arch: The model (see ``parcae.model.ModelConfig``; presets in ``configs/model/``).
+            arch: The model (see ``parcae.model.ModelConfig``): a preset name (``parcae-140m``), a preset with
+                overrides (``{preset: parcae-140m, mean_recurrence: 4}``) or every field.
             optimizer: ``adamw`` or ``muon_adamw`` and their settings.
             schedule: Learning-rate schedule over ``trainer.max_steps``.
             eval_loops: Loop counts validated besides μ_rec (official runs: 1, 2, 4, 8).
@@ -96,7 +66,7 @@ class LoopedLMModule(L.LightningModule):
         self.arch, self.optim_config = _as(ModelConfig, arch), _as(OptimizerConfig, optimizer)
         self.schedule_config = _as(ScheduleConfig, schedule)
         if telemetry_every < 1 or max_nonfinite_losses < 1:
-            raise ValueError("telemetry_every and max_nonfinite_losses must be >= 1")
+            raise ConfigError("model.telemetry_every and model.max_nonfinite_losses must be >= 1")
         self.eval_loops = parse_loops(list(eval_loops)) if self.arch.looped else [1]
         self.telemetry_every, self.max_nonfinite_losses = telemetry_every, max_nonfinite_losses
         self.compile_blocks, self.peak_tflops = compile, peak_tflops
@@ -108,16 +78,18 @@ class LoopedLMModule(L.LightningModule):
                                    "activation_checkpointing": activation_checkpointing,
                                    "peak_tflops": peak_tflops})
         self.net = LoopedLM(self.arch)
+        # Token ids are validated where data enters (the data module checks the shards' tokenizer against the
+        # model's vocabulary), not in every forward: that check is a host sync on every micro-step.
+        self.net.check_token_ids = False
         self.net.checkpoint_iterations = activation_checkpointing
         self.sampler = DepthSampler.from_config(self.arch) if self.arch.looped else None
         self.micro_step = 0           # training forwards so far (seeds depths and state noise)
         self.skipped_steps = 0        # optimizer steps dropped for non-finite gradients
         self.nonfinite_streak = 0
         self.test_loops: Optional[list[int]] = None
+        self.checkpoint_step: Optional[int] = None
         self.byte_lengths: Optional[torch.Tensor] = None
         self.generation: dict[str, Any] = {}
-        self._step_start: Optional[float] = None
-        self._flops_cache: dict[tuple[float, float, int], float] = {}
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -157,6 +129,7 @@ class LoopedLMModule(L.LightningModule):
                                 "nonfinite_streak": self.nonfinite_streak}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = checkpoint.get("global_step")  # test/validate report the step they evaluate
         state = checkpoint.get("parcae", {})
         self.micro_step = state.get("micro_step", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -172,8 +145,6 @@ class LoopedLMModule(L.LightningModule):
         optimizer = self.optimizers()
         optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap Lightning's LightningOptimizer
         update_muon_schedules(optimizer, self.optim_config, self.global_step, self.trainer.max_steps)
-        if self._step_start is None:
-            self._step_start = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch
@@ -201,7 +172,7 @@ class LoopedLMModule(L.LightningModule):
         self.log("tokens_seen", float((self.global_step + 1) * B * S * self.trainer.world_size
                                       * self.trainer.accumulate_grad_batches), on_step=True, batch_size=B)
         if depths is not None:
-            self._last_depths = (depths.no_grad.float().mean().item(), depths.grad.float().mean().item())
+            self.last_depths = depths  # read by the throughput callback (FLOPs at the sampled depth)
             self.log("loop/mean_depth", depths.total.float().mean(), on_step=True, batch_size=B)
         if out.telemetry is not None:
             self._log_telemetry(out.telemetry, B)
@@ -230,39 +201,6 @@ class LoopedLMModule(L.LightningModule):
         self.log("lr", self._lr(), on_step=True)
         if len({g.get("kind") for g in optimizer.param_groups}) > 1:
             self.log("lr_muon", next(g["lr"] for g in optimizer.param_groups if g.get("kind") == "muon"), on_step=True)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        elapsed, self._step_start = now - self._step_start, now
-        x = batch[0]
-        tokens = x.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self.log("perf/tokens_per_sec", tokens / elapsed, on_step=True)
-        flops = tokens * self._flops_per_token(x.shape[1])
-        peak = self._peak_flops()
-        if peak:
-            self.log("perf/mfu", flops / elapsed / (peak * self.trainer.world_size), on_step=True)
-        if self.device.type == "cuda":
-            self.log("perf/max_memory_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
-
-    def _flops_per_token(self, seq_len: int) -> float:
-        no_grad, grad = getattr(self, "_last_depths", (None, None)) if self.arch.looped else (None, None)
-        key = (round(no_grad, 3) if no_grad is not None else -1.0, round(grad, 3) if grad is not None else -1.0,
-               seq_len)
-        if key not in self._flops_cache:
-            self._flops_cache[key] = flops_per_token(self.arch, seq_len, no_grad_iterations=no_grad,
-                                                     grad_iterations=grad).per_token
-        return self._flops_cache[key]
-
-    def _peak_flops(self) -> Optional[float]:
-        if self.peak_tflops:
-            return self.peak_tflops * 1e12
-        if not hasattr(self, "_measured_peak"):
-            self._measured_peak = _device_peak_flops(self.device, self.trainer.precision)
-        return self._measured_peak
 
     def _lr(self) -> float:
         if not self.trainer.optimizers:
@@ -303,9 +241,6 @@ class LoopedLMModule(L.LightningModule):
     def val_loops(self) -> list[int]:
         return sorted(set(self.eval_loops) | {self.arch.mean_recurrence}) if self.arch.looped else [1]
 
-    def on_validation_end(self) -> None:
-        self._step_start = None  # validation time is not training throughput
-
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, self.val_loops)
 
@@ -330,13 +265,15 @@ class LoopedLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         loops = self.test_loops or self.val_loops
         rows = self._results(loops)
+        # Tags say which split was evaluated: test/ for a held-out test split, test_on_val/ when the shard
+        # folder has none and `parcae test` falls back to the validation split.
+        split = getattr(getattr(self.trainer, "datamodule", None), "test_split", "val")
+        prefix = "test" if split == "test" else "test_on_val"
         for row in rows:
-            self.log(f"test/loss_T{row['loops']}", row["loss"])
+            self.log(f"{prefix}/loss_T{row['loops']}", row["loss"])
             if row["bpb"] is not None:
-                self.log(f"test/bpb_T{row['loops']}", row["bpb"])
-        self.test_results = rows
-        if self.trainer.is_global_zero:
-            _report_test(self, rows)
+                self.log(f"{prefix}/bpb_T{row['loops']}", row["bpb"])
+        self.test_results = rows  # the caller (parcae test) reports them: table, files, fit and plot
 
     # -- generation (parcae predict) -----------------------------------------------------------------------
     def predict_step(self, batch, batch_idx: int) -> list[int]:
@@ -359,82 +296,3 @@ class LoopedLMModule(L.LightningModule):
             if g.get("stop_id") is not None and nxt.item() == g["stop_id"]:
                 break
         return ids[0].tolist()
-
-
-def _device_peak_flops(device: torch.device, precision) -> Optional[float]:
-    """Peak FLOP/s: the GPU's datasheet figure (Lightning's table) or a measured fp32 matmul rate on CPU."""
-    if device.type == "cuda":
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
-        return get_available_flops(device, dtype)
-    a = torch.randn(1024, 1024)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    return 5 * 2 * 1024**3 / (time.perf_counter() - start)
-
-
-def _report_test(module: LoopedLMModule, rows: list[dict]) -> None:
-    """Rich table on the console, JSON + CSV + a PNG plot of loss vs loops in the run directory."""
-    from rich.console import Console
-    from rich.table import Table
-
-    run_dir = Path(module.trainer.log_dir or ".")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"{module.arch.name}: loss by loop count (μ_rec = {module.arch.mean_recurrence})")
-    for col in ("loops", "loss", "ppl", "bpb", "tokens/s"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["loops"]), f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
-                      "-" if r["bpb"] is None else f"{r['bpb']:.4f}",
-                      "-" if r["tokens_per_sec"] is None else f"{r['tokens_per_sec']:,.0f}")
-    Console().print(table)
-    payload = {"model": module.arch.name, "mean_recurrence": module.arch.mean_recurrence,
-               "global_step": module.global_step, "results": rows}
-    (run_dir / "test_loops.json").write_text(json.dumps(payload, indent=2) + "\n")
-    with open(run_dir / "test_loops.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["loops", "loss", "ppl", "bpb", "tokens_per_sec"])
-        writer.writeheader()
-        writer.writerows(rows)
-    fit = None
-    if module.arch.looped and len(rows) >= 3:
-        from parcae.eval.fits import fit_loops_file
-
-        try:
-            fitted = fit_loops_file(run_dir / "test_loops.json", plot=False)["fits"].get("exp", {})
-        except Exception as err:  # a failed fit must not lose the measured results
-            fitted = {}
-            Console().print(f"[yellow]test-time fit failed ({type(err).__name__}: {err}); results are saved[/yellow]")
-        if "params" in fitted:
-            fit = fitted
-            p = fit["params"]
-            Console().print(f"test-time fit L(T) = L∞ + Z·exp(−z·T): L∞ = {p['L_inf']:.4f}, Z = {p['Z']:.4g}, "
-                            f"z = {p['z']:.4g} (mean Huber {fit['huber']:.2e}; all forms: parcae fit-loops {run_dir})")
-    if len(rows) > 1:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        loops = [r["loops"] for r in rows]
-        ax.plot(loops, [r["loss"] for r in rows], "o", label="validation loss")
-        if fit is not None:
-            import numpy as np
-
-            p, grid = fit["params"], np.linspace(min(loops), max(loops), 200)
-            ax.plot(grid, p["L_inf"] + p["Z"] * np.exp(-p["z"] * grid), "-", lw=1,
-                    label=f"L∞ + Z·e^(−zT): L∞ = {p['L_inf']:.3f}, z = {p['z']:.2f}")
-        if module.arch.looped:
-            ax.axvline(module.arch.mean_recurrence, color="grey", ls="--", label=f"μ_rec = {module.arch.mean_recurrence}")
-        ax.set_xlabel("loops T at test time")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{module.arch.name}, step {module.global_step}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(run_dir / "test_loops.png", dpi=120)
-        plt.close(fig)
-    Console().print(f"[bold]results[/bold]: {run_dir / 'test_loops.json'}, {run_dir / 'test_loops.csv'}"
-                    + (f", {run_dir / 'test_loops.png'}" if len(rows) > 1 else ""))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from parcae.eval.fits import (fit_parametric_law, fit_test_time, floor_error, huber, isoflop_optima, power_law)
+from parcae.analysis.fits import (fit_parametric_law, fit_test_time, floor_error, huber, isoflop_optima, power_law)
 
 RNG = np.random.default_rng(0)
 

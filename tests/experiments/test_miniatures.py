@@ -3,7 +3,7 @@
 import json
 
 from conftest import write_recipe
-from parcae.eval.miniatures import run_suite, write_report
+from parcae.experiments.miniatures import run_suite, write_report
 
 
 def test_suite_runs_and_reports(tmp_path, small_shards):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from parcae.eval.report import TABLES, collect, markdown, mini_report
+from parcae.experiments.report import TABLES, collect, markdown, mini_report
 
 
 def test_paper_tables_are_shipped_as_printed():

@@ -46,14 +46,16 @@ def test_test_sweep_prints_and_saves_the_table(trained_run, capsys):
     main(["test", "--ckpt_path", str(run_dir / "last.ckpt"), "--loops", "1-3,6"])
     out = capsys.readouterr().out
     assert "loss by loop count" in out and "tokens/s" in out
+    assert "on the val split" in out and "step 12" in out  # no test split in these shards: it says so
     results = json.loads((run_dir / "test_loops.json").read_text())
+    assert results["global_step"] == 12 and results["split"] == "val"  # the checkpoint's real step
     assert [r["loops"] for r in results["results"]] == [1, 2, 3, 6]
     assert all(r["bpb"] > 0 and r["tokens_per_sec"] > 0 for r in results["results"])
     assert (run_dir / "test_loops.csv").read_text().splitlines()[0] == "loops,loss,ppl,bpb,tokens_per_sec"
     assert (run_dir / "test_loops.png").stat().st_size > 1000
     ea = EventAccumulator(str(run_dir))
     ea.Reload()
-    assert {"test/loss_T1", "test/loss_T6"} <= set(ea.Tags()["scalars"])
+    assert {"test_on_val/loss_T1", "test_on_val/loss_T6"} <= set(ea.Tags()["scalars"])
 
 
 @pytest.mark.parametrize("loops, message", [("2,x", "'x' is not an integer"), ("0,4", "must be >= 1"),
@@ -121,9 +123,14 @@ def test_validate_reports_every_loop_count(trained_run, capsys):
 
 
 def test_every_extra_verb_is_listed_and_dispatches(capsys):
-    from parcae.cli import VERB_MAINS, VERBS
+    import importlib
 
-    assert set(VERBS) == set(VERB_MAINS)
+    from parcae.cli import VERBS
+
+    for verb, (target, help_text) in VERBS.items():  # every entry names a function that exists
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), verb
+        assert help_text
     main(["model", "parcae-debug", "--meta"])
     assert "942,976 parameters" in capsys.readouterr().out
     main(["report", "--list"])

@@ -1,0 +1,77 @@
+"""``parcae scaling-law``: collect a sweep's finished runs (or read a CSV) and fit the training scaling laws
+(paper §5.2, Table 11, Eq. 4/7) with ``parcae.analysis.scaling``.
+
+    parcae scaling-law runs.csv                          # columns: flops, mean_recurrence, tokens, loss, N [, loops]
+    parcae scaling-law --sweep recipes/sweeps/isoflop_140m.yaml   # collect finished sweep runs, then fit
+    parcae scaling-law runs.csv --out checkpoints/scaling_140m
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from parcae.analysis.scaling import analyse, read_runs
+
+
+def collect_sweep(sweep: str | Path, runs_dir: str | Path = "checkpoints") -> list[dict]:
+    """Rows for every finished run of a sweep: final val loss at T = μ_rec, plus test_loops.json points."""
+    from parcae.model import effective_parameters
+    from parcae.training.run import model_config_of, parse_recipe
+
+    from .miniatures import summarize
+    from .sweep import _format, expand
+
+    rows = []
+    for run in expand(sweep):
+        run_dir = Path(runs_dir) / run.name
+        if not (run_dir / "last.ckpt").exists() or not run.flops:
+            continue
+        cfg = parse_recipe(run.recipe, [a for k, v in run.overrides.items() for a in (f"--{k}", _format(v))])
+        arch = model_config_of(cfg)
+        summary = summarize(run_dir, "ok")
+        base = {"flops": run.flops, "mean_recurrence": arch.mean_recurrence, "tokens": summary["tokens"] or run.tokens,
+                "N": effective_parameters(arch)}
+        if summary["val_loss"] is not None:
+            rows.append({**base, "loss": summary["val_loss"], "loops": arch.mean_recurrence})
+        for loops, loss in summary.get("test_by_loops", {}).items():
+            if int(loops) != arch.mean_recurrence:
+                rows.append({**base, "loss": loss, "loops": int(loops)})
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae scaling-law", description=__doc__.splitlines()[0])
+    p.add_argument("table", nargs="?", help="CSV of runs (flops, mean_recurrence, tokens, loss, N [, loops])")
+    p.add_argument("--sweep", help="collect finished runs of this sweep file instead of reading a CSV")
+    p.add_argument("--runs-dir", default="checkpoints")
+    p.add_argument("--out", type=Path, default=None, help="folder for scaling_law.json and plots")
+    args = p.parse_args(argv)
+    if bool(args.table) == bool(args.sweep):
+        raise SystemExit("parcae scaling-law: give a CSV table or --sweep, not both")
+    try:
+        rows = read_runs(args.table) if args.table else collect_sweep(args.sweep, args.runs_dir)
+    except ValueError as err:
+        raise SystemExit(f"parcae scaling-law: error: {err}") from None
+    if not rows:
+        raise SystemExit("parcae scaling-law: no finished runs to fit")
+    out = args.out or (Path(args.table).with_suffix("") if args.table else Path(args.runs_dir) / Path(args.sweep).stem)
+    result = analyse(rows, out)
+    from rich.console import Console
+
+    console = Console()
+    for o in result["isoflop_optima"]:
+        console.print(f"C = {o['flops']:.3g}: μ* = {o['mu_opt']:.2f}, D* = {o['tokens_opt']:.3g} tokens")
+    for key, paper in (("mu_opt_law", 0.40), ("tokens_opt_law", 0.78)):
+        if key in result:
+            console.print(f"{key}: exponent {result[key]['exponent']:.3f} (paper {paper})")
+    for key in ("parametric_law", "unified_law"):
+        if key in result:
+            params = ", ".join(f"{k} {v:.4g}" for k, v in result[key]["params"].items())
+            console.print(f"{key}: {params} (Huber {result[key]['huber']:.2e})")
+    console.print(f"written: {out / 'scaling_law.json'}, " + ", ".join(result.get("plots", [])))
+
+
+if __name__ == "__main__":
+    main()

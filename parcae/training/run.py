@@ -1,0 +1,333 @@
+"""Training runs from recipes: the LightningCLI that builds module, data and trainer from a recipe, the rules of a
+run directory, run length from paper quantities (tokens, global batch), and parsing a recipe without running it.
+
+    from parcae.training.run import parse_recipe, model_config_of
+    cfg = parse_recipe("recipes/table5_140m_parcae.yaml", ["--model.arch.mean_recurrence", "4"])
+    model_config_of(cfg).mean_recurrence     # 4
+
+The ``parcae`` command (parcae/cli.py) subclasses :class:`RecipeCLI` and adds the verbs; this module holds what
+a training run needs, so that sweeps and analyses can parse recipes without importing the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from parcae.data import open_shards
+from parcae.data.datamodule import TokenDataModule
+from parcae.errors import UsageError
+from parcae.model import PRESETS, ModelConfig, parse_loops
+
+from .callbacks import AtomicCheckpointIO, RunSummary, StepProgressBar, ThroughputCallback
+from .module import LoopedLMModule
+
+RUN_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "run_name", "runs_dir")
+# Trainer settings of a training run that an evaluation of its checkpoint keeps (devices may not exist here).
+EVAL_TRAINER_KEYS = ("accelerator", "precision", "limit_test_batches", "limit_val_batches", "limit_predict_batches")
+
+
+class ParcaeTrainer(Trainer):
+    """Trainer whose ``test`` takes ``--loops`` and whose ``predict`` generates text from ``--prompt``."""
+
+    def test(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None,
+             weights_only=None, loops: Optional[str] = None):
+        """Evaluate at each loop count: --loops 4,8,16 (or ranges, 1-16); default μ_rec and the eval loops.
+
+        Args:
+            loops: comma-separated loop counts and ranges, e.g. "1,2,4,8,16" or "1-16".
+        """
+        if loops is not None and model is not None:
+            parsed = parse_loops(loops)
+            if not model.arch.looped and parsed != [1]:
+                raise UsageError(f"--loops {loops}: {model.arch.name} is a fixed-depth model (injection='none'); "
+                                 "it has no loops to vary")
+            model.test_loops = parsed
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
+                weights_only=None, prompt: str = "", loops: Optional[int] = None, max_new_tokens: int = 200,
+                temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0):
+        """Generate text after --prompt at --loops iterations (default μ_rec).
+
+        Args:
+            prompt: text to continue (a <|bos|> token is prepended).
+            loops: loop iterations per generated token (default: the model's μ_rec).
+            max_new_tokens: tokens to generate.
+            temperature: sampling temperature; 0 for greedy decoding.
+            top_k: sample among the k most likely tokens (None: all).
+            seed: sampling seed.
+        """
+        from parcae.data import load_tokenizer
+
+        if loops is not None and (loops < 1 or (not model.arch.looped and loops != 1)):
+            raise UsageError(f"--loops {loops}: must be >= 1" + ("" if model.arch.looped else
+                                                                f", and {model.arch.name} has no loops"))
+        if datamodule is None:
+            raise UsageError("predict needs the data config (for the tokenizer): pass --config or a --ckpt_path "
+                             "inside a run directory")
+        tok = load_tokenizer(str(datamodule.tokenizer_path))
+        ids = [tok.token_to_id("<|bos|>"), *tok.encode(prompt, add_special_tokens=False).ids]
+        model.generation = {"loops": loops, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                            "top_k": top_k, "seed": seed, "stop_id": tok.token_to_id("<|eos|>")}
+        loader = torch.utils.data.DataLoader([torch.tensor([ids])], batch_size=None)
+        outputs = super().predict(model, loader, None, True, ckpt_path, weights_only)
+        texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
+        if self.is_global_zero:
+            for text in texts:
+                print(text)
+        return texts
+
+
+# -- recipes: presets by name and composed pieces ----------------------------------------------------------
+def expand_recipe(path: str | Path) -> dict:
+    """A recipe file as the config LightningCLI parses: ``model.arch`` given by preset name expanded to its
+    fields, ``from:`` pieces merged with the keys beside them, relative piece paths made absolute.
+
+    A recipe may say::
+
+        model:
+          arch: parcae-140m                 # a preset by name (parcae.model.PRESETS) ...
+          arch: {preset: parcae-140m, mean_recurrence: 4}   # ... or a preset with overrides
+        data:
+          from: ../configs/data/fineweb-edu.yaml            # a configs/ piece ...
+          batch_size: 8                                     # ... with overrides
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UsageError(f"--config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {path}: a recipe is a mapping of options, got {type(recipe).__name__}")
+    return _expand(recipe, path.resolve().parent, str(path))
+
+
+def preset_fields(value, where: str) -> Optional[dict]:
+    """The full field dict of ``arch: <preset>`` / ``arch: {preset: <name>, ...overrides}``; None otherwise."""
+    if isinstance(value, str) and not value.endswith((".yaml", ".yml")):
+        name, overrides = value, {}
+    elif isinstance(value, dict) and "preset" in value:
+        name, overrides = value["preset"], {k: v for k, v in value.items() if k != "preset"}
+    else:
+        return None
+    if name not in PRESETS:
+        raise UsageError(f"{where}: unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    fields = dataclasses.asdict(PRESETS[name])
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UsageError(f"{where}: preset {name!r} has no field(s) {', '.join(unknown)}")
+    return {**fields, **overrides}
+
+
+def _expand(node, base: Path, where: str, key: str = ""):
+    import yaml
+
+    if key.endswith("arch") and (fields := preset_fields(node, f"{where}: {key}")) is not None:
+        return fields
+    if isinstance(node, dict):
+        node = dict(node)
+        if "from" in node:
+            piece = _piece_path(node.pop("from"), base, where, key)
+            loaded = yaml.safe_load(piece.read_text()) or {}
+            node = {**{k: _expand(v, piece.parent, str(piece), f"{key}.{k}".strip(".")) for k, v in loaded.items()},
+                    **node}
+        return {k: _expand(v, base, where, f"{key}.{k}".strip(".")) for k, v in node.items()}
+    if isinstance(node, str) and node.endswith((".yaml", ".yml")) and (base / node).is_file():
+        return str((base / node).resolve())  # a piece: absolute, since the recipe is parsed from text
+    return node
+
+
+def _piece_path(value, base: Path, where: str, key: str) -> Path:
+    piece = base / str(value)
+    if not piece.is_file():
+        raise UsageError(f"{where}: {key}.from names {value!r}, which is not a file (relative to {base})")
+    return piece
+
+
+def expand_config_arguments(args: list[str]) -> list[str]:
+    """``--config FILE`` -> ``--config <expanded recipe text>``; ``--model.arch <preset>`` -> its fields."""
+    import json
+
+    import yaml
+
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        name, value, step = arg, None, 1
+        if "=" in arg and arg.startswith("--"):
+            name, value = arg.split("=", 1)
+        elif arg in ("--config", "-c", "--model.arch") and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        if name in ("--config", "-c") and value is not None and Path(value).is_file():
+            out += ["--config", yaml.safe_dump(expand_recipe(value), sort_keys=False)]
+        elif name == "--model.arch" and value is not None and \
+                (fields := preset_fields(value, "--model.arch")) is not None:
+            out += ["--model.arch", json.dumps(fields)]
+        else:
+            out += args[i:i + step]
+        i += step
+    return out
+
+
+class RecipeCLI(LightningCLI):
+    """LightningCLI over :class:`LoopedLMModule` and :class:`TokenDataModule` with parcae's run options."""
+
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (list, tuple)):
+            args = expand_config_arguments(list(args))
+        super().parse_arguments(parser, args)
+
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        super().__init__(LoopedLMModule, TokenDataModule, trainer_class=ParcaeTrainer,
+                         save_config_kwargs={"overwrite": True}, args=args, run=run,
+                         parser_kwargs={"default_env": False}, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str, default="debug",
+                            help="Run directory name: outputs go to <runs_dir>/<run_name>/.")
+        parser.add_argument("--runs_dir", type=str, default="checkpoints", help="Parent folder of run directories.")
+        parser.add_argument("--checkpoint_every", type=int, default=1000,
+                            help="Save a checkpoint every N optimizer steps (plus last.ckpt).")
+        parser.add_argument("--auto_resume", type=bool, default=False,
+                            help="fit: resume <run_dir>/last.ckpt when it exists instead of refusing to start.")
+        parser.add_argument("--max_tokens", type=Optional[float], default=None,
+                            help="Training tokens; sets trainer.max_steps = ceil(max_tokens / tokens per step) "
+                                 "unless trainer.max_steps is given explicitly.")
+        parser.add_argument("--global_batch_size", type=Optional[int], default=None,
+                            help="Sequences per optimizer step over all devices; sets "
+                                 "trainer.accumulate_grad_batches = global / (data.batch_size x devices x nodes).")
+        parser.add_argument("--val_every", type=Optional[int], default=None,
+                            help="Validate every N optimizer steps (sets trainer.val_check_interval).")
+
+    # -- run directory rules ----------------------------------------------------------------------------
+    def _cfg(self):
+        """This command's config (``run=False`` parses without a subcommand: treated like fit)."""
+        return self.config if self.subcommand is None else self.config[self.subcommand]
+
+    def _run_dir(self) -> Path:
+        return Path(self._cfg().runs_dir) / self._cfg().run_name
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self._cfg()
+        for root in ([cfg.data.datasets] if isinstance(cfg.data.datasets, str) else cfg.data.datasets):
+            open_shards(root, cfg.data.get("prepare_hint"))  # fail fast, before a large model is built
+        if self.subcommand not in ("fit", None):
+            return
+        resolve_run_length(cfg)
+        if cfg.checkpoint_every < 1:
+            raise UsageError(f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
+        run_dir = self._run_dir()
+        last = run_dir / "last.ckpt"
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path in (None, ""):
+            if last.exists() and cfg.auto_resume:
+                cfg.ckpt_path = str(last)
+            elif run_dir.exists() and any(run_dir.iterdir()):
+                what = "a checkpoint (last.ckpt)" if last.exists() else "files from an earlier run"
+                raise UsageError(f"{run_dir} already holds {what}; resume with --ckpt_path last (or --auto_resume "
+                                 f"true), or choose another --run_name (or delete {run_dir})")
+        elif ckpt_path == "last" and not last.exists():
+            raise UsageError(f"--ckpt_path last: there is no {last} to resume")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self._cfg()
+        run_dir = self._run_dir()
+        kwargs.setdefault("logger", TensorBoardLogger(save_dir=cfg.runs_dir, name=cfg.run_name, version="",
+                                                      default_hp_metric=False))
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        callbacks += [RunSummary(), ThroughputCallback()]
+        if trainer_cfg.get("enable_progress_bar") is not False:
+            callbacks.append(StepProgressBar())
+        if self.subcommand in ("fit", None):
+            callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="step={step:07d}", auto_insert_metric_name=False,
+                                             every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True))
+        kwargs["callbacks"] = callbacks
+        plugins = trainer_cfg.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        kwargs.setdefault("enable_model_summary", False)  # RunSummary prints ours
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
+            if self.model.schedule_config.name != "constant":
+                raise UsageError(f"trainer.max_steps must be set (> 0) for the {self.model.schedule_config.name!r} "
+                                 "learning-rate schedule")
+
+
+def resolve_run_length(cfg, quiet: bool = False) -> None:
+    """Paper quantities -> Trainer settings: accumulation from the global batch, steps from tokens."""
+    trainer = cfg.trainer
+    devices = device_count(trainer.accelerator, trainer.devices)
+    per_pass = cfg.data.batch_size * devices * (trainer.num_nodes or 1)
+    if cfg.global_batch_size is not None:
+        if cfg.global_batch_size < 1 or cfg.global_batch_size % per_pass:
+            raise UsageError(f"global_batch_size {cfg.global_batch_size} is not a multiple of data.batch_size x "
+                             f"devices x nodes = {cfg.data.batch_size} x {devices} x {trainer.num_nodes or 1}")
+        trainer.accumulate_grad_batches = cfg.global_batch_size // per_pass
+    tokens_per_step = per_pass * (trainer.accumulate_grad_batches or 1) * cfg.data.seq_len
+    if cfg.max_tokens is not None and (trainer.max_steps is None or trainer.max_steps < 1):
+        trainer.max_steps = math.ceil(cfg.max_tokens / tokens_per_step)
+    if cfg.val_every is not None:
+        trainer.val_check_interval = cfg.val_every * (trainer.accumulate_grad_batches or 1)
+        trainer.check_val_every_n_epoch = None
+    if trainer.max_steps and trainer.max_steps > 0 and not quiet:
+        print(f"[parcae] {tokens_per_step:,} tokens per step ({per_pass * (trainer.accumulate_grad_batches or 1)}"
+              f" sequences x {cfg.data.seq_len}), {trainer.max_steps:,} steps = "
+              f"{trainer.max_steps * tokens_per_step / 1e6:,.1f}M tokens", flush=True)
+
+
+def device_count(accelerator, devices) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+class _ParseOnlyCLI(RecipeCLI):
+    """Parses and validates a recipe without building the model, data or trainer."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_recipe(path: str | Path, overrides: Optional[list[str]] = None, resolve: bool = True):
+    """The fully resolved ``fit`` config of a recipe (composed pieces, defaults, command-line style overrides),
+    with run length and accumulation derived as ``parcae fit`` would (``resolve``); builds nothing."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments travel in args=
+    try:
+        cli = _ParseOnlyCLI(args=["--config", str(path), *(overrides or [])], run=False)
+    finally:
+        sys.argv = argv
+    if resolve:
+        resolve_run_length(cli.config, quiet=True)
+    return cli.config
+
+
+def model_config_of(cfg) -> ModelConfig:
+    """The ModelConfig of a parsed config (``cfg.model.arch``), without jsonargparse's bookkeeping keys."""
+    arch = cfg.model.arch
+    values = arch.as_dict() if hasattr(arch, "as_dict") else dict(arch)
+    return ModelConfig(**{f.name: values[f.name] for f in dataclasses.fields(ModelConfig) if f.name in values})
