@@ -5,20 +5,53 @@ from pathlib import Path
 import pytest
 import yaml
 
-from parcae.model import PRESETS, ModelConfig
+from parcae.model import PRESETS
 from parcae.training.optim import OptimizerConfig, ScheduleConfig
 
 ROOT = Path(__file__).parent.parent.parent
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_model_piece_equals_the_python_preset(name):
-    piece = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
-    assert ModelConfig(**piece) == PRESETS[name]
+def test_no_copied_model_pieces():
+    """Models come from the Python presets by name; configs/ holds no expanded copies of them."""
+    assert not (ROOT / "configs" / "model").exists()
 
 
-def test_every_model_piece_is_a_preset():
-    assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(PRESETS)
+def test_recipe_presets_by_name_with_overrides_and_pieces_with_overrides(tmp_path):
+    from parcae.training.run import expand_recipe, model_config_of, parse_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model:
+  arch: {{preset: parcae-140m, mean_recurrence: 4}}
+  optimizer: {ROOT}/configs/optim/adamw_3e-3.yaml
+data:
+  from: {ROOT}/configs/data/shakespeare.yaml
+  batch_size: 3
+""")
+    expanded = expand_recipe(recipe)
+    assert expanded["model"]["arch"] == {**__import__("dataclasses").asdict(PRESETS["parcae-140m"]),
+                                         "mean_recurrence": 4}
+    assert expanded["data"]["batch_size"] == 3 and expanded["data"]["seq_len"] == 256  # the piece's own value
+    cfg = parse_recipe(recipe, ["--model.arch.backprop_depth", "2"])
+    arch = model_config_of(cfg)
+    assert arch == PRESETS["parcae-140m"].replace(mean_recurrence=4, backprop_depth=2)
+    assert cfg.data.batch_size == 3
+    # a preset named on the command line replaces the recipe's model
+    assert model_config_of(parse_recipe(recipe, ["--model.arch", "gpt-140m"])) == PRESETS["gpt-140m"]
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("parcae-999m", "unknown model preset 'parcae-999m'"),
+    ("{preset: parcae-140m, depth: 3}", "preset 'parcae-140m' has no field(s) depth"),
+])
+def test_bad_presets_are_one_line_errors(tmp_path, arch, message):
+    from parcae.errors import UsageError
+    from parcae.training.run import parse_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  arch: {arch}\n")
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_recipe(recipe)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "optim").glob("*.yaml")), ids=lambda p: p.stem)
