@@ -4,7 +4,7 @@ Every document becomes ``<|bos|> tokens <|eos|>`` and documents are stored back 
 ``TokensLoader``), so training reads fixed-length blocks in which every position is a real token; nothing
 is padded. A block never crosses a chunk boundary, so each chunk loses at most one block's worth of
 tokens at its end (``chunk_tokens`` ≫ block size keeps that negligible). Documents go to the validation
-split by a seeded hash of their id (``--val-fraction``) or by name (``--val-ids``), so the split does not
+split by a seeded hash of their id (``--val_fraction``) or by name (``--val_ids``), so the split does not
 depend on the number of worker processes.
 
 Re-running on the same inputs is a no-op; ``--overwrite`` rebuilds. The output appears only when complete:
@@ -12,10 +12,10 @@ everything is written into a hidden staging folder that is renamed at the end, a
 
     # FineWeb-Edu parquet files (paper §4), training the paper's tokenizer first (App. R) — one command:
     python -m data_prep.shards --input data/raw/fineweb-edu/sample/100BT --output data/fineweb-edu \\
-        --vocab-size 32768 --max-chars 2000000000 --max-doc-chars 10000 --val-fraction 0.001 --num-workers 16
+        --vocab_size 32768 --max_chars 2000000000 --max_doc_chars 10000 --val_fraction 0.001 --num_workers 16
     # ... or with an existing tokenizer:
     python -m data_prep.shards --input data/raw/fineweb-edu/sample/100BT --tokenizer data/tokenizers/fineweb-32k.json \\
-        --output data/fineweb-edu --num-workers 16
+        --output data/fineweb-edu --num_workers 16
 """
 
 from __future__ import annotations
@@ -57,14 +57,25 @@ class ShardOptions:
     seed: int = 1234
     decode_errors: str = "error"
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    test_fraction: float = 0.0
 
 
 def split_of(doc_id: str, options: ShardOptions) -> str:
-    """"val" or "train" for a document: by name if val_ids are given, else by a seeded hash of its id."""
-    if options.val_ids:
-        return "val" if doc_id in options.val_ids else "train"
+    """"val", "test" or "train" for a document: val by name if val_ids are given, else by a seeded hash of its
+    id (val below ``val_fraction``, test in the next ``test_fraction``), so adding documents moves none."""
     digest = hashlib.blake2b(f"{options.seed}:{doc_id}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2**64 < options.val_fraction else "train"
+    u = int.from_bytes(digest, "big") / 2**64
+    if options.val_ids:
+        if doc_id in options.val_ids:
+            return "val"
+        return "test" if u < options.test_fraction else "train"
+    if u < options.val_fraction:
+        return "val"
+    return "test" if u < options.val_fraction + options.test_fraction else "train"
+
+
+def _splits(options: ShardOptions) -> tuple[str, ...]:
+    return SPLITS + (("test",) if options.test_fraction > 0 else ())
 
 
 def _tokenize_file(path: str, *, split: str, options: ShardOptions, stats_dir: str) -> Iterator[torch.Tensor]:
@@ -116,11 +127,14 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
                    text_field: str = "text", id_field: Optional[str] = None, val_fraction: float = 0.01,
                    val_ids: Sequence[str] = (), seed: int = 1234, num_workers: int = 1,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, decode_errors: str = "error",
-                   overwrite: bool = False, quiet: bool = False) -> dict:
+                   overwrite: bool = False, quiet: bool = False, test_fraction: float = 0.0) -> dict:
     """Build the shard folder ``output`` and return its manifest (see module docstring)."""
     say = (lambda *a: None) if quiet else (lambda *a: print("[shards]", *a, flush=True))
     if not 0.0 <= val_fraction < 1.0:
         raise ShardError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ShardError(f"test_fraction must be in [0, 1) and leave documents for training "
+                         f"(val_fraction {val_fraction} + test_fraction {test_fraction} < 1)")
     if decode_errors not in ("error", "replace"):
         raise ShardError(f"decode_errors must be 'error' or 'replace', got {decode_errors!r}")
     try:
@@ -131,7 +145,8 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
     except (SourceError, FileNotFoundError, ValueError) as err:
         raise ShardError(str(err)) from None
     options = ShardOptions(str(Path(tokenizer).resolve()), text_field, id_field, val_fraction, tuple(val_ids), seed,
-                           decode_errors, chunk_tokens)
+                           decode_errors, chunk_tokens, test_fraction)
+    splits_written = _splits(options)
     tokenizer_sha = file_sha256(tokenizer)
     fingerprint = _fingerprint(files, options, tokenizer_sha)
 
@@ -160,32 +175,32 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
     try:
         from litdata import TokensLoader, optimize
 
-        for split in SPLITS:
+        for split in splits_written:
             say(f"tokenizing the {split} split of {len(files)} file(s) with {num_workers} worker(s)")
             optimize(fn=partial(_tokenize_file, split=split, options=options, stats_dir=str(stats_dir)),
                      inputs=[str(f) for f in files], output_dir=str(staging / split), chunk_size=chunk_tokens,
                      item_loader=TokensLoader(), num_workers=max(1, num_workers), mode="overwrite",
                      reorder_files=False, verbose=not quiet)
         stats = [json.loads(p.read_text()) for p in stats_dir.glob("*.json")]
-        if len(stats) != 2 * len(files):
-            raise ShardError(f"a worker failed: statistics for {2 * len(files) - len(stats)} file/split pair(s) "
+        if len(stats) != len(splits_written) * len(files):
+            raise ShardError(f"a worker failed: statistics for {len(splits_written) * len(files) - len(stats)} "
+                             "file/split pair(s) "
                              "are missing (see the worker output above)")
         if val_ids:
             seen = {i for s in stats if s["split"] == "val" for i in s["ids"]}
             if missing := [i for i in val_ids if i not in seen]:
                 raise ShardError(f"held-out document id(s) not found in the inputs: {', '.join(missing)}")
         splits = {}
-        for split in SPLITS:
+        for split in splits_written:
             summary = _split_summary(staging / split) if (staging / split / "index.json").is_file() else None
             if not summary or summary["documents"] == 0:
                 raise ShardError(f"no documents fell into the {split} split; "
-                                 "change --val-fraction or name documents with --val-ids")
+                                 "change --val_fraction / --test_fraction or name documents with --val_ids")
             splits[split] = summary
             expected = sum(s["tokens"] for s in stats if s["split"] == split)
             if splits[split]["tokens"] != expected:
                 raise ShardError(f"{split}: shards hold {splits[split]['tokens']} tokens, workers wrote {expected}")
-        undecodable = sum(s["undecodable"] for s in stats if s["split"] == "train")
-        undecodable += sum(s["undecodable"] for s in stats if s["split"] == "val")
+        undecodable = sum(s["undecodable"] for s in stats)
         shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -198,6 +213,7 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
             "splits": splits,
             "sources": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
             "options": {"text_field": text_field, "id_field": id_field, "val_fraction": val_fraction,
+                        "test_fraction": test_fraction,
                         "val_ids": list(val_ids), "seed": seed, "decode_errors": decode_errors,
                         "chunk_tokens": chunk_tokens},
             "undecodable_sequences_replaced": undecodable,
@@ -233,14 +249,15 @@ def prepare_shards(inputs: Sequence[str | Path], output: str | Path, tokenizer: 
 def train_split_tokenizer(inputs: Sequence[str | Path], output: Path, vocab_size: int, *, text_field: str = "text",
                           id_field: Optional[str] = None, val_fraction: float = 0.01, val_ids: Sequence[str] = (),
                           seed: int = 1234, decode_errors: str = "error", max_chars: Optional[int] = None,
-                          max_doc_chars: Optional[int] = None) -> Path:
+                          max_doc_chars: Optional[int] = None, test_fraction: float = 0.0) -> Path:
     """Train the paper's tokenizer on the documents that will form the training split (never on validation)."""
     from .tokenizer import capped_texts, train_tokenizer
 
     if output.is_file():
         print(f"[shards] using the existing tokenizer {output} (delete it to retrain)", flush=True)
         return output
-    options = ShardOptions("", text_field, id_field, val_fraction, tuple(val_ids), seed, decode_errors)
+    options = ShardOptions("", text_field, id_field, val_fraction, tuple(val_ids), seed, decode_errors,
+                           test_fraction=test_fraction)
     try:
         files = expand_sources(inputs)
         docs = (d for f in files for d in iter_documents(f, text_field, id_field, decode_errors)
@@ -259,34 +276,37 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--input", nargs="+", required=True, help="files or folders (.txt, .jsonl[.gz|.xz], .parquet)")
     p.add_argument("--output", required=True, help="shard folder to create (gets train/, val/, manifest.json)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (see data_prep.tokenizer); or train one with "
-                                                      "--vocab-size")
-    p.add_argument("--vocab-size", type=int, default=None,
+                                                      "--vocab_size")
+    p.add_argument("--vocab_size", type=int, default=None,
                    help="train a tokenizer (paper App. R) on the training split's documents first")
-    p.add_argument("--max-chars", type=int, default=None, help="tokenizer training: character budget (paper 2e9)")
-    p.add_argument("--max-doc-chars", type=int, default=None, help="tokenizer training: per-document cap (10,000)")
-    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
-    p.add_argument("--id-field", default=None, help="JSONL field / Parquet column with document ids")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by id hash)")
-    p.add_argument("--val-ids", default="", help="comma-separated document ids to hold out instead")
+    p.add_argument("--max_chars", type=int, default=None, help="tokenizer training: character budget (paper 2e9)")
+    p.add_argument("--max_doc_chars", type=int, default=None, help="tokenizer training: per-document cap (10,000)")
+    p.add_argument("--text_field", default="text", help="JSONL field / Parquet column with the text")
+    p.add_argument("--id_field", default=None, help="JSONL field / Parquet column with document ids")
+    p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out (by id hash)")
+    p.add_argument("--val_ids", default="", help="comma-separated document ids to hold out instead")
+    p.add_argument("--test_fraction", type=float, default=0.0,
+                   help="share of documents held out as a test split (by id hash; `parcae test` uses it)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
-    p.add_argument("--decode-errors", choices=["error", "replace"], default="error",
+    p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
+    p.add_argument("--decode_errors", choices=["error", "replace"], default="error",
                    help="undecodable UTF-8: stop (default) or replace and count")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing shard folder")
     args = p.parse_args(argv)
     if (args.tokenizer is None) == (args.vocab_size is None):
-        p.error("give either --tokenizer or --vocab-size (to train one)")
+        p.error("give either --tokenizer or --vocab_size (to train one)")
     try:
         tokenizer = args.tokenizer or train_split_tokenizer(
             args.input, Path(args.output).with_name(Path(args.output).name + "_tokenizer.json"), args.vocab_size,
             text_field=args.text_field, id_field=args.id_field, val_fraction=args.val_fraction,
             val_ids=[x for x in args.val_ids.split(",") if x], seed=args.seed, decode_errors=args.decode_errors,
-            max_chars=args.max_chars, max_doc_chars=args.max_doc_chars)
+            max_chars=args.max_chars, max_doc_chars=args.max_doc_chars, test_fraction=args.test_fraction)
         prepare_shards(args.input, args.output, tokenizer, text_field=args.text_field, id_field=args.id_field,
                        val_fraction=args.val_fraction, val_ids=[x for x in args.val_ids.split(",") if x],
                        seed=args.seed, num_workers=args.num_workers, chunk_tokens=args.chunk_tokens,
-                       decode_errors=args.decode_errors, overwrite=args.overwrite)
+                       decode_errors=args.decode_errors, overwrite=args.overwrite,
+                       test_fraction=args.test_fraction)
     except ShardError as err:
         sys.exit(f"error: {err}")
 

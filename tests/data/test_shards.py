@@ -68,6 +68,28 @@ def test_split_is_by_document_and_seeded():
     assert 0.17 < a.count("val") / 2000 < 0.23
     b = [split_of(f"doc{i}", ShardOptions(tokenizer="t", val_fraction=0.2, seed=2)) for i in range(2000)]
     assert a != b
+    # a test split takes the next slice of the hash range: validation keeps exactly the same documents
+    c = [split_of(f"doc{i}", ShardOptions(tokenizer="t", val_fraction=0.2, seed=1, test_fraction=0.1))
+         for i in range(2000)]
+    assert [i for i, s in enumerate(c) if s == "val"] == [i for i, s in enumerate(a) if s == "val"]
+    assert 0.08 < c.count("test") / 2000 < 0.12
+
+
+def test_a_held_out_test_split_is_written_and_used_by_parcae_test(tmp_path):
+    from parcae.data.datamodule import TokenDataModule
+
+    texts = synthetic_documents(120, seed=5)
+    ids = [f"d{i}" for i in range(120)]
+    src = write_jsonl(tmp_path / "docs.jsonl", texts, ids)
+    manifest = prepare_shards([src], tmp_path / "out", SHAKESPEARE_TOKENIZER, id_field="id", val_fraction=0.2,
+                              test_fraction=0.2, chunk_tokens=100_000, quiet=True)
+    options = ShardOptions(tokenizer="t", val_fraction=0.2, test_fraction=0.2)
+    tok = load_tokenizer(str(SHAKESPEARE_TOKENIZER))
+    for split in ("train", "val", "test"):
+        wanted = [t for i, t in zip(ids, texts) if split_of(i, options) == split]
+        assert wanted and read_all_tokens(tmp_path / "out" / split) == expected_stream(wanted, tok)
+    assert sum(manifest["splits"][s]["documents"] for s in ("train", "val", "test")) == 120
+    assert TokenDataModule(datasets=[str(tmp_path / "out")]).test_split == "test"
 
 
 def test_chunk_ends_lose_less_than_one_block_each(small_shards):
@@ -171,7 +193,7 @@ def test_a_killed_run_leaves_nothing_that_looks_complete(tmp_path):
     src = write_jsonl(tmp_path / "big.jsonl", synthetic_documents(6000, seed=9))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep.shards", "--input", str(src), "--tokenizer", str(SHAKESPEARE_TOKENIZER),
-           "--output", str(out), "--num-workers", "1", "--val-fraction", "0.1"]
+           "--output", str(out), "--num_workers", "1", "--val_fraction", "0.1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.partial-*/train")) and time.time() < deadline:
@@ -192,8 +214,8 @@ def test_one_command_trains_the_tokenizer_on_the_training_split_then_shards(tmp_
     ids = [f"d{i}" for i in range(80)]
     texts[5] = "qx" * 5000  # held out below: "qx" would be the most frequent pair if the tokenizer saw it
     src = write_jsonl(tmp_path / "docs.jsonl", texts, ids)
-    main(["--input", str(src), "--output", str(tmp_path / "corpus"), "--vocab-size", "300", "--id-field", "id",
-          "--val-ids", "d5,d9", "--num-workers", "1"])
+    main(["--input", str(src), "--output", str(tmp_path / "corpus"), "--vocab_size", "300", "--id_field", "id",
+          "--val_ids", "d5,d9", "--num_workers", "1"])
     tok_path = tmp_path / "corpus_tokenizer.json"
     manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_size"] == 300 and manifest["tokenizer"]["sha256"] == file_sha256(tok_path)
