@@ -1,7 +1,7 @@
 """Every recipe parses against the current CLI and reproduces the paper's settings (litgpt's config-hub test).
 
 Each paper recipe's model is built on the meta device; parameter count, μ_rec/μ_bwd, batch x sequence,
-tokens -> steps, learning rates and schedule are checked against the paper (PAPER.md §4-5, Tables 17-21).
+tokens -> steps, learning rates and schedule are checked against the paper (paper Tables 17-21, App. Q).
 """
 
 import math

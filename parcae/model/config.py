@@ -30,7 +30,7 @@ DepthScheme = Literal["poisson_truncated", "poisson_lognormal", "huginn", "fixed
 DepthGranularity = Literal["per_sequence", "per_batch"]
 
 INJECTIONS = get_args(Injection)
-VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 normed channels (REFERENCE_IMPL §4)
+VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 normed channels (parcae_lm/modules/mixer.py)
 
 
 @dataclass
@@ -155,14 +155,14 @@ class ModelConfig:
     @property
     def value_embedding_layers(self) -> tuple[int, ...]:
         """Stack indices with a value-embedding table and gate: the last block and every other one
-        before it, i % 2 == (L−1) % 2 over the P+R+C stack (REFERENCE_IMPL §4)."""
+        before it, i % 2 == (L−1) % 2 over the P+R+C stack, for tables and gates alike (docs/design.md §5)."""
         if not self.value_embeddings:
             return ()
         return tuple(i for i in range(self.n_layers) if i % 2 == (self.n_layers - 1) % 2)
 
     @property
     def state_std(self) -> float:
-        """Std of the like-init state and of the embedding: √(2/(5d)) (REFERENCE_IMPL §8)."""
+        """Std of the like-init state and of the embedding: √(2/(5d)) (official parcae_lm/models/parcae/parcae.py)."""
         return math.sqrt(2.0 / (5.0 * self.d_model))
 
     def effective_depth(self, loops: Optional[int] = None) -> int:

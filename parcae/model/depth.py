@@ -7,7 +7,7 @@ with gradient (truncated BPTT). Samplers:
   T ~ Poisson(μ_rec), T ≥ 1; k = min(T, μ_bwd); n = T − k.
 * ``poisson_lognormal`` (Geiping et al., as the paper writes it in Alg. 3 / Eq. 5): τ ~ 𝒩(ln(μ_rec − μ_bwd) − σ²/2, σ),
   σ = ½; n ~ Poisson(e^τ) + 1; k = μ_bwd. Needs μ_rec > μ_bwd.
-* ``huginn`` (what Huginn's code runs, REFERENCE_IMPL §14, and what the paper's early RDM runs of Tables 9-10
+* ``huginn`` (Huginn's code, seal-rg/recurrent-pretraining, and what the paper's early RDM runs of Tables 9-10
   used): rate ~ LogNormal(ln μ_rec − σ²/2, σ); T = Poisson(rate) + 1; k = min(μ_bwd, T); n = T − k. Defined
   for any μ_rec (Table 9 has μ_rec = μ_bwd = 4, where Alg. 3 is not).
 * ``fixed``: T = μ_rec for every sequence.
@@ -16,7 +16,8 @@ Granularity: ``per_sequence`` draws one T per sequence (the paper's choice, App.
 per micro-batch. Randomness comes only from a CPU generator seeded by the step (never from the global
 RNG), so a resumed run samples the same depths. The draw covers the *global* batch (all ranks) and rank r
 takes rows r, r + R, r + 2R, ... (the layout of DistributedSampler): DDP over R ranks samples exactly what
-one process sees on the same global batch. The seed 514229 + step is the official one (REFERENCE_IMPL §7) at rank 0.
+one process sees on the same global batch. The seed 514229 + step is the official one at rank 0
+(``_sample_batch_depths`` in parcae_lm/models/parcae/parcae.py).
 
 Evaluation never samples: the model runs exactly the requested number of loops.
 """

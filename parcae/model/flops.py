@@ -6,12 +6,12 @@
     attention (PaLM / nanochat, 4·d·S per layer forward): 4dS·[3·(P + C) + μ_rec·R + 2·μ_bwd·R]
 
 N_core = parameters applied on every iteration (the recurrent blocks and the injection). Which other
-parameters count is a convention, and the two sources disagree (PAPER §3, §7):
+parameters count is a convention, and the two sources disagree (paper App. D; docs/design.md §3):
 
 * ``paper`` (App. D text; default): embeddings excluded, unembedding included. Value-embedding tables are
   embeddings (lookups, no matmul), so they are excluded too. This counts the matmul FLOPs actually run,
   so it is the right one for MFU.
-* ``official`` (the official ``scripts/cost.py``, as described in REFERENCE_IMPL §11): total parameters
+* ``official`` (the official ``scripts/cost.py`` at dee8363): total parameters
   minus the tied embedding, so the unembedding is *not* counted while value-embedding tables are.
 
 For a GPT (no loop) both reduce to 6·N + attention with the same convention for N.
@@ -98,7 +98,7 @@ def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None, *,
 def effective_parameters(config: ModelConfig, mean_recurrence: Optional[float] = None) -> float:
     """N(μ_rec), the unrolled parameter count of the scaling laws (paper Eq. 4/7): non-embedding parameters
     with the per-iteration ones (recurrent blocks + injection) counted μ_rec times. The paper does not state
-    its exact counting (PAPER §7); this is the matmul-parameter count of the "paper" FLOP convention."""
+    its exact counting (docs/design.md §6); this is the matmul-parameter count of the "paper" FLOP convention."""
     core, other = _param_groups(config, "paper")
     mu = config.mean_recurrence if mean_recurrence is None else mean_recurrence
     return float(other + (mu if config.looped else 0) * core)

@@ -1,4 +1,4 @@
-"""Weight initialisation (paper Tables 17-18; official values in REFERENCE_IMPL §6 and §14).
+"""Weight initialisation (paper Tables 17-18; official parcae_lm/models/parcae/init.py, parcae_lm/utils/init.py).
 
 ``scaled-zero`` (Transformer setup, official Parcae): std σ = √(2/(5d)); Q/K/V, MLP input, readout C and
 the embedding are "trunc-ortho" (a truncated-normal matrix orthogonalised by QR with a sign fix, scaled

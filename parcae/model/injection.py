@@ -92,8 +92,8 @@ class ConcatInjection(Injection):
 class DiagonalInjection(Injection):
     """Parcae: Ā = exp(−Δ⊙a) (zero-order hold), B̄ = Δ⊙B (Euler) or the exact ZOH gain (1−Ā)/a.
 
-    ``zoh=True`` is the third-party "exact input write" (PAPER §1.3): g = −expm1(−Δa)/a, which is
-    ∫₀^Δ exp(−τa) dτ, lies in (0, Δ], and reduces to Euler's Δ to first order.
+    ``zoh=True`` is the third-party "exact input write" (B. Huang, github.com/huskydoge/parcae-zoh-exact):
+    g = −expm1(−Δa)/a, which is ∫₀^Δ exp(−τa) dτ, lies in (0, Δ], and reduces to Euler's Δ to first order.
     """
 
     def __init__(self, d_model: int, zoh: bool = False) -> None:
@@ -104,7 +104,7 @@ class DiagonalInjection(Injection):
         self.B = nn.Parameter(torch.empty(d_model, d_model))
 
     def reset_parameters(self) -> None:
-        # Official init (REFERENCE_IMPL §6): A = −1, Δ = ½ ln 5 so Ā = 1/√5 ≈ 0.447·I, B = I.
+        # Official init (parcae_lm/models/parcae/init.py): A = −1, Δ = ½ ln 5 so Ā = 1/√5 ≈ 0.447·I, B = I.
         nn.init.zeros_(self.A_log)
         self.dt_bias.data.fill_(math.log(math.expm1(0.5 * math.log(5.0))))
         nn.init.eye_(self.B)

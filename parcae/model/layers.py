@@ -1,6 +1,6 @@
 """Transformer building blocks shared by Parcae, the RDM baseline and GPT (plain PyTorch).
 
-Math follows the official implementation exactly (REFERENCE_IMPL §3, "equality breakers" in §17):
+Math follows the official implementation exactly (parcae_lm/modules/{blocks,mixer,mlp,norms}.py):
 RMSNorm in fp32 cast back before the weight, interleaved (GPT-J) RoPE with base 50,000 computed in
 fp32, parameter-free QK-norm *after* RoPE, ReLU² with the 0.5 factor, gated value embeddings reading
 the first 32 normed channels. The Huginn setup adds sandwich ("residual") norm and SwiGLU.

@@ -3,7 +3,7 @@
     model = from_official(state_dict, official_config)     # refuses anything it cannot place, by name
     state_dict, official_config = to_official(model)
 
-Key names (REFERENCE_IMPL §2): ``transformer.{prelude,core_block,coda}.{i}`` (GPT: ``transformer.h.{i}``)
+Official key names (parcae_lm/models/): ``transformer.{prelude,core_block,coda}.{i}`` (GPT: ``transformer.h.{i}``)
 → our P+R+C stack; ``transformer.adapter.{A_log,dt_bias,B}`` / ``transformer.adapter.adapter`` → our
 injection; ``transformer.C`` → readout; ``value_embeds.{i}`` keep their stack index. Two official keys
 carry no information of their own and are checked, not loaded: ``freqs_cis`` (must equal our RoPE table)
@@ -213,7 +213,7 @@ def to_official(model: LoopedLM) -> tuple[dict[str, Tensor], dict[str, Any]]:
     }
     if cfg.looped:
         official["injection_type"] = {v: k for k, v in _INJECTIONS.items()}[cfg.injection]
-        official["n_layer"] = cfg.n_recurrent * cfg.backprop_depth  # the official definition (REFERENCE_IMPL §4)
+        official["n_layer"] = cfg.n_recurrent * cfg.backprop_depth  # as parcae_lm/models/parcae/config.py defines it
     elif not cfg.name.startswith("gpt"):
         official["name"] = f"gpt-{cfg.name}"  # the official registry tells GPT from Parcae by name
     return state, official

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules of the paper (§2, Table 20-21; REFERENCE_IMPL §11).
+"""Optimizers and learning-rate schedules of the paper (§2, Tables 20-21; official recpre/optim/muon_adamw.py).
 
 * ``adamw``: AdamW on everything; weight decay (if any) only on the 2-D block matrices.
 * ``muon_adamw``: Muon on the 2-D matrices of the blocks (attention Q/K/V/O, MLP), AdamW (betas 0.8/0.95,

@@ -60,7 +60,7 @@ def test_paper_task_tables():
     core, extended = load_tasks("core"), load_tasks("core_extended")
     assert len(core) == 22 and len(extended) == 46 and all(t.core for t in core)
     shots = {t.label: t.shots for t in extended}
-    assert shots["agi_eval_lsat_ar"] == 3 and shots["mmlu_fewshot"] == 5 and shots["coqa"] == 0  # PAPER §6
+    assert shots["agi_eval_lsat_ar"] == 3 and shots["mmlu_fewshot"] == 5 and shots["coqa"] == 0  # paper Table 15
     with pytest.raises(ValueError, match="core_extended"):
         load_tasks("core_plus")
 

@@ -1,4 +1,5 @@
-"""Initialisation values (REFERENCE_IMPL §6) and FLOP accounting (paper App. D) against hand computation."""
+"""Initialisation values (official parcae_lm/models/parcae/init.py) and FLOP accounting (paper App. D)
+against hand computation."""
 
 import math
 
