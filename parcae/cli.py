@@ -44,6 +44,8 @@ VERBS = {
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
+    "import": "import an official Parcae/GPT release into a run directory: `parcae import SandyResearch/parcae-140m`",
+    "export": "write a run in the official release layout: `parcae export --format official <run dir> <folder>`",
 }
 
 
@@ -53,7 +55,8 @@ VERB_MAINS = {
     "perplexity": "parcae.eval.perplexity:main", "core": "parcae.eval.core:main",
     "scaling-law": "parcae.eval.scaling:main", "fit-loops": "parcae.eval.fits:main",
     "mini": "parcae.eval.miniatures:main", "sweep": "parcae.sweep:main", "prepare": "parcae.cli:_prepare",
-    "model": "parcae.model.__main__:main",
+    "model": "parcae.model.__main__:main", "import": "parcae.interop.commands:import_main",
+    "export": "parcae.interop.commands:export_main",
 }
 
 
