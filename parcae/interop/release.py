@@ -89,8 +89,12 @@ def download(repo_id: str, files: tuple[str, ...] = (CONFIG_FILE, *WEIGHT_FILES,
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        raise InteropError(f"cannot download {repo_id} from the Hugging Face Hub: offline and not in the local cache "
-                           f"({type(err).__name__}); unset HF_HUB_OFFLINE or pass a local folder") from None
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               "the Hub could not be reached (no network, or an unknown repository)")
+        raise InteropError(f"cannot download {repo_id}: {why} and it is not in the local cache "
+                           f"({type(err).__name__}); pass a local folder in the official layout instead") from None
     except HfHubHTTPError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InteropError(f"cannot download {repo_id} from the Hugging Face Hub: {first}") from None
