@@ -110,8 +110,9 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
     problem = unrepresentable(model.config)
     if problem:
         raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    previous = (ckpt.get("imported") or {}).get("official_config")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # tensors stay on disk
+    previous = (ckpt.get("imported") or {}).get("official_config")  # an imported release's own config.json
+    del ckpt
     state, _ = to_official(model)
     config = official_config_json(model, previous)
     tokenizer_files = {n: tokenizer.parent / n for n in TOKENIZER_FILES if (tokenizer.parent / n).is_file()

@@ -52,7 +52,7 @@ def checkpoint_payload(model: LoopedLM, extra: Optional[dict] = None) -> dict[st
 
     payload = {
         "epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
-        "state_dict": {f"net.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": {f"net.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},  # no copy
         "hyper_parameters": _module_hyper_parameters(model), "loops": None, "callbacks": {},
         "optimizer_states": [], "lr_schedulers": [],
         "parcae": {"micro_step": 0, "skipped_steps": 0, "nonfinite_streak": 0},
