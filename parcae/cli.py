@@ -49,6 +49,10 @@ VERBS = {
                                        "`parcae prepare tokenizer --help`"),
     "model": ("parcae.model.__main__:main",
               "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)"),
+    "import": ("parcae.interop.commands:import_main",
+               "import an official Parcae/GPT release into a run directory: `parcae import SandyResearch/parcae-140m`"),
+    "export": ("parcae.interop.commands:export_main",
+               "write a run in the official release layout: `parcae export --format official <run dir> <folder>`"),
 }
 
 CLIError = UsageError  # the name older code and tests use

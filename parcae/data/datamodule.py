@@ -31,7 +31,7 @@ class TokenDataModule(LightningDataModule):
     def __init__(self, datasets: list[str] | str = "data/shakespeare", weights: Optional[list[float]] = None,
                  val_dataset: Optional[str] = None, seq_len: int = 256, batch_size: int = 16,
                  val_batch_size: Optional[int] = None, num_workers: int = 1, shuffle: bool = True,
-                 seed: int = 1234, prepare_hint: Optional[str] = None) -> None:
+                 seed: int = 1234, prepare_hint: Optional[str] = None, tokenizer: Optional[str] = None) -> None:
         """
         Args:
             datasets: Shard folders prepared by ``data_prep`` (each with manifest.json, train/, val/).
@@ -44,11 +44,17 @@ class TokenDataModule(LightningDataModule):
             shuffle: Shuffle chunk order and blocks within chunks (training split only).
             seed: Shuffle / mixture seed.
             prepare_hint: How to prepare the data, shown when a folder is missing (data pieces set it).
+            tokenizer: The model's own tokenizer.json (set for imported models, whose run directory holds it);
+                every shard folder must then have been tokenized with exactly this file (same sha256), and
+                ``datasets`` may be empty for commands that read no shards (predict).
         """
         super().__init__()
         self.save_hyperparameters()
         self.datasets = [datasets] if isinstance(datasets, str) else list(datasets)
-        if not self.datasets:
+        self.tokenizer = tokenizer
+        if tokenizer is not None and not Path(tokenizer).is_file():
+            raise DataError(f"TokenDataModule.tokenizer {tokenizer} does not exist")
+        if not self.datasets and tokenizer is None:
             raise DataError("TokenDataModule.datasets is empty; name at least one shard folder")
         if weights is not None and len(weights) != len(self.datasets):
             raise DataError(f"TokenDataModule.weights has {len(weights)} entries for {len(self.datasets)} datasets")
@@ -57,7 +63,7 @@ class TokenDataModule(LightningDataModule):
         if seq_len < 1 or batch_size < 1 or num_workers < 0:
             raise DataError("TokenDataModule: seq_len and batch_size must be >= 1 and num_workers >= 0")
         self.weights = weights
-        self.val_dataset = val_dataset or self.datasets[0]
+        self.val_dataset = val_dataset or (self.datasets[0] if self.datasets else None)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle, self.seed = num_workers, shuffle, seed
@@ -69,6 +75,11 @@ class TokenDataModule(LightningDataModule):
     def folders(self) -> list[ShardFolder]:
         if self._folders is None:
             folders = [open_shards(p, self.prepare_hint) for p in self.datasets]
+            if self.tokenizer is not None:
+                self._check_own_tokenizer(folders)
+            if not folders:
+                self._folders = folders
+                return folders
             first = folders[0]
             for other in folders[1:]:
                 if other.tokenizer_sha256 != first.tokenizer_sha256:
@@ -78,15 +89,35 @@ class TokenDataModule(LightningDataModule):
                 val = open_shards(self.val_dataset, self.prepare_hint)
                 if val.tokenizer_sha256 != first.tokenizer_sha256:
                     raise DataError(f"validation shards {val.root} use a different tokenizer than {first.root}")
+                if self.tokenizer is not None:
+                    self._check_own_tokenizer([val])
             self._folders = folders
         return self._folders
 
+    def _check_own_tokenizer(self, folders: list[ShardFolder]) -> None:
+        """Shards must be tokenized with the model's own tokenizer file (byte-identical), not just the same size."""
+        from .tokenizer import file_sha256
+
+        own = file_sha256(self.tokenizer)
+        for folder in folders:
+            if folder.tokenizer_sha256 != own:
+                raise DataError(
+                    f"{folder.root} was tokenized with another tokenizer (sha256 {folder.tokenizer_sha256[:12]}) "
+                    f"than the model's {self.tokenizer} (sha256 {own[:12]}); prepare the shards with "
+                    f"`python -m data_prep.shards --tokenizer {self.tokenizer} --input ... --output ...`")
+
     @property
     def vocab_size(self) -> int:
+        if not self.folders:
+            from .tokenizer import load_tokenizer
+
+            return load_tokenizer(str(self.tokenizer)).get_vocab_size()
         return self.folders[0].vocab_size
 
     @property
     def tokenizer_path(self) -> Path:
+        if self.tokenizer is not None:
+            return Path(self.tokenizer)
         return self.folders[0].tokenizer_path
 
     @property
@@ -98,6 +129,11 @@ class TokenDataModule(LightningDataModule):
 
     def check_vocabulary(self, model_vocab_size: int, model_name: str = "the model") -> None:
         """Every folder's tokenizer fits the model: the model then needs no per-batch token-id check."""
+        if not self.folders:  # no shards (predict with the model's own tokenizer): the tokenizer must fit the model
+            if self.vocab_size > model_vocab_size:
+                raise DataError(f"{self.tokenizer} has {self.vocab_size:,} tokens but {model_name} has vocab_size "
+                                f"{model_vocab_size:,}")
+            return
         for folder in self.folders:
             check_vocabulary(folder, model_vocab_size, model_name)
 
@@ -112,6 +148,12 @@ class TokenDataModule(LightningDataModule):
         from litdata import CombinedStreamingDataset
 
         folders = self.folders  # validates every folder before any worker starts
+        if not folders:
+            if stage == "predict":
+                return
+            raise DataError(f"no shard folder to read: pass --data.datasets [<folder>] prepared with this model's "
+                            f"tokenizer (`python -m data_prep.shards --tokenizer {self.tokenizer} --input ... "
+                            "--output <folder>`)")
         train = [self._streaming(f.root, "train", self.shuffle) for f in folders]
         if len(train) == 1:
             self.train_set = train[0]

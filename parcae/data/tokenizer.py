@@ -1,7 +1,9 @@
 """Tokenizer helpers shared by data preparation, training (bits per byte) and evaluation.
 
 A parcae tokenizer is a HuggingFace ``tokenizers`` ``tokenizer.json`` (byte-level BPE, paper App. R) with the
-special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` at ids 0, 1, 2.
+special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` at ids 0, 1, 2. Documents are framed as ``<|bos|> ... <|eos|>``,
+so those two are required; ``<|pad|>`` is never read (nothing is padded) and may be missing, as in tokenizers
+that come with imported models.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
+REQUIRED_SPECIAL_TOKENS = (BOS, EOS)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -30,7 +33,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     tok = Tokenizer.from_file(str(path))
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    missing = [t for t in REQUIRED_SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
         raise ValueError(f"{path}: tokenizer lacks special token(s) {', '.join(missing)}")
     return tok

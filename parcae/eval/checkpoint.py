@@ -13,8 +13,9 @@ from parcae.model import LoopedLM, ModelConfig
 
 def load_checkpoint(ckpt_path: str | Path, device: str | torch.device = "cpu",
                     tokenizer: Optional[str | Path] = None) -> tuple[LoopedLM, Path]:
-    """(model in eval mode, tokenizer.json path). The tokenizer comes from ``tokenizer`` or from the shard folder
-    named in the run's ``config.yaml`` (every prepared shard folder carries a copy of its tokenizer)."""
+    """(model in eval mode, tokenizer.json path). The tokenizer comes from ``tokenizer``, or from the run's
+    ``config.yaml``: its ``data.tokenizer`` (imported models) or else the first shard folder named there (every
+    prepared shard folder carries a copy of its tokenizer)."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {ckpt_path}")
@@ -30,9 +31,12 @@ def load_checkpoint(ckpt_path: str | Path, device: str | torch.device = "cpu",
         config = ckpt_path.resolve().parent / "config.yaml"
         if not config.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no config.yaml beside it to find the tokenizer; pass --tokenizer")
-        datasets = yaml.safe_load(config.read_text())["data"]["datasets"]
-        root = Path(datasets if isinstance(datasets, str) else datasets[0])
-        tokenizer = root / "tokenizer.json"
+        data = yaml.safe_load(config.read_text())["data"]
+        if data.get("tokenizer"):  # the model's own tokenizer (imported models: <run dir>/tokenizer.json)
+            tokenizer = Path(data["tokenizer"])
+        else:
+            datasets = data["datasets"]
+            tokenizer = Path(datasets if isinstance(datasets, str) else datasets[0]) / "tokenizer.json"
         if not tokenizer.is_file():
             raise FileNotFoundError(f"tokenizer {tokenizer} (from {config}) not found; pass --tokenizer")
     return model, Path(tokenizer)

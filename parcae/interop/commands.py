@@ -1,0 +1,163 @@
+"""``parcae import`` and ``parcae export``: the official release layout <-> a parcae run directory.
+
+    parcae import SandyResearch/parcae-140m                       # Hub id -> checkpoints/parcae-140m/
+    parcae import path/to/release --run_name mine --runs_dir runs # a local folder in the official layout
+    parcae export --format official checkpoints/parcae-140m out/parcae-140m
+
+See docs/released_models.md for the walk-through (loop sweep, CORE, generation) on the released models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .release import (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError, is_hub_id, official_config_json,
+                      official_model, resolve_source, resolve_tokenizer, unrepresentable)
+from .runs import CHECKPOINT, find_checkpoint, write_atomically, write_run
+
+EXPORT_WEIGHTS = "model.pt"  # what official save_pretrained writes
+
+
+def _default_run_name(source: str) -> str:
+    return Path(source.rstrip("/")).name or "imported"
+
+
+def _check_tokenizer(files: dict[str, Path], vocab_size: int) -> None:
+    from parcae.data.tokenizer import load_tokenizer
+
+    path = files[TOKENIZER_FILE]
+    try:
+        tok = load_tokenizer(str(path.resolve()))
+    except ValueError as err:  # missing <|bos|>/<|eos|>, or not a tokenizers file
+        raise InteropError(f"{err}; parcae frames documents as <|bos|> ... <|eos|> — pass --tokenizer with one "
+                           "that has them") from None
+    except Exception as err:
+        raise InteropError(f"{path} is not a tokenizers tokenizer.json ({type(err).__name__})") from None
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise InteropError(f"{path} has {tok.get_vocab_size(with_added_tokens=True):,} tokens but the model's "
+                           f"vocab_size is {vocab_size:,}; it is not this model's tokenizer")
+
+
+def summary_lines(model, run_dir: Path) -> list[str]:
+    cfg = model.config
+    counts = model.parameter_counts()
+    total = counts.pop("total")
+    kind = (f"looped ({cfg.injection} injection), μ_rec = {cfg.mean_recurrence}, μ_bwd = {cfg.backprop_depth}, "
+            f"P/R/C = {cfg.n_prelude}/{cfg.n_recurrent}/{cfg.n_coda}" if cfg.looped
+            else f"fixed-depth GPT, {cfg.n_layers} layers")
+    ckpt = run_dir / CHECKPOINT
+    lines = [f"{cfg.name}: {total:,} parameters; {kind}; d = {cfg.d_model}, vocab {cfg.vocab_size:,}, "
+             f"context {cfg.block_size}",
+             "  " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v),
+             f"written: {run_dir} ({CHECKPOINT}, config.yaml, tokenizer.json, import.json)",
+             "next:",
+             f"  parcae perplexity --ckpt_path {ckpt} --text wiki.test.raw --loops "
+             + ("1,2,4,8,16" if cfg.looped else "1"),
+             f"  parcae predict --ckpt_path {ckpt} --prompt \"The meaning of life is\""
+             + (f" --loops {cfg.mean_recurrence}" if cfg.looped else ""),
+             f"  parcae core --ckpt_path {ckpt} --bundle <eval_bundle>",
+             f"  python -m data_prep.shards --tokenizer {run_dir / TOKENIZER_FILE} --input <texts> --output <shards>",
+             f"  parcae test --ckpt_path {ckpt} --data.datasets [<shards>]" + (" --loops 1-16" if cfg.looped else ""),
+             f"  parcae export --format official {run_dir} <folder>"]
+    return lines
+
+
+def import_release(source: str, run_name: Optional[str] = None, runs_dir: str | Path = "checkpoints",
+                   tokenizer: Optional[str] = None, quiet: bool = False) -> Path:
+    """Import an official release (local folder or Hub id) into ``<runs_dir>/<run_name>``; returns the run dir."""
+    from parcae.data.tokenizer import file_sha256
+
+    run_dir = Path(runs_dir) / (run_name or _default_run_name(source))
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):  # fail before any download
+        raise InteropError(f"{run_dir} already exists and is not empty; choose another --run_name (or delete it)")
+    hub = not Path(source).exists() and is_hub_id(source)
+    folder = resolve_source(source)
+    tokenizer_files = resolve_tokenizer(folder, tokenizer, hub)
+    model = official_model(folder)
+    _check_tokenizer(tokenizer_files, model.config.vocab_size)
+    provenance = {"source": source, "hub": hub, "folder": str(folder.root.resolve()),
+                  "class_name": folder.class_name, "official_config": folder.config,
+                  "files": {p.name: file_sha256(p) for p in [folder.root / CONFIG_FILE, folder.weights]},
+                  "tokenizer_source": str(tokenizer_files[TOKENIZER_FILE])}
+    write_run(model, run_dir, tokenizer_files, provenance,
+              checkpoint_extra={"imported": {"source": source, "class_name": folder.class_name,
+                                             "official_config": folder.config}})
+    if not quiet:
+        print("\n".join(summary_lines(model, run_dir.resolve())), flush=True)
+    return run_dir
+
+
+def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Path:
+    """Write a run's checkpoint in the official layout to the new folder ``out``; returns ``out``."""
+    from parcae.eval.checkpoint import load_checkpoint
+    from parcae.model import to_official
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading a large checkpoint
+        raise InteropError(f"{out} already exists and is not empty; choose another output folder (or delete it)")
+    ckpt_path = find_checkpoint(run)
+    try:
+        model, tokenizer = load_checkpoint(ckpt_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise InteropError(str(err).splitlines()[0]) from None
+    problem = unrepresentable(model.config)
+    if problem:
+        raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # tensors stay on disk
+    previous = (ckpt.get("imported") or {}).get("official_config")  # an imported release's own config.json
+    del ckpt
+    state, _ = to_official(model)
+    config = official_config_json(model, previous)
+    tokenizer_files = {n: tokenizer.parent / n for n in TOKENIZER_FILES if (tokenizer.parent / n).is_file()
+                       and n != TOKENIZER_FILE}
+    tokenizer_files[TOKENIZER_FILE] = tokenizer
+
+    def fill(staging: Path) -> None:
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        torch.save(state, staging / EXPORT_WEIGHTS)
+        for name, path in tokenizer_files.items():
+            shutil.copyfile(path, staging / name)
+
+    write_atomically(out, fill, "output folder")
+    if not quiet:
+        print(f"written: {out} ({CONFIG_FILE} [{config['_class_name']}], {EXPORT_WEIGHTS}, "
+              f"{', '.join(sorted(tokenizer_files))}); load it with parcae_lm.from_pretrained or "
+              f"`parcae import {out}`", flush=True)
+    return out
+
+
+def import_main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae import", description="Import an official Parcae/GPT release (local "
+                                "folder or Hugging Face Hub id) into a run directory.")
+    p.add_argument("source", help="a folder with config.json + pytorch_model.bin/model.pt, or a Hub id "
+                                  "(e.g. SandyResearch/parcae-140m)")
+    p.add_argument("--run_name", default=None, help="run directory name (default: the source's last component)")
+    p.add_argument("--runs_dir", default="checkpoints", help="parent folder of run directories")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a folder holding one, or a Hub id (default: the "
+                                                     "release's own; Hub releases without one: "
+                                                     "SandyResearch/parcae-tokenizer)")
+    args = p.parse_args(argv)
+    try:
+        import_release(args.source, args.run_name, args.runs_dir, args.tokenizer)
+    except InteropError as err:
+        sys.exit(f"parcae import: error: {err}")
+
+
+def export_main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="parcae export", description="Write a run's model in another layout.")
+    p.add_argument("--format", choices=["official"], default="official",
+                   help="official: the parcae_lm save_pretrained layout (config.json, model.pt, tokenizer)")
+    p.add_argument("run", help="run directory (uses last.ckpt, else the newest step=*.ckpt) or a .ckpt file")
+    p.add_argument("out", help="output folder (must not exist or be empty)")
+    args = p.parse_args(argv)
+    try:
+        export_official(args.run, args.out)
+    except InteropError as err:
+        sys.exit(f"parcae export: error: {err}")
