@@ -44,6 +44,7 @@ VERBS = {
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
+    "consolidate": "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)",
 }
 
 
@@ -53,7 +54,7 @@ VERB_MAINS = {
     "perplexity": "parcae.eval.perplexity:main", "core": "parcae.eval.core:main",
     "scaling-law": "parcae.eval.scaling:main", "fit-loops": "parcae.eval.fits:main",
     "mini": "parcae.eval.miniatures:main", "sweep": "parcae.sweep:main", "prepare": "parcae.cli:_prepare",
-    "model": "parcae.model.__main__:main",
+    "model": "parcae.model.__main__:main", "consolidate": "parcae.training.consolidate:main",
 }
 
 
@@ -273,6 +274,9 @@ def _with_run_config(argv: list[str]) -> list[str]:
     if ckpt is None:
         return argv
     if not Path(ckpt).is_file():
+        if (Path(ckpt) / "meta.pt").is_file():
+            raise CLIError(f"--ckpt_path {ckpt} is a sharded checkpoint folder: run `parcae consolidate "
+                           f"{Path(ckpt).parent} --ckpt_name {Path(ckpt).name}` and pass the file it writes")
         raise CLIError(f"--ckpt_path {ckpt}: no such checkpoint file")
     config = Path(ckpt).resolve().parent / "config.yaml"
     if not config.is_file():

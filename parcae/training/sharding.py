@@ -14,7 +14,9 @@ root unit) and installs the depth agreement of per-sequence looping (:class:`Max
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -64,6 +66,27 @@ class FullyShardedStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Write the checkpoint folder under a staging name, then rename it into place (rank 0), so a process
+        killed during a save leaves the previous checkpoint of that name intact (as ``AtomicCheckpointIO``
+        does for single files). The only unsafe moment is between two renames of an existing folder."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging, previous = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        if self.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            shutil.rmtree(previous, ignore_errors=True)
+            if path.exists():
+                path.rename(previous)
+            staging.rename(path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier()
 
     def shard_mesh(self):
         """The mesh ``fully_shard`` uses: 1-D over all ranks, or (nodes, devices per node) when hybrid."""
