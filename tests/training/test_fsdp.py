@@ -54,3 +54,66 @@ def test_two_sharded_processes_match_one_process(tmp_path):
         assert len(one[optimizer]) == len(two[optimizer]) == 5
         assert two[optimizer] == pytest.approx(one[optimizer], abs=1e-5), optimizer
     assert one["adamw"] != one["muon_adamw"]                  # the two optimizers really differ
+
+
+REPO = HERE.parent.parent
+FSDP_PRESET = ["--trainer", str(REPO / "configs" / "trainer" / "fsdp_multinode.yaml"),  # + CPU overrides
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_nodes", "1",
+               "--trainer.precision", "32-true", "--trainer.strategy.init_args.process_group_backend", "gloo",
+               "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2"]
+
+
+def _torchrun(port: int, *args):
+    """`parcae` under torchrun with 2 CPU processes (the documented launch), in its own process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), "-m", "parcae", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_sharded_sigkill_resume_matches_and_consolidates(tmp_path, small_shards):
+    """Both ranks are SIGKILLed before step 11 (checkpoints at 4 and 8); `--ckpt_path last` resumes from the
+    sharded last.ckpt/ folder and repeats steps 8-10 exactly as the killed run logged them, then finishes; the
+    final folder consolidates into one file that `parcae test` loads."""
+    from test_resume import _scalars
+
+    from conftest import write_recipe
+    from parcae.cli import main
+
+    steps, kill_at = 16, 11
+    run_dir = tmp_path / "runs" / "run"
+    recipe = write_recipe(tmp_path / "run.yaml", small_shards, tmp_path / "runs", "run", max_steps=steps)
+    recipe.write_text(recipe.read_text().replace("val_every: 6", f"val_every: {steps}")
+                      .replace("name: adamw", "name: muon_adamw"))
+    killing = tmp_path / "kill.yaml"
+    killing.write_text(recipe.read_text().replace("trainer:\n", "trainer:\n  callbacks:\n  - class_path: "
+                                                  f"crash_helpers.KillAtStep\n    init_args:\n      at_step: {kill_at}\n", 1))
+    victim = _torchrun(29611, "fit", "--config", str(killing), *FSDP_PRESET)
+    assert victim.wait(timeout=240) != 0, victim.stdout.read()[-4000:]
+    meta = torch.load(run_dir / "last.ckpt" / "meta.pt", weights_only=False)
+    assert meta["global_step"] == 8 and not list(run_dir.glob(".*.tmp"))
+    before = set(run_dir.glob("events.out.tfevents.*"))
+    killed_log = _scalars(before.copy().pop(), "train/loss")
+    assert sorted(killed_log) == list(range(kill_at))
+
+    resumed = _torchrun(29612, "fit", "--config", str(recipe), *FSDP_PRESET, "--ckpt_path", "last")
+    assert resumed.wait(timeout=240) == 0, resumed.stdout.read()[-4000:]
+    new_events = set(run_dir.glob("events.out.tfevents.*")) - before
+    assert len(new_events) == 1
+    got = _scalars(new_events.pop(), "train/loss")
+    assert sorted(got) == list(range(8, steps))              # continues from the last checkpoint on disk
+    for step in range(8, kill_at):                            # ... exactly as the uninterrupted steps went
+        assert got[step] == pytest.approx(killed_log[step], abs=1e-6), f"step {step}"
+
+    # The sharded last.ckpt/ -> one file with full tensors, which `parcae test` (one process) loads.
+    with pytest.raises(SystemExit, match="sharded checkpoint folder: run `parcae consolidate"):
+        main(["test", "--ckpt_path", str(run_dir / "last.ckpt"), "--loops", "1,2"])
+    main(["consolidate", str(run_dir)])
+    single = torch.load(run_dir / "last-consolidated.ckpt", weights_only=False)
+    assert single["global_step"] == steps and "optimizer_0" not in single
+    assert single["state_dict"]["net.wte.weight"].shape == (4096, 32)      # whole, not a rank's half
+    main(["test", "--ckpt_path", str(run_dir / "last-consolidated.ckpt"), "--loops", "1,2"])
+    results = json.loads((run_dir / "test_loops.json").read_text())
+    assert [r["loops"] for r in results["results"]] == [1, 2]
+    assert all(0 < r["loss"] < 8.3 for r in results["results"])  # trained: below ln(4096) = 8.32 of a uniform guess
