@@ -117,3 +117,24 @@ def test_sharded_sigkill_resume_matches_and_consolidates(tmp_path, small_shards)
     results = json.loads((run_dir / "test_loops.json").read_text())
     assert [r["loops"] for r in results["results"]] == [1, 2]
     assert all(0 < r["loss"] < 8.3 for r in results["results"])  # trained: below ln(4096) = 8.32 of a uniform guess
+
+
+def test_bf16_mixed_cli_run_trains_close_to_fp32(tmp_path, small_shards):
+    """`precision: bf16-mixed` from the CLI (CPU autocast): 3 finite steps that round differently from fp32."""
+    from test_resume import _scalars
+
+    from conftest import write_recipe
+    from parcae.cli import main
+
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        name = precision.replace("-", "_")
+        recipe = write_recipe(tmp_path / f"{name}.yaml", small_shards, tmp_path / "runs", name, max_steps=3)
+        main(["fit", "--config", str(recipe), "--trainer.precision", precision])
+        losses[precision] = _scalars(tmp_path / "runs" / name, "train/loss")
+        saved = (tmp_path / "runs" / name / "config.yaml").read_text()
+        assert f"precision: {precision}" in saved
+    assert sorted(losses["bf16-mixed"]) == [0, 1, 2]
+    for step in range(3):
+        bf16, fp32 = losses["bf16-mixed"][step], losses["32-true"][step]
+        assert bf16 == pytest.approx(fp32, abs=0.05) and bf16 != fp32, (step, bf16, fp32)
