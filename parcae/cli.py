@@ -306,7 +306,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     _quiet_known_noise()
     try:
         args = _with_run_config(argv)
-        sys.argv = sys.argv[:1]  # the arguments travel in args= (LightningCLI warns when both are set)
+        # The arguments travel in args=; sys.argv keeps them for Lightning's launcher, which starts the other
+        # local ranks (`--trainer.devices 2` without torchrun) by re-running this command line.
+        sys.argv = [sys.argv[0], *argv]
         ParcaeCLI(args=args)
     except (CLIError, DataError, NonFiniteLossError, ValueError) as err:
         if isinstance(err, ValueError) and not isinstance(err, (CLIError, DataError)) and "\n" in str(err):
@@ -322,7 +324,8 @@ def _quiet_known_noise() -> None:
     for pattern in (r".*isinstance\(treespec, LeafSpec\)", r".*`IterableDataset` has `__len__` defined",
                     r"Checkpoint directory .* exists and is not empty", r".*persistent_workers=True",
                     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
-                    r".*does not have many workers which may be a bottleneck"):
+                    r".*does not have many workers which may be a bottleneck",
+                    r"LightningCLI's args parameter is intended to run from within Python"):
         warnings.filterwarnings("ignore", message=pattern)
 
     class _NoTips(logging.Filter):
