@@ -34,8 +34,8 @@ class MaskedLoopLM(LoopedLM):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--seq_len", "--seq-len", dest="seq_len", type=int, default=256)
+    p.add_argument("--d_model", "--d-model", dest="d_model", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")

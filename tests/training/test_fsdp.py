@@ -138,3 +138,14 @@ def test_bf16_mixed_cli_run_trains_close_to_fp32(tmp_path, small_shards):
     for step in range(3):
         bf16, fp32 = losses["bf16-mixed"][step], losses["32-true"][step]
         assert bf16 == pytest.approx(fp32, abs=0.05) and bf16 != fp32, (step, bf16, fp32)
+
+
+def test_consolidate_refuses_what_it_cannot_consolidate(tmp_path):
+    from parcae.cli import main
+
+    with pytest.raises(SystemExit, match="no such run directory"):
+        main(["consolidate", str(tmp_path / "missing")])
+    (tmp_path / "run").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "run" / "last.ckpt")  # a single-file checkpoint
+    with pytest.raises(SystemExit, match="holds no sharded checkpoint folder"):
+        main(["consolidate", str(tmp_path / "run")])
