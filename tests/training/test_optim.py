@@ -155,7 +155,14 @@ def test_muon_adamw_state_dict_has_torch_layout_and_reads_the_old_one(tiny_confi
     step(models[0], opts[0])
     standard = opts[0].state_dict()
     assert set(standard) == {"state", "param_groups"} and len(standard["state"]) == len(list(models[0].parameters()))
-    old_layout = {"muon": opts[0].muon.state_dict(), "adamw": opts[0].adamw.state_dict()}
+    n_muon = len(opts[0].muon.param_groups)
+
+    def inner(groups):  # an inner optimizer's own state_dict: its parameters numbered from 0
+        renumber = {old: new for new, old in enumerate(i for g in groups for i in g["params"])}
+        return {"state": {renumber[i]: s for i, s in standard["state"].items() if i in renumber},
+                "param_groups": [{**g, "params": [renumber[i] for i in g["params"]]} for g in groups]}
+
+    old_layout = {"muon": inner(standard["param_groups"][:n_muon]), "adamw": inner(standard["param_groups"][n_muon:])}
     for m, opt, sd in ((models[1], opts[1], standard), (models[2], opts[2], old_layout)):
         m.load_state_dict(models[0].state_dict())
         opt.load_state_dict(copy.deepcopy(sd))
