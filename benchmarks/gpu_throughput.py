@@ -103,6 +103,8 @@ def measure(recipe: str, compiled: bool, steps: int, warmup: int, peak: float | 
         row["mfu"] = row["tflops"] / peak if peak else None
     except torch.cuda.OutOfMemoryError as err:
         row.update(fits=False, error=str(err).splitlines()[0][:160])
+    except Exception as err:  # e.g. a compiler failure: record it and go on with the next measurement
+        row.update(fits=None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
     finally:
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         del net, opt
@@ -121,9 +123,10 @@ def markdown(rows: list[dict], peak: float | None, source: str) -> str:
             continue
         ok = r.get("fits")
         fmt = (lambda k, f: f.format(r[k]) if ok and r.get(k) is not None else "-")
+        fits = "yes" if ok else "no (OOM)" if ok is False else f"error: {r.get('error', '?')}".replace("|", "/")
         lines.append(f"| {r['recipe']} | {r.get('parameters', 0) / 1e6:,.0f}M | {r['micro_batch']} | "
                      f"{'yes' if r['activation_checkpointing'] else 'no'} | {r['mode']} | "
-                     f"{'yes' if ok else 'no (OOM)'} | {fmt('tokens_per_s', '{:,.0f}')} | {fmt('tflops', '{:.1f}')} | "
+                     f"{fits} | {fmt('tokens_per_s', '{:,.0f}')} | {fmt('tflops', '{:.1f}')} | "
                      f"{fmt('mfu', '{:.1%}')} | {r['peak_memory_gib']:.1f} | {fmt('step_s', '{:.3f}')} |")
     return "\n".join(lines) + "\n"
 
