@@ -22,9 +22,9 @@ from parcae.model import DepthSampler, LoopedLM, ModelConfig
 class MaskedLoopLM(LoopedLM):
     """The official execution: max(n) no-grad then max(k) grad iterations over the whole batch, masked."""
 
-    def _iterate(self, h, drive, counts, rope, value_embeddings, record):
+    def _iterate(self, h, drive, counts, iterations, rope, value_embeddings, record):
         mask_shape = (-1,) + (1,) * (h.dim() - 1)
-        for t in range(int(counts.max())):
+        for t in range(iterations):
             h_new = self.recurrent_step(h, drive, rope, value_embeddings)
             keep_going = (counts > t).to(h.device).view(mask_shape)
             h = torch.where(keep_going, h_new, h)
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig(name="bench", vocab_size=4096, block_size=args.seq_len, d_model=args.d_model,
@@ -63,7 +64,9 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(ids, ids, depths=depths).loss.backward()
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(ids, ids, depths=depths).loss
+            loss.backward()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i:  # the first step is warm-up

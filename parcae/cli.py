@@ -53,6 +53,8 @@ VERBS = {
                "import an official Parcae/GPT release into a run directory: `parcae import SandyResearch/parcae-140m`"),
     "export": ("parcae.interop.commands:export_main",
                "write a run in the official release layout: `parcae export --format official <run dir> <folder>`"),
+    "consolidate": ("parcae.training.consolidate:main",
+                    "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)"),
 }
 
 CLIError = UsageError  # the name older code and tests use
@@ -87,6 +89,9 @@ def _with_run_config(argv: list[str]) -> list[str]:
     if ckpt is None:
         return argv
     if not Path(ckpt).is_file():
+        if (Path(ckpt) / "meta.pt").is_file():
+            raise CLIError(f"--ckpt_path {ckpt} is a sharded checkpoint folder: run `parcae consolidate "
+                           f"{Path(ckpt).parent} --ckpt_name {Path(ckpt).name}` and pass the file it writes")
         raise CLIError(f"--ckpt_path {ckpt}: no such checkpoint file")
     config = Path(ckpt).resolve().parent / "config.yaml"
     if not config.is_file():
@@ -113,7 +118,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     _quiet_known_noise()
     try:
         args = _with_run_config(argv)
-        sys.argv = sys.argv[:1]  # the arguments travel in args= (LightningCLI warns when both are set)
+        # The arguments travel in args=; sys.argv keeps them for Lightning's launcher, which starts the other
+        # local ranks (`--trainer.devices 2` without torchrun) by re-running this command line.
+        sys.argv = [sys.argv[0], *argv]
         ParcaeCLI(args=args)
     except (UsageError, NonFiniteLossError) as err:  # user mistakes only: anything else keeps its traceback
         sys.exit(f"parcae: error: {err}")
@@ -127,7 +134,8 @@ def _quiet_known_noise() -> None:
     for pattern in (r".*isinstance\(treespec, LeafSpec\)", r".*`IterableDataset` has `__len__` defined",
                     r"Checkpoint directory .* exists and is not empty", r".*persistent_workers=True",
                     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
-                    r".*does not have many workers which may be a bottleneck"):
+                    r".*does not have many workers which may be a bottleneck",
+                    r"LightningCLI's args parameter is intended to run from within Python"):
         warnings.filterwarnings("ignore", message=pattern)
 
     class _NoTips(logging.Filter):

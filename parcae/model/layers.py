@@ -83,7 +83,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
             enable_gqa=self.kv_heads != self.n_heads)  # KV heads shared by consecutive query heads
-        return self.out_proj(y.transpose(1, 2).reshape(B, S, -1))
+        return self.out_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # B may be 0
 
 
 class ReLU2MLP(nn.Module):

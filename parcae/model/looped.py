@@ -10,6 +10,14 @@ Training runs T_i = n_i + k_i iterations for sequence i: n_i without gradient, t
 proportional cost: each iteration computes only the sequences still looping (cost ∝ Σ T_i), which is
 exactly running every sequence alone (the official code instead runs all to the batch maximum and masks).
 
+Sharded training (FSDP) rule: a sharded block all-gathers its parameters on every call and reduce-scatters
+its gradients in backward, so every rank must call the recurrent blocks the same number of times per step,
+whatever depths its own rows drew. ``LoopedLM.depth_sync`` (set by the trainer, plain ``None`` otherwise)
+maps this rank's iteration counts (no-grad phase, grad phase) to the maximum over all ranks, one small
+all-reduce per forward. Each rank then runs that many iterations; an iteration with no active row on this
+rank still calls the blocks with a zero-row batch, which takes part in the collectives but computes nothing,
+so the work on active rows stays proportional to their depths.
+
     python -m parcae.model parcae-debug   # builds a preset, runs one training forward, prints telemetry
 """
 
@@ -17,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +71,9 @@ class LoopedLM(nn.Module):
         # Recompute each backpropagated iteration in the backward pass instead of storing its activations
         # (the official "per-iteration" activation checkpointing): memory per iteration ~ one state h.
         self.checkpoint_iterations = False
+        # Optional hook for sharded training: list of local iteration counts -> their maxima over all ranks
+        # (see the module docstring). None: each forward runs only as many iterations as its own rows need.
+        self.depth_sync: Optional[Callable[[list[int]], list[int]]] = None
         initialize(self, config)
 
     # ----------------------------------------------------------------------------------------------
@@ -113,12 +124,16 @@ class LoopedLM(nn.Module):
         """h ← R(Ā h + B̄ e): ``depths.no_grad[i]`` iterations without gradient, then ``depths.grad[i]`` with it."""
         drive = self.injection.input_term(e)  # B̄ e is the same on every iteration
         record = _LoopRecorder(h, depths) if telemetry else None
+        phases = [depths.no_grad, depths.grad] if torch.is_grad_enabled() else [depths.total]
+        iterations = [int(c.max()) if c.numel() else 0 for c in phases]
+        if self.depth_sync is not None:  # same number of block calls on every rank (module docstring)
+            iterations = [int(n) for n in self.depth_sync(iterations)]
         if torch.is_grad_enabled():
             with torch.no_grad():
-                h = self._iterate(h, drive, depths.no_grad, rope, value_embeddings, record)
-            h = self._iterate(h, drive, depths.grad, rope, value_embeddings, record)
+                h = self._iterate(h, drive, depths.no_grad, iterations[0], rope, value_embeddings, record)
+            h = self._iterate(h, drive, depths.grad, iterations[1], rope, value_embeddings, record)
         else:  # nothing to backpropagate: the split is irrelevant
-            h = self._iterate(h, drive, depths.total, rope, value_embeddings, record)
+            h = self._iterate(h, drive, depths.total, iterations[0], rope, value_embeddings, record)
         return h, (record.summary(self.injection) if record else None)
 
     def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor]) -> Tensor:
@@ -128,14 +143,17 @@ class LoopedLM(nn.Module):
             u = block(u, rope, value_embeddings.get(block.index))
         return u
 
-    def _iterate(self, h: Tensor, drive: Tensor, counts: Tensor, rope: Tensor,
+    def _iterate(self, h: Tensor, drive: Tensor, counts: Tensor, iterations: int, rope: Tensor,
                  value_embeddings: dict[int, Tensor], record: Optional["_LoopRecorder"]) -> Tensor:
-        """Run sequence i for counts[i] iterations, computing only the sequences still looping."""
+        """Run sequence i for counts[i] iterations, computing only the sequences still looping.
+
+        ``iterations`` >= counts.max(); iterations past it call the blocks on zero rows (sharded training).
+        """
         B = h.shape[0]
         step = self.recurrent_step
         if self.checkpoint_iterations and torch.is_grad_enabled():
             step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
-        for t in range(int(counts.max()) if counts.numel() else 0):
+        for t in range(iterations):
             active = (counts > t).nonzero().flatten()
             if active.numel() == B:
                 h_new = step(h, drive, rope, value_embeddings)
@@ -146,7 +164,7 @@ class LoopedLM(nn.Module):
                 idx = active.to(h.device, non_blocking=True)
                 sub_ve = {i: v.index_select(0, idx) for i, v in value_embeddings.items()}
                 h_sub = step(h.index_select(0, idx), drive.index_select(0, idx), rope, sub_ve)
-                if record is not None:
+                if record is not None and active.numel():
                     record.update(h.index_select(0, idx), h_sub, active)
                 h = h.index_copy(0, idx, h_sub)
         return h

@@ -108,6 +108,18 @@ class LoopedLMModule(L.LightningModule):
             self._compiled = True
         self._make_metrics()
 
+    def configure_model(self) -> None:
+        """Under a sharding strategy (``parcae.training.sharding.FullyShardedStrategy``): shard the blocks."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
+            return
+        from .sharding import shard_model
+
+        shard_model(self.net, trainer.strategy)
+        self._sharded = True
+
     def _make_metrics(self) -> None:
         loops = sorted(set(self.eval_loops) | set(self.test_loops or []) |
                        ({self.arch.mean_recurrence} if self.arch.looped else {1}))
@@ -192,6 +204,8 @@ class LoopedLMModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if hasattr(norm, "full_tensor"):  # sharded gradients (DTensor): the norm of the whole model
+            norm = norm.full_tensor()
         self.log("grad_norm", norm, on_step=True)
         if not torch.isfinite(norm):
             for p in self.parameters():  # drop the update: optimizers skip parameters without gradient

@@ -16,17 +16,28 @@ decoupled weight decay) with one override of ``step``. Deliberate differences fr
 3. The official code uses Polar-Express coefficients and NorMuon's second-moment normalisation; we keep
    torch's quintic coefficients (3.4445, −4.7750, 2.0315) and no variance reduction.
 4. The official code skips the first optimizer step (a defect); we do not.
+
+Under sharding (FSDP2, parameters are ``DTensor`` shards) Muon orthogonalises the *whole* matrix: each rank
+gathers the full update (``full_tensor``), runs Newton–Schulz on it (the same numbers on every rank) and keeps
+its own shard, so a sharded update equals the unsharded one. AdamW is elementwise and needs nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
+
+try:  # sharded (FSDP2) parameters are DTensors; absent on builds without torch.distributed
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = distribute_tensor = None
 
 from parcae.errors import ConfigError
 from parcae.validation import check_choices
@@ -190,7 +201,13 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
-                update = _newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                orthogonalise = partial(_newton_schulz, coefficients=group["ns_coefficients"],
+                                        steps=group["ns_steps"], eps=group["eps"], dtype=dtype)
+                if DTensor is not None and isinstance(update, DTensor):  # a shard: orthogonalise the whole matrix
+                    full = orthogonalise(update.full_tensor())
+                    update = distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+                else:
+                    update = orthogonalise(update)
                 rows, cols = p.shape[:2]
                 adjusted_lr = lr * math.sqrt(max(1.0, rows / cols))  # torch's "original" adjustment
                 if self.cautious_weight_decay:
@@ -206,7 +223,9 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon on block matrices and AdamW on the rest, stepped together as one optimizer.
 
     One optimizer keeps Lightning's automatic optimization (accumulation, clipping, DDP no-sync) and lets one
-    LambdaLR scale every group: ``param_groups`` are the two inner optimizers' groups, each tagged ``kind``.
+    LambdaLR scale every group: ``param_groups`` are the two inner optimizers' groups, each tagged ``kind``, and
+    the inner optimizers share this optimizer's ``state``, so ``state_dict`` has torch's standard layout (which
+    the distributed-checkpoint helpers of sharded training require).
     """
 
     def __init__(self, matrices: list[Tensor], rest: list[Tensor], config: OptimizerConfig) -> None:
@@ -219,6 +238,12 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.adamw.param_groups:
             group["kind"] = "adamw"
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self._share_with_inner()
+
+    def _share_with_inner(self) -> None:
+        n_muon = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n_muon], self.param_groups[n_muon:]
+        self.muon.state = self.adamw.state = self.state  # disjoint parameters: one table holds both
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -227,13 +252,15 @@ class MuonAdamW(torch.optim.Optimizer):
         self.adamw.step()
         return loss
 
-    def state_dict(self):
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
     def load_state_dict(self, state_dict):
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        if "muon" in state_dict and "adamw" in state_dict:  # layout of checkpoints written before the sharing
+            self.muon.load_state_dict(state_dict["muon"])
+            self.adamw.load_state_dict(state_dict["adamw"])
+            self.param_groups = self.muon.param_groups + self.adamw.param_groups
+            self.state = defaultdict(dict, {**self.muon.state, **self.adamw.state})
+        else:
+            super().load_state_dict(state_dict)
+        self._share_with_inner()
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:

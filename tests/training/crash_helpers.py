@@ -40,3 +40,14 @@ class PoisonWeights(L.Callback):
         if trainer.global_step == self.at_step:
             with torch.no_grad():
                 pl_module.net.final_norm.weight[0] = float("nan")
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs this process when optimizer step ``at_step`` is about to start (every rank does the same)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -23,7 +23,7 @@ def test_trainer_presets_parse_over_a_recipe(preset, capsys):
     if preset.endswith("multinode"):
         assert "num_nodes: 2" in out and "precision: bf16-mixed" in out
         assert ("DDPStrategy" in out) == (preset == "ddp_multinode")
-        assert ("HYBRID_SHARD" in out) == (preset == "fsdp_multinode")
+        assert ("FullyShardedStrategy" in out) == (preset == "fsdp_multinode")  # run by tests/training/test_fsdp.py
 
 
 def test_global_batch_and_tokens_become_accumulation_and_steps(small_shards, tmp_path):

@@ -1,5 +1,6 @@
 """Optimizers and schedules against torch.optim.Muon and hand-computed values (paper Tables 20-21)."""
 
+import copy
 import io
 
 import pytest
@@ -133,3 +134,40 @@ def test_muon_momentum_warmup_and_weight_decay_decay(tiny_config):
         update_muon_schedules(opt, cfg, step, total_steps=600)
         assert opt.muon.param_groups[0]["momentum"] == pytest.approx(momentum)
         assert opt.muon.param_groups[0]["weight_decay"] == pytest.approx(wd)
+
+
+def test_muon_adamw_state_dict_has_torch_layout_and_reads_the_old_one(tiny_config):
+    """Standard {state, param_groups} (what torch.distributed.checkpoint needs); the earlier {muon, adamw} layout
+    of existing checkpoints still loads and continues identically."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 16))
+    cfg = OptimizerConfig(name="muon_adamw", lr=0.01, muon_lr=0.02)
+    models = [LoopedLM(tiny_config()) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(m, cfg) for m in models]
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(ids, ids, loops=2, state_seed=0).loss.backward()
+        opt.step()
+
+    step(models[0], opts[0])
+    standard = opts[0].state_dict()
+    assert set(standard) == {"state", "param_groups"} and len(standard["state"]) == len(list(models[0].parameters()))
+    n_muon = len(opts[0].muon.param_groups)
+
+    def inner(groups):  # an inner optimizer's own state_dict: its parameters numbered from 0
+        renumber = {old: new for new, old in enumerate(i for g in groups for i in g["params"])}
+        return {"state": {renumber[i]: s for i, s in standard["state"].items() if i in renumber},
+                "param_groups": [{**g, "params": [renumber[i] for i in g["params"]]} for g in groups]}
+
+    old_layout = {"muon": inner(standard["param_groups"][:n_muon]), "adamw": inner(standard["param_groups"][n_muon:])}
+    for m, opt, sd in ((models[1], opts[1], standard), (models[2], opts[2], old_layout)):
+        m.load_state_dict(models[0].state_dict())
+        opt.load_state_dict(copy.deepcopy(sd))
+        assert opt.muon.state is opt.state and opt.adamw.param_groups[0] is opt.param_groups[-1]
+    for m, opt in zip(models, opts):
+        step(m, opt)
+    for a, b, c in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b) and torch.equal(a, c)

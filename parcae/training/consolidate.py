@@ -1,0 +1,94 @@
+"""``parcae consolidate RUN_DIR``: turn a sharded (FSDP) checkpoint folder into one checkpoint file.
+
+Sharded training writes each checkpoint as a folder (``last.ckpt/``, ``step=0001000.ckpt/``) with one shard per
+rank plus ``meta.pt`` (step, loop and data positions, hyperparameters). Resuming uses the folder itself on the
+same number of ranks. ``test``, ``validate``, ``predict``, the evaluation verbs and ``export`` need one file:
+
+    parcae consolidate checkpoints/table5_1.3b                      # last.ckpt/ -> last-consolidated.ckpt
+    parcae consolidate checkpoints/table5_1.3b --ckpt_name step=0010000.ckpt
+    parcae test --ckpt_path checkpoints/table5_1.3b/last-consolidated.ckpt --loops 1-16
+
+The file sits in the run directory (beside ``config.yaml``, which the other verbs read) and holds the full
+weights and the training metadata; the optimizer state is left out (resume from the folder instead, or pass
+``--with_optimizer true`` to keep it, keyed by parameter name). It runs on one CPU process without a process group
+and needs the whole model in CPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / METADATA_FILE).is_file()
+
+
+def consolidate(folder: str | Path, output: Optional[str | Path] = None, with_optimizer: bool = False) -> Path:
+    """Gather the shards of ``folder`` into ``output`` (default ``<run dir>/<name>-consolidated.ckpt``)."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    folder = Path(folder)
+    if not is_sharded_checkpoint(folder):
+        raise ValueError(f"{folder} is not a sharded checkpoint folder (no {METADATA_FILE} inside)")
+    output = Path(output) if output else folder.parent / f"{folder.name.removesuffix('.ckpt')}-consolidated.ckpt"
+    checkpoint = _load_distributed_checkpoint(folder)  # full tensors on CPU, plus meta.pt's entries
+    optimizers = sorted(k for k in checkpoint if k.startswith("optimizer_"))
+    states = [checkpoint.pop(k) for k in optimizers]
+    if with_optimizer:
+        checkpoint["sharded_optimizer_states"] = states  # keyed by parameter name (torch.distributed.checkpoint)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+def _pick(run_dir: Path, name: Optional[str]) -> Path:
+    if is_sharded_checkpoint(run_dir):
+        return run_dir
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
+    if name:
+        if not is_sharded_checkpoint(run_dir / name):
+            raise ValueError(f"{run_dir / name} is not a sharded checkpoint folder")
+        return run_dir / name
+    if is_sharded_checkpoint(run_dir / "last.ckpt"):
+        return run_dir / "last.ckpt"
+    steps = sorted(p for p in run_dir.glob("step=*.ckpt") if is_sharded_checkpoint(p))
+    if not steps:
+        raise ValueError(f"{run_dir} holds no sharded checkpoint folder (single-file checkpoints need no "
+                         "consolidation)")
+    return steps[-1]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="parcae consolidate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="run directory (or a sharded checkpoint folder itself)")
+    parser.add_argument("--ckpt_name", default=None, help="checkpoint folder in RUN_DIR (default: last.ckpt, "
+                        "else the latest step=*.ckpt)")
+    parser.add_argument("--output_file", default=None, help="default: RUN_DIR/<name>-consolidated.ckpt")
+    parser.add_argument("--with_optimizer", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
+                        help="also keep the optimizer state (keyed by parameter name)")
+    args = parser.parse_args(argv)
+    try:
+        folder = _pick(Path(args.run_dir), args.ckpt_name)
+    except ValueError as err:
+        sys.exit(f"parcae: error: {err}")
+    print(f"[parcae] consolidating {folder} ...", flush=True)
+    output = consolidate(folder, args.output_file, args.with_optimizer)
+    print(f"[parcae] wrote {output} ({output.stat().st_size / 2**20:,.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
