@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae scaling-law", description=__doc__.splitlines()[0])
     p.add_argument("table", nargs="?", help="CSV of runs (flops, mean_recurrence, tokens, loss, N [, loops])")
     p.add_argument("--sweep", help="collect finished runs of this sweep file instead of reading a CSV")
-    p.add_argument("--runs-dir", default="checkpoints")
+    p.add_argument("--runs_dir", default="checkpoints")
     p.add_argument("--out", type=Path, default=None, help="folder for scaling_law.json and plots")
     args = p.parse_args(argv)
     if bool(args.table) == bool(args.sweep):

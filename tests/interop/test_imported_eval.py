@@ -76,7 +76,7 @@ def test_core_runs_with_the_imported_tokenizer(run, tmp_path):
     bundle = ASSETS / "core_bundle"
     out = tmp_path / "core.json"
     main(["core", "--ckpt_path", str(run / "last.ckpt"), "--bundle", str(bundle), "--tasks", str(bundle / "core.yaml"),
-          "--seeds", "1234", "--max-per-task", "3", "--loops", "2", "--device", "cpu", "--out", str(out)])
+          "--seeds", "1234", "--max_per_task", "3", "--loops", "2", "--device", "cpu", "--out", str(out)])
     model, _ = load_checkpoint(run / "last.ckpt")
     expected = CoreScorer(model, load_tokenizer(str(RELEASE / "tokenizer.json")), loops=2).evaluate(
         bundle, load_tasks(str(bundle / "core.yaml")), (1234,), 3, progress=False)
