@@ -18,6 +18,15 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Token-at-a-time steps are many tiny ops: one thread is several times faster than two on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(family="parcae", seed=0, **overrides):
     cfg = ModelConfig(name=f"tiny-{family}", vocab_size=96, block_size=128, d_model=64, n_heads=4, d_ff=128,
                       n_prelude=1, n_recurrent=2, n_coda=1, mean_recurrence=3, backprop_depth=2,
