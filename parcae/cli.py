@@ -44,6 +44,7 @@ VERBS = {
     "prepare": "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
+    "generate": "KV-cached generation at fixed or adaptive depth (`parcae generate --ckpt_path ... --prompt ...`)",
 }
 
 
@@ -53,7 +54,7 @@ VERB_MAINS = {
     "perplexity": "parcae.eval.perplexity:main", "core": "parcae.eval.core:main",
     "scaling-law": "parcae.eval.scaling:main", "fit-loops": "parcae.eval.fits:main",
     "mini": "parcae.eval.miniatures:main", "sweep": "parcae.sweep:main", "prepare": "parcae.cli:_prepare",
-    "model": "parcae.model.__main__:main",
+    "model": "parcae.model.__main__:main", "generate": "parcae.inference.cli:main",
 }
 
 
@@ -102,8 +103,11 @@ class ParcaeTrainer(Trainer):
                            "inside a run directory")
         tok = load_tokenizer(str(datamodule.tokenizer_path))
         ids = [tok.token_to_id("<|bos|>"), *tok.encode(prompt, add_special_tokens=False).ids]
+        from parcae.inference.cli import predict_with_engine
+
         model.generation = {"loops": loops, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                            "top_k": top_k, "seed": seed, "stop_id": tok.token_to_id("<|eos|>")}
+                            "top_k": top_k, "seed": seed, "stop_id": tok.token_to_id("<|eos|>"),
+                            "generate": predict_with_engine}
         loader = torch.utils.data.DataLoader([torch.tensor([ids])], batch_size=None)
         outputs = super().predict(model, loader, None, True, ckpt_path, weights_only)
         texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]

@@ -342,6 +342,8 @@ class LoopedLMModule(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> list[int]:
         g = self.generation
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if g.get("generate") is not None:  # the KV-cached engine (parcae.inference), handed in by `parcae predict`
+            return g["generate"](self.net, ids, g)
         generator = torch.Generator(ids.device).manual_seed(g.get("seed", 0))
         loops = g.get("loops") if self.arch.looped else None
         for _ in range(g.get("max_new_tokens", 100)):
