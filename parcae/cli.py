@@ -45,6 +45,7 @@ VERBS = {
                "`parcae prepare tokenizer --help`",
     "model": "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)",
     "generate": "KV-cached generation at fixed or adaptive depth (`parcae generate --ckpt_path ... --prompt ...`)",
+    "serve": "OpenAI-compatible /v1/completions server with LitServe (`parcae serve --ckpt_path ... --port 8000`)",
 }
 
 
@@ -55,6 +56,7 @@ VERB_MAINS = {
     "scaling-law": "parcae.eval.scaling:main", "fit-loops": "parcae.eval.fits:main",
     "mini": "parcae.eval.miniatures:main", "sweep": "parcae.sweep:main", "prepare": "parcae.cli:_prepare",
     "model": "parcae.model.__main__:main", "generate": "parcae.inference.cli:main",
+    "serve": "parcae.inference.serve:main",
 }
 
 

@@ -208,12 +208,15 @@ class Engine:
                 raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
     @torch.no_grad()
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-               stop_ids: Sequence[int] = (), padding: str = "left",
-               sequences: Optional[Sequence[int]] = None) -> Iterator[StepEvent]:
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
+               padding: str = "left", sequences: Optional[Sequence[int]] = None,
+               limits: Optional[Sequence[int]] = None, halt: Optional[set] = None) -> Iterator[StepEvent]:
         """Generate for every prompt at once, one :class:`StepEvent` per step, until each row hits a stop id or
-        ``max_new_tokens``. ``sequences`` names each row's sequence for its initial-state noise and sampling
-        stream (default 0 for every row, so a row gives the same tokens alone or in any batch)."""
+        its token limit (``limits[i]``, default ``max_new_tokens``). ``sequences`` names each row's sequence for its
+        initial-state noise and sampling stream (default 0 for every row, so a row gives the same tokens alone or
+        in any batch). ``sampling`` may be one setting or one per row. Rows the caller adds to ``halt`` (e.g. on a
+        stop string) end after the current step."""
         if padding not in ("left", "right"):
             raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
         self.check_request(prompts, max_new_tokens)
@@ -245,17 +248,28 @@ class Engine:
                 prev_state = torch.where((lengths > 1)[:, None, None], prev_state, self._noise(seq_ids, lengths - 1))
         col, pos = last_col.clone(), lengths - 1
         step_tokens = tokens.gather(1, last_col[:, None])
-        alive = torch.ones(B, dtype=torch.bool, device=dev)
-        generators = [torch.Generator(device=dev).manual_seed(sampling.seed * 1_000_003 + int(s)) for s in seq_ids]
+        limit = torch.tensor(list(limits) if limits is not None else [max_new_tokens] * B, device=dev)
+        if len(limit) != B or bool((limit < 0).any()) or bool((limit > max_new_tokens).any()):
+            raise ValueError(f"limits must give each of the {B} rows a count in [0, max_new_tokens]")
+        alive = limit > 0
+        per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
+        generators = [torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + int(q))
+                      for s, q in zip(per_row, seq_ids)]
         for i in range(max_new_tokens):
             out = self.forward(cache, step_tokens, col[:, None], pos[:, None], alive[:, None], seq_ids,
                                adaptive=self.adaptive, initial_state=prev_state)
-            nxt = sample(out.logits[:, -1], sampling, generators, self.config.vocab_size, alive)
+            if isinstance(sampling, Sampling):
+                nxt = sample(out.logits[:, -1], sampling, generators, self.config.vocab_size, alive)
+            else:
+                nxt = torch.stack([sample(out.logits[b:b + 1, -1], per_row[b], generators[b:b + 1],
+                                          self.config.vocab_size, alive[b:b + 1])[0] for b in range(B)])
             stopped = torch.isin(nxt, torch.tensor(list(stop_ids), device=dev, dtype=torch.long)) & alive
-            finished = stopped | (alive & (i + 1 == max_new_tokens))
+            finished = stopped | (alive & (i + 1 >= limit))
             yield StepEvent(i, nxt.tolist(), out.depth[:, -1].tolist(), alive.tolist(),
                             (finished | ~alive).tolist(), out.logits[:, -1])
             alive = alive & ~finished
+            if halt:
+                alive[list(halt)] = False
             if not bool(alive.any()):
                 return
             if self.continuous:
