@@ -46,12 +46,12 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "parcae.inference.serve",  # = `parcae serve`, without Lightning imports
                              "--ckpt_path", str(ckpt), "--port", str(port),
                              "--max_batch_size", "4", "--batch_timeout", "0.3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + proc.stdout.read().decode())
+            raise RuntimeError("server exited:\n" + (root / "server.log").read_text())
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
