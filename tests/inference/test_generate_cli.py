@@ -111,3 +111,16 @@ def test_exit_rule_on_a_fixed_depth_gpt_is_refused(runs, tmp_path):
     with pytest.raises(SystemExit, match="fixed-depth model"):
         main(["generate", "--ckpt_path", str(ckpt), "--prompts", str(prompts), "--output", str(out), "--exit", "kl"])
     assert not out.exists()  # nothing half-written
+
+
+def test_perplexity_exit_reports_loss_and_mean_loops(runs, tmp_path, capsys):
+    ckpt, _ = runs["parcae"]
+    text = tmp_path / "held_out.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York.")
+    main(["perplexity", "--ckpt_path", str(ckpt), "--text", str(text), "--exit", "latent-diff:0.5", "--max_loops", "4",
+          "--kv_policy", "latest", "--window", "16"])
+    out = capsys.readouterr().out
+    saved = json.loads((ckpt.parent / "perplexity_held_out_exit.json").read_text())["results"][0]
+    assert 1 <= saved["mean_loops"] <= 4 and saved["loss"] > 0 and f"mean loops/token {saved['mean_loops']:.2f}" in out
+    with pytest.raises(SystemExit, match="unknown exit rule"):
+        main(["perplexity", "--ckpt_path", str(ckpt), "--text", str(text), "--exit", "sometimes"])
