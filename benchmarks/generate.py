@@ -114,7 +114,7 @@ def main() -> None:
         coef = np.polyfit(lengths, times, 2)
         total = float(sum(np.polyval(coef, L) for L in range(P, N)))
         # the short range is also measured for real, as a check on the fit
-        short = min(64, new)
+        short = min(32, new)
         measured_short = uncached_generate_seconds(model, prompt, short, T)
         fitted_short = float(sum(np.polyval(coef, L) for L in range(P, P + short)))
         result["uncached"] = {"seconds": total, "tokens_per_s": new / total,
