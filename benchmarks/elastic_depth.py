@@ -78,10 +78,37 @@ def main() -> None:
     payload = {"checkpoint": str(args.ckpt_path), "model": model.config.name, "text": args.work,
                "tokens": rows[0]["tokens"], "window": args.window, "max_loops": args.max_loops,
                "kv_policy": args.kv_policy, "auto_thresholds": AUTO_THRESHOLDS, "results": rows}
+    payload["summary"] = summarize(rows, args.max_loops)
+    for line in payload["summary"]["lines"]:
+        print("[elastic] " + line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(payload, args.out.with_suffix(".png"))
     print(f"written: {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
+
+
+def summarize(rows: list[dict], max_loops: int) -> dict:
+    """Each rule against fixed depth at equal compute (fixed-depth loss interpolated at the rule's mean loops), and
+    what the auto thresholds save against running max_loops and against the fixed depth that matches their loss."""
+    import numpy as np
+
+    fixed = sorted((r["mean_loops"], r["loss"]) for r in rows if r["exit"] is None)
+    fx, fy = np.array([f[0] for f in fixed]), np.array([f[1] for f in fixed])
+    per_rule, lines = {}, []
+    for rule in THRESHOLDS:
+        pts = [r for r in rows if r["exit"] and r["exit"].startswith(rule + ":")]
+        gaps = [r["loss"] - float(np.interp(r["mean_loops"], fx, fy)) for r in pts]
+        auto = next(r for r in pts if float(r["exit"].split(":")[1]) == AUTO_THRESHOLDS[rule])
+        match = next((T for T, loss in fixed if loss <= auto["loss"] + 1e-12), None)
+        per_rule[rule] = {"mean_gap_vs_fixed": float(np.mean(gaps)), "min_gap_vs_fixed": float(np.min(gaps)),
+                          "auto_mean_loops": auto["mean_loops"], "auto_loss": auto["loss"],
+                          "fixed_T_matching_auto_loss": match}
+        lines.append(f"{rule:<17} loss - fixed at equal mean loops: mean {np.mean(gaps):+.4f}, best {np.min(gaps):+.4f};"
+                     f" auto: {auto['mean_loops']:.2f} loops/token ({100 * (1 - auto['mean_loops'] / max_loops):.0f}% "
+                     f"fewer than max_loops {max_loops}), loss {auto['loss']:.4f}; fixed depth needs T = {match}")
+    best_fixed = int(fx[int(np.argmin(fy))])
+    lines.append(f"best fixed depth: T = {best_fixed}, loss {fy.min():.4f}")
+    return {"per_rule": per_rule, "best_fixed_T": best_fixed, "best_fixed_loss": float(fy.min()), "lines": lines}
 
 
 def plot(payload: dict, path: Path) -> None:
