@@ -6,7 +6,7 @@ The uncached generator runs one full forward over the whole context per new toke
 hours to 1,024 tokens, so by default it is *timed* on single forwards at a few context lengths, t(L) is fitted
 as a + b·L + c·L² and summed over L = 32 .. 1,023 (``--uncached_full`` times the real thing instead).
 
-    python benchmarks/generate.py                        # ~10 minutes on 2 CPU cores
+    python benchmarks/generate.py                        # ~15 minutes on one busy CPU core
     python benchmarks/generate.py --preset parcae-debug --new_tokens 64 --threads 1    # a quick check
 """
 
@@ -57,7 +57,7 @@ def uncached_generate_seconds(model, prompt, new_tokens, loops):
     return time.perf_counter() - start
 
 
-def kv_bytes_per_token(model, loops, policies, capacity=256):
+def kv_bytes_per_token(model, loops, policies, capacity=64):
     rows = []
     for policy in policies:
         adaptive = policy != "fixed"
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--prompt_tokens", type=int, default=32)
     p.add_argument("--total_tokens", type=int, default=1024)
     p.add_argument("--batch8_tokens", type=int, default=128, help="new tokens per row for the batch-8 figure")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest for token-at-a-time steps on a shared CPU")
     p.add_argument("--uncached_full", action="store_true", help="time real uncached generation to total_tokens")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/generate.json"))
     args = p.parse_args()
@@ -114,7 +114,7 @@ def main() -> None:
         coef = np.polyfit(lengths, times, 2)
         total = float(sum(np.polyval(coef, L) for L in range(P, N)))
         # the short range is also measured for real, as a check on the fit
-        short = min(32, new)
+        short = min(16, new)
         measured_short = uncached_generate_seconds(model, prompt, short, T)
         fitted_short = float(sum(np.polyval(coef, L) for L in range(P, P + short)))
         result["uncached"] = {"seconds": total, "tokens_per_s": new / total,
