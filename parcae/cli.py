@@ -53,6 +53,10 @@ VERBS = {
                "import an official Parcae/GPT release into a run directory: `parcae import SandyResearch/parcae-140m`"),
     "export": ("parcae.interop.commands:export_main",
                "write a run in the official release layout: `parcae export --format official <run dir> <folder>`"),
+    "generate": ("parcae.inference.cli:main",
+                 "KV-cached generation at fixed or adaptive depth (`parcae generate --ckpt_path ... --prompt ...`)"),
+    "serve": ("parcae.inference.serve:main",
+              "OpenAI-compatible /v1/completions server with LitServe (`parcae serve --ckpt_path ... --port 8000`)"),
     "consolidate": ("parcae.training.consolidate:main",
                     "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)"),
 }
@@ -62,6 +66,11 @@ CLIError = UsageError  # the name older code and tests use
 
 class ParcaeCLI(RecipeCLI):
     """``parcae fit/validate/test/predict``: the recipe CLI plus the report of a test-time loop sweep."""
+
+    def before_predict(self) -> None:
+        from parcae.inference.cli import predict_with_engine
+
+        self.model.generate_fn = predict_with_engine  # predict decodes with the KV-cached engine (parcae.inference)
 
     def after_test(self) -> None:
         module = self.model

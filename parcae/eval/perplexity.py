@@ -2,6 +2,10 @@
 per byte.
 
     parcae perplexity --ckpt_path checkpoints/run/last.ckpt --text wiki.test.raw --loops 1,4,8
+    parcae perplexity --ckpt_path ... --text held_out.txt --exit kl:1e-3 --max_loops 16 --kv_policy latest
+
+With ``--exit`` every token is decoded teacher-forced through the KV-cached engine (parcae.inference.elastic) with
+its own adaptive depth; the table then reports the loss and the mean loops per token.
 
 The text is tokenized once (``<|bos|>`` first) and scored in consecutive windows of ``block_size`` predicted tokens;
 each window after the first is given the last ``context`` tokens before it as conditioning (lm-eval's rolling
@@ -87,7 +91,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--context", type=int, default=1, help="tokens of preceding context for each later window")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
+                   help="adaptive depth through the generation engine: latent-diff, kl, entropy-diff, argmax-stability")
+    p.add_argument("--min_loops", type=int, default=1)
+    p.add_argument("--max_loops", type=int, default=None)
+    p.add_argument("--kv_policy", default="full", metavar="full|latest|ring:K")
+    p.add_argument("--continuous", action="store_true", help="warm-start each token from the previous final state")
     args = p.parse_args(argv)
+    if args.exit is not None:
+        return _main_elastic(args)
     from parcae.data import load_tokenizer
     from parcae.model import parse_loops
 
@@ -116,6 +128,34 @@ def main(argv: Optional[list[str]] = None) -> None:
     Console().print(table)
     out = Path(args.ckpt_path).with_name(f"perplexity_{args.text.stem}.json")
     out.write_text(json.dumps({"text": str(args.text), "results": rows}, indent=2) + "\n")
+    print(f"written: {out}")
+
+
+def _main_elastic(args) -> None:
+    """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
+    from parcae.data import load_tokenizer
+    from parcae.inference import Engine
+    from parcae.inference.elastic import elastic_nll
+
+    from .checkpoint import load_checkpoint
+
+    try:
+        if args.loops:
+            raise ValueError("give either --loops or --exit, not both")
+        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        engine = Engine(model, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
+                        kv_policy=args.kv_policy, continuous=args.continuous)
+        tok = load_tokenizer(str(tok_path))
+        text = args.text.read_text(encoding="utf-8")
+        ids = [tok.token_to_id("<|bos|>"), *tok.encode(text, add_special_tokens=False).ids]
+        row = elastic_nll(engine, ids, args.window or model.config.block_size)
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
+        raise SystemExit(f"parcae perplexity: error: {err}") from None
+    print(f"{args.text.name}: exit {row['exit']} (max_loops {row['max_loops']}, kv {row['kv_policy']}): "
+          f"loss {row['loss']:.4f} nats/token, token ppl {row['perplexity']:.3f}, mean loops/token "
+          f"{row['mean_loops']:.2f} over {row['tokens']:,} tokens")
+    out = Path(args.ckpt_path).with_name(f"perplexity_{args.text.stem}_exit.json")
+    out.write_text(json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
     print(f"written: {out}")
 
 

@@ -44,11 +44,15 @@ def rope_table(seq_len: int, head_dim: int, base: float, device=None) -> Tensor:
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x [B, S, H, hd] by the table's angles.
 
-    Interleaved (GPT-J / complex) convention, not NeoX half-rotation; fp32 math, cast back.
+    Interleaved (GPT-J / complex) convention, not NeoX half-rotation; fp32 math, cast back. The table is
+    either the first S rows of the position table or, for tokens at arbitrary positions, [B, S, hd/2, 2].
     """
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos = table[: x.shape[1], None, :, 0]
-    sin = table[: x.shape[1], None, :, 1]
+    if table.dim() == 4:  # [B, S, hd/2, 2]: rows already picked per token (cached decoding, padded batches)
+        cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
+    else:
+        cos = table[: x.shape[1], None, :, 0]
+        sin = table[: x.shape[1], None, :, 1]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
     return out.flatten(-2).to(x.dtype)
@@ -69,7 +73,9 @@ class Attention(nn.Module):
         # v ← v + 2σ(W_g a[..., :32])·ve: one gate per KV head (nanochat value embeddings).
         self.ve_gate = nn.Linear(VALUE_GATE_CHANNELS, self.kv_heads, bias=False) if has_value_embedding else None
 
-    def forward(self, a: Tensor, rope: Tensor, value_embedding: Optional[Tensor] = None) -> Tensor:
+    def forward(self, a: Tensor, rope: Tensor, value_embedding: Optional[Tensor] = None, cache=None) -> Tensor:
+        """Causal self-attention over ``a`` [B, S, d]; with ``cache`` (see :mod:`parcae.inference.cache`) the new
+        keys/values are stored there and the queries attend to everything the cache allows (its mask)."""
         B, S, _ = a.shape
         q = self.q_proj(a).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(a).view(B, S, self.kv_heads, self.head_dim)
@@ -80,9 +86,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.qk_norm:  # parameter-free, after RoPE; eps=None is the dtype's machine epsilon
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=self.kv_heads != self.n_heads)  # KV heads shared by consecutive query heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=self.kv_heads != self.n_heads)  # KV heads shared by consecutive query heads
+        else:
+            keys, values, mask = cache.update(k, v)  # [B, kv_heads, L, hd] x2, bool [B, 1, S, L]
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                               enable_gqa=self.kv_heads != self.n_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # B may be 0
 
 
@@ -130,9 +141,9 @@ class Block(nn.Module):
             self.attn_out_norm = RMSNorm(config.d_model, config.norm_eps)
             self.mlp_out_norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, value_embedding: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, value_embedding: Optional[Tensor] = None, cache=None) -> Tensor:
         if self.sandwich:
-            x = self.attn_out_norm(self.attn(self.attn_norm(x), rope, value_embedding) + x)
+            x = self.attn_out_norm(self.attn(self.attn_norm(x), rope, value_embedding, cache) + x)
             return self.mlp_out_norm(self.mlp(self.mlp_norm(x)) + x)
-        x = x + self.attn(self.attn_norm(x), rope, value_embedding)
+        x = x + self.attn(self.attn_norm(x), rope, value_embedding, cache)
         return x + self.mlp(self.mlp_norm(x))

@@ -37,6 +37,7 @@ from .depth import Depths
 from .init import initialize
 from .injection import make_injection
 from .layers import Block, RMSNorm, rope_table
+from .state import positional_noise
 
 IGNORE_INDEX = -100  # label value excluded from the loss
 
@@ -88,13 +89,14 @@ class LoopedLM(nn.Module):
             depths: per-sequence (no-grad, grad) iteration counts, e.g. from :class:`DepthSampler`.
             initial_state: h₀ [B, S, d]; otherwise ``config.state_init``.
             state_seed: seed for the like-init noise, or one seed per sequence. ``None`` uses the global RNG
-                in training mode and seed 0 in eval mode, so evaluation is deterministic.
+                in training mode and seed 0 in eval mode, so evaluation is deterministic. In eval mode the
+                noise is :func:`parcae.model.state.positional_noise` of (seed, sequence, position).
             telemetry: also return ρ(Ā), mean decay, ‖h_t‖ per iteration, ‖h_T − h_{T−1}‖ (absolute
                 and relative to ‖h_T‖) and the depths run.
         """
         B, S = self._check_input(input_ids)
         rope = self._rope(S)
-        value_embeddings = {int(i): table(input_ids) for i, table in self.value_embeds.items()}  # once, not per loop
+        value_embeddings = self.value_embeddings_of(input_ids)  # once, not per loop
         x = self.wte(input_ids)
         for block in self.prelude:
             x = block(x, rope, value_embeddings.get(block.index))
@@ -113,11 +115,19 @@ class LoopedLM(nn.Module):
             x = self.readout(h) if self.readout is not None else h
         for block in self.coda:
             x = block(x, rope, value_embeddings.get(block.index))
-        logits = F.linear(self.final_norm(x), self.wte.weight).float()
+        logits = self.lm_head(x)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().long(), ignore_index=IGNORE_INDEX)
         return LoopOutput(logits, loss, stats)
+
+    def value_embeddings_of(self, input_ids: Tensor) -> dict[int, Tensor]:
+        """{stack index: value embedding [B, S, kv_heads·head_dim]} for the blocks that have one."""
+        return {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+
+    def lm_head(self, x: Tensor) -> Tensor:
+        """fp32 logits from the coda output: final norm, then the tied embedding."""
+        return F.linear(self.final_norm(x), self.wte.weight).float()
 
     def loop(self, h: Tensor, e: Tensor, depths: Depths, rope: Tensor, value_embeddings: dict[int, Tensor],
              telemetry: bool = False) -> tuple[Tensor, Optional[dict]]:
@@ -211,9 +221,20 @@ class LoopedLM(nn.Module):
             return initial_state.to(device=e.device, dtype=e.dtype)
         if self.config.state_init == "zero":
             return torch.zeros_like(e)
-        if state_seed is None and not self.training:
-            state_seed = 0
-        std = self.config.state_std  # like-init: truncated normal with the embedding std, cut at ±3σ
+        std = self.config.state_std
+        if not self.training:
+            # Evaluation: noise is a function of (seed, sequence, position) only, so a token gets the same h₀
+            # whether it is computed alone, with its prefix (the KV-cached generator) or beside other rows.
+            # An int seed numbers the rows 0..B-1 as sequences; a list gives each row its own identity.
+            B, S = e.shape[:2]
+            if isinstance(state_seed, (list, tuple)):
+                if len(state_seed) != B:
+                    raise ValueError(f"state_seed has {len(state_seed)} seeds for a batch of {B} sequences")
+                seed, sequences = 0, torch.tensor([int(s) for s in state_seed], device=e.device)
+            else:
+                seed, sequences = (0 if state_seed is None else int(state_seed)), torch.arange(B, device=e.device)
+            positions = torch.arange(S, device=e.device).expand(B, S)
+            return positional_noise(seed, sequences, positions, e.shape[-1], std, e.dtype)  # like-init: truncated normal with the embedding std, cut at ±3σ
         h = torch.empty(e.shape, device=e.device, dtype=torch.float32)
         if isinstance(state_seed, (list, tuple)):  # one seed per sequence: noise independent of batch layout
             if len(state_seed) != e.shape[0]:

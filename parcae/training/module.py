@@ -90,6 +90,7 @@ class LoopedLMModule(L.LightningModule):
         self.checkpoint_step: Optional[int] = None
         self.byte_lengths: Optional[torch.Tensor] = None
         self.generation: dict[str, Any] = {}
+        self.generate_fn = None  # set by the command line: (net, ids, settings) -> token ids
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -293,6 +294,8 @@ class LoopedLMModule(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> list[int]:
         g = self.generation
         ids = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.generate_fn is not None:  # the KV-cached engine (parcae.inference), handed in by `parcae predict`
+            return self.generate_fn(self.net, ids, g)
         generator = torch.Generator(ids.device).manual_seed(g.get("seed", 0))
         loops = g.get("loops") if self.arch.looped else None
         for _ in range(g.get("max_new_tokens", 100)):

@@ -1,0 +1,103 @@
+"""Adaptive-depth exit rules: when a token may stop looping.
+
+Each rule looks at the state after iteration t (and, for the output-based ones, at the next-token distribution
+read out from it) and says, per token, whether it has converged. The rules and their default ("auto")
+thresholds are the ones Huginn ships (seal-rg/recurrent-pretraining, ``recpre/raven_modeling_minimal.py``):
+
+| rule               | value after iteration t                          | exit when   | auto  |
+|--------------------|--------------------------------------------------|-------------|-------|
+| `latent-diff`      | ‖h_t − h_{t−1}‖ / ‖h_t‖                          | < threshold | 0.03  |
+| `kl`               | KL(p_{t−1} ‖ p_t) of next-token distributions    | < threshold | 1e-3  |
+| `entropy-diff`     | |H(p_t) − H(p_{t−1})|                            | < threshold | 1e-3  |
+| `argmax-stability` | iterations the argmax has stayed the same        | >= N        | 5     |
+
+h_{−1} is the initial state, p_{−1} the uniform distribution and H(p_{−1}) = +∞ (so entropy-diff never exits
+after the first iteration). ``--exit RULE:THRESHOLD`` overrides the threshold.
+
+    rule = ExitRule.parse("kl:1e-4")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AUTO_THRESHOLDS = {"latent-diff": 0.03, "kl": 1e-3, "entropy-diff": 1e-3, "argmax-stability": 5}
+NEEDS_LOGITS = {"latent-diff": False, "kl": True, "entropy-diff": True, "argmax-stability": True}
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    name: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> "ExitRule":
+        name, _, thr = str(text).strip().partition(":")
+        if name not in AUTO_THRESHOLDS:
+            raise ValueError(f"unknown exit rule {name!r}; choose one of {', '.join(AUTO_THRESHOLDS)} "
+                             "(optionally RULE:THRESHOLD)")
+        if not thr or thr == "auto":
+            return cls(name, AUTO_THRESHOLDS[name])
+        try:
+            value = float(thr)
+        except ValueError:
+            raise ValueError(f"exit rule {text!r}: threshold {thr!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"exit rule {text!r}: the threshold must be > 0, got {thr}")
+        if name == "argmax-stability" and value != int(value):
+            raise ValueError(f"exit rule {text!r}: argmax-stability counts iterations, give an integer")
+        return cls(name, value)
+
+    @property
+    def needs_logits(self) -> bool:
+        return NEEDS_LOGITS[self.name]
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.threshold:g}"
+
+    def start(self, h0: Tensor, vocab_size: int) -> "ExitTracker":
+        return ExitTracker(self, h0, vocab_size)
+
+
+class ExitTracker:
+    """The running quantities of one rule over one loop (per token, shape [B, S])."""
+
+    def __init__(self, rule: ExitRule, h0: Tensor, vocab_size: int) -> None:
+        self.rule = rule
+        self.prev_h = h0
+        shape = h0.shape[:-1]
+        self.prev_log_probs: Optional[Tensor] = None
+        self.vocab_size = vocab_size
+        self.prev_entropy = torch.full(shape, math.inf, device=h0.device)
+        self.prev_argmax = torch.full(shape, -1, dtype=torch.long, device=h0.device)
+        self.stable = torch.zeros(shape, dtype=torch.long, device=h0.device)
+
+    def update(self, h: Tensor, logits: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(converged [B, S] bool, rule value [B, S]) after one more iteration."""
+        name, thr = self.rule.name, self.rule.threshold
+        if name == "latent-diff":
+            value = (h - self.prev_h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-12)
+            self.prev_h = h
+            return value < thr, value
+        log_probs = F.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+        if name == "kl":
+            prev = self.prev_log_probs if self.prev_log_probs is not None else \
+                torch.full_like(log_probs, -math.log(self.vocab_size))
+            value = (prev.exp() * (prev - log_probs)).sum(-1)
+            self.prev_log_probs = log_probs
+            return value < thr, value
+        if name == "entropy-diff":
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            value = (entropy - self.prev_entropy).abs()
+            self.prev_entropy = entropy
+            return value < thr, value
+        argmax = log_probs.argmax(-1)
+        self.stable = torch.where(argmax == self.prev_argmax, self.stable + 1, torch.zeros_like(self.stable))
+        self.prev_argmax = argmax
+        return self.stable >= thr, self.stable.float()

@@ -1,0 +1,271 @@
+"""The generation engine against the model's own full forward: cached = uncached, batched = alone, exit rules and
+KV policies by their defining behaviour. Tiny random models (d = 64), CPU fp32."""
+
+import math
+
+import pytest
+import torch
+
+from parcae.inference import Engine, ExitRule, KVPolicy, Sampling
+from parcae.model import LoopedLM, ModelConfig
+from parcae.model.state import positional_noise
+
+FAMILIES = {
+    "parcae": dict(n_kv_heads=2),
+    "rdm": dict(injection="concat", block="sandwich", readout=False, prelude_norm=False, mlp="swiglu",
+                qk_norm=False, value_embeddings=False, init="scaled"),
+    "gpt": dict(injection="none"),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Token-at-a-time steps are many tiny ops: one thread is several times faster than two on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(family="parcae", seed=0, **overrides):
+    cfg = ModelConfig(name=f"tiny-{family}", vocab_size=96, block_size=128, d_model=64, n_heads=4, d_ff=128,
+                      n_prelude=1, n_recurrent=2, n_coda=1, mean_recurrence=3, backprop_depth=2,
+                      **{**FAMILIES[family], **overrides})
+    torch.manual_seed(seed)
+    model = LoopedLM(cfg).eval()
+    with torch.no_grad():  # the scaled-zero init starts output projections at 0: give every weight some signal
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def loops_kw(model, loops):
+    return {"loops": loops} if model.config.looped else {}
+
+
+@pytest.mark.parametrize("family", ["parcae", "rdm", "gpt"])
+def test_cached_generation_equals_the_full_forward(family):
+    model = tiny_model(family)
+    loops = 3 if model.config.looped else None
+    engine = Engine(model, loops=loops)
+    prompt = [0, 17, 4, 33, 8]
+    events = list(engine.stream([prompt], max_new_tokens=64))
+    generated = [e.tokens[0] for e in events]
+    assert len(generated) == 64
+    cached = torch.stack([e.logits[0] for e in events])                         # [64, V]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + generated]), **loops_kw(model, loops)).logits[0]
+    reference = full[len(prompt) - 1: -1]
+    assert (cached - reference).abs().max().item() <= 1e-5
+    assert generated == reference[:, : model.config.vocab_size].argmax(-1).tolist()   # greedy, token for token
+
+
+@pytest.mark.parametrize("family", ["parcae", "rdm", "gpt"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_batched_generation_equals_each_prompt_alone(family, padding):
+    model = tiny_model(family, seed=1)
+    engine = Engine(model)
+    prompts = [[0, 5, 6, 7, 8, 9, 10], [0, 40], [0, 3, 3, 50, 51]]
+    sampling = Sampling(temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    stop = [11, 12, 13]  # common enough to end some rows early, at their own step
+    batched = engine.generate(prompts, 24, sampling, stop_ids=stop, padding=padding, sequences=[0, 1, 2])
+    alone = [engine.generate([p], 24, sampling, stop_ids=stop, sequences=[i])[0] for i, p in enumerate(prompts)]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone]
+    assert [g.depths for g in batched] == [g.depths for g in alone]
+    assert len({len(g.tokens) for g in batched}) > 1 or all(len(g.tokens) == 24 for g in batched)
+    for g in batched:
+        assert g.stopped == (g.tokens[-1] in stop) and all(t not in stop for t in g.tokens[:-1])
+
+
+def test_batched_adaptive_generation_equals_alone():
+    model = tiny_model("parcae", seed=2)
+    engine = Engine(model, exit="latent-diff:0.2", max_loops=8, kv_policy="latest")
+    prompts = [[0, 1, 2, 3, 4, 5], [0, 9]]
+    batched = engine.generate(prompts, 16, padding="right")
+    alone = [engine.generate([p], 16)[0] for p in prompts]
+    assert [(g.tokens, g.depths) for g in batched] == [(g.tokens, g.depths) for g in alone]
+
+
+# -- exit rules --------------------------------------------------------------------------------------------------
+def states_and_logits_by_hand(model, token, T):
+    """h_t and the logits read out from h_t, t = 1..T, of a lone first token, with the model's modules directly."""
+    ids = torch.tensor([[token]])
+    with torch.no_grad():
+        x = model.wte(ids)
+        ve = model.value_embeddings_of(ids)
+        rope = model.rope
+        for block in model.prelude:
+            x = block(x, rope, ve.get(block.index))
+        e = model.prelude_norm(x)
+        drive = model.injection.input_term(e)
+        h = positional_noise(0, torch.tensor([0]), torch.tensor([[0]]), model.config.d_model, model.config.state_std)
+        states, logits = [h], []
+        for _ in range(T):
+            h = model.recurrent_step(h, drive, rope, ve)
+            y = model.readout(h)
+            for block in model.coda:
+                y = block(y, rope, ve.get(block.index))
+            states.append(h)
+            logits.append(model.lm_head(y)[0, 0, : model.config.vocab_size])
+    return states, logits
+
+
+def rule_values_by_hand(rule, states, logits):
+    V = logits[0].numel()
+    values, prev_lp, prev_H, prev_arg, stable = [], torch.full((V,), -math.log(V)), math.inf, None, 0
+    for t in range(1, len(states)):
+        lp = torch.log_softmax(logits[t - 1], -1)
+        if rule == "latent-diff":
+            values.append(((states[t] - states[t - 1]).norm() / states[t].norm()).item())
+        elif rule == "kl":
+            values.append((prev_lp.exp() * (prev_lp - lp)).sum().item())
+        elif rule == "entropy-diff":
+            H = -(lp.exp() * lp).sum().item()
+            values.append(abs(H - prev_H))
+            prev_H = H
+        else:
+            arg = int(lp.argmax())
+            stable = stable + 1 if arg == prev_arg else 0
+            prev_arg = arg
+            values.append(stable)
+        prev_lp = lp
+    return values
+
+
+@pytest.mark.parametrize("rule", ["latent-diff", "kl", "entropy-diff", "argmax-stability"])
+def test_each_exit_rule_stops_at_the_first_iteration_meeting_its_criterion(rule):
+    model = tiny_model("parcae", seed=3)
+    T = 12
+    states, logits = states_and_logits_by_hand(model, 0, T)
+    values = rule_values_by_hand(rule, states, logits)
+    if rule == "argmax-stability":
+        threshold = 2
+        met = [v >= threshold for v in values]
+    else:  # a threshold inside the observed range, so the rule must pick the iteration itself
+        threshold = sorted(values)[len(values) // 2] * 1.0001
+        met = [v < threshold for v in values]
+    min_loops = 2
+    expected = next((t + 1 for t, ok in enumerate(met) if ok and t + 1 >= min_loops), T)
+    engine = Engine(model, exit=f"{rule}:{threshold}", min_loops=min_loops, max_loops=T, kv_policy="latest")
+    event = next(iter(engine.stream([[0]], 1)))
+    assert event.depths == [expected]
+    torch.testing.assert_close(event.logits[0, :96], logits[expected - 1], atol=1e-5, rtol=0)
+
+
+def test_min_and_max_loops_bound_the_depth_and_equal_bounds_are_fixed_depth():
+    model = tiny_model("parcae", seed=4)
+    loose = Engine(model, exit="latent-diff:10", min_loops=3, max_loops=6).generate([[0, 1, 2]], 8)[0]
+    assert loose.depths == [3] * 8  # a threshold every iteration meets: exit as soon as allowed
+    strict = Engine(model, exit="kl:1e-30", min_loops=1, max_loops=5).generate([[0, 1, 2]], 8)[0]
+    assert strict.depths == [5] * 8  # never met: max_loops
+    pinned = Engine(model, exit="kl", min_loops=4, max_loops=4, kv_policy="latest").generate([[0, 1, 2]], 8)[0]
+    fixed = Engine(model, loops=4).generate([[0, 1, 2]], 8)[0]
+    assert pinned.tokens == fixed.tokens
+
+
+def test_exit_rule_parsing_and_auto_thresholds():
+    assert ExitRule.parse("latent-diff").threshold == 0.03
+    assert ExitRule.parse("kl").threshold == 1e-3
+    assert ExitRule.parse("entropy-diff").threshold == 1e-3
+    assert ExitRule.parse("argmax-stability").threshold == 5
+    assert ExitRule.parse("kl:1e-4").threshold == 1e-4
+    for bad in ("cosine", "kl:0", "kl:-1", "kl:abc", "argmax-stability:2.5"):
+        with pytest.raises(ValueError):
+            ExitRule.parse(bad)
+
+
+# -- KV policies -------------------------------------------------------------------------------------------------
+def test_full_policy_computes_every_iteration_and_latest_only_the_ones_run():
+    model = tiny_model("parcae", seed=5)
+    prompt, n_new, T = [0, 4, 5], 12, 8
+    full = Engine(model, exit="latent-diff:0.15", max_loops=T, kv_policy="full")
+    latest = Engine(model, exit="latent-diff:0.15", max_loops=T, kv_policy="latest")
+    g_full, g_latest = full.generate([prompt], n_new)[0], latest.generate([prompt], n_new)[0]
+    prefill = (len(prompt) - 1) * T
+    # full: every token runs max_loops (the last generated token is never fed back)
+    assert full.iterations_run == prefill + n_new * T
+    # latest: a token computes exactly the iterations its exit allowed, never one it skipped
+    assert latest.iterations_run == prefill + sum(g_latest.depths)
+    assert min(g_latest.depths) < T  # the rule did fire, so something was skipped
+    assert g_full.depths[0] == g_latest.depths[0]  # same context so far: same first decision
+
+
+def test_latest_and_ring_equal_full_when_nothing_is_skipped():
+    model = tiny_model("parcae", seed=6)
+    prompt = [0, 7, 8, 9]
+    never = "argmax-stability:1000"   # never fires: every token runs max_loops
+    ref = Engine(model, loops=6).generate([prompt], 10)[0].tokens
+    for policy in ("full", "latest", "ring:6", "ring:9"):
+        assert Engine(model, exit=never, max_loops=6, kv_policy=policy).generate([prompt], 10)[0].tokens == ref
+
+
+def test_ring_keeps_k_slots_per_recurrent_block_whatever_the_depth():
+    model = tiny_model("parcae", seed=7)
+    engine = Engine(model, loops=10, kv_policy="ring:3")
+    cache = engine.new_cache(1, 16)
+    list(engine.stream([[0, 1, 2]], 5))  # run once to see which slots a real generation allocates
+    cache = engine.new_cache(1, 16)
+    tokens = torch.tensor([[0, 1, 2]])
+    cols = torch.arange(3)[None]
+    engine.forward(cache, tokens, cols, cols, torch.ones(1, 3, dtype=torch.bool), torch.tensor([0]), adaptive=False)
+    assert [sorted(s) for s in cache.slots] == [[0, 1, 2], [0, 1, 2]]
+    full_cache = Engine(model, loops=10).new_cache(1, 16)
+    Engine(model, loops=10).forward(full_cache, tokens, cols, cols, torch.ones(1, 3, dtype=torch.bool),
+                                    torch.tensor([0]), adaptive=False)
+    assert [len(s) for s in full_cache.slots] == [10, 10]
+    assert cache.nbytes() < full_cache.nbytes()
+
+
+def test_continuous_warm_start_begins_each_token_from_the_previous_final_state():
+    model = tiny_model("parcae", seed=8)
+    T = 3
+    engine = Engine(model, loops=T, continuous=True)
+    events = list(engine.stream([[0, 21]], 2))
+    # By hand: token 0 from noise (its final state h_T), token 1 from h_T of token 0, in one full forward.
+    states, _ = states_and_logits_by_hand(model, 0, T)
+    h0 = torch.cat([states[0], states[-1]], dim=1)
+    with torch.no_grad():
+        ref = model(torch.tensor([[0, 21]]), loops=T, initial_state=h0).logits[0, 1]
+    torch.testing.assert_close(events[0].logits[0], ref, atol=1e-5, rtol=0)
+    cold = next(iter(Engine(model, loops=T).stream([[0, 21]], 1)))
+    assert not torch.allclose(cold.logits[0], ref)
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+def test_sampling_is_seeded_and_top_k_top_p_restrict_the_support():
+    from parcae.inference import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    def draws(s, n=200, seed=0):
+        g = [torch.Generator().manual_seed(seed)]
+        return {int(sample(logits, s, g, 4)[0]) for _ in range(n)}
+    assert draws(Sampling(temperature=1.0, top_k=2)) == {0, 1}
+    assert draws(Sampling(temperature=1.0, top_p=0.8)) == {0, 1}          # 0.5 + 0.3 reaches 0.8
+    assert draws(Sampling(temperature=1.0, top_p=0.81)) == {0, 1, 2}
+    assert draws(Sampling(temperature=1.0)) == {0, 1, 2, 3}
+    assert draws(Sampling(temperature=0.0)) == {0}
+    model = tiny_model("parcae", seed=9)
+    s = Sampling(temperature=1.0, seed=3)
+    a, b = (Engine(model).generate([[0, 1]], 12, s)[0].tokens for _ in range(2))
+    c = Engine(model).generate([[0, 1]], 12, Sampling(temperature=1.0, seed=4))[0].tokens
+    assert a == b and a != c
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_bad_requests_are_refused_with_a_message():
+    parcae, gpt = tiny_model("parcae"), tiny_model("gpt")
+    cases = [
+        (lambda: Engine(parcae, exit="nope"), "unknown exit rule"),
+        (lambda: Engine(parcae, kv_policy="sometimes"), "unknown KV policy"),
+        (lambda: Engine(parcae, kv_policy="ring:0"), "ring:K"),
+        (lambda: Engine(parcae, exit="kl:0"), "> 0"),
+        (lambda: Engine(parcae, exit="kl", min_loops=5, max_loops=3), "max_loops"),
+        (lambda: Engine(gpt, exit="kl"), "fixed-depth"),
+        (lambda: Engine(parcae).generate([[0] * 120], 20), "context"),
+        (lambda: Engine(parcae).generate([[]], 5), "no tokens"),
+        (lambda: Engine(parcae).generate([[0]], -1), "max_new_tokens"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert KVPolicy.parse("ring:4").slots == 4
