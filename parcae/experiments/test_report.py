@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 
-def write_test_report(rows: list[dict], out_dir: Path, model_name: str, mean_recurrence: int, looped: bool,
+def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str, mean_recurrence: int, looped: bool,
                       global_step: int, split: str = "val", checkpoint: Optional[str] = None) -> list[Path]:
-    """Print the table and write the files; returns the paths written. A failed fit never loses the results."""
+    """Print the table and write the files (none when ``out_dir`` is None: an unwritable folder); returns the
+    paths written. A failed fit never loses the results."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = Table(title=f"{model_name}: loss by loop count on the {split} split "
                         f"(μ_rec = {mean_recurrence}, step {global_step})")
     for col in ("loops", "loss", "ppl", "bpb", "tokens/s"):
@@ -29,6 +29,9 @@ def write_test_report(rows: list[dict], out_dir: Path, model_name: str, mean_rec
                       "-" if r["bpb"] is None else f"{r['bpb']:.4f}",
                       "-" if r["tokens_per_sec"] is None else f"{r['tokens_per_sec']:,.0f}")
     console.print(table)
+    if out_dir is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": model_name, "mean_recurrence": mean_recurrence, "global_step": global_step,
                "split": split, "checkpoint": checkpoint, "results": rows}
     written = [out_dir / "test_loops.json", out_dir / "test_loops.csv"]
