@@ -75,6 +75,9 @@ def open_shards(root: str | Path, prepare_hint: str | None = None) -> ShardFolde
         if int(manifest["splits"][split]["tokens"]) == 0:
             raise DataError(f"{root / split} holds no tokens; {hint}")
         check_chunks(root / split, hint)
+    for split in OPTIONAL_SPLITS:
+        if (root / split / "index.json").is_file():
+            check_chunks(root / split, hint)
     return ShardFolder(root, manifest)
 
 
