@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--output_dir", default=None,
                    help="folder for perplexity_<text>.json (default: the checkpoint's folder when writable)")
     args = p.parse_args(argv)
-    from parcae.data import check_tokenizer_fits, load_tokenizer
+    from parcae.data import load_tokenizer
     from parcae.model import parse_loops
     from parcae.training.options import check_options, loop_cost_note
     from parcae.training.rundir import results_location
@@ -106,8 +106,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise FileNotFoundError(f"--text {args.text}: no such file")
         out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
         model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
-        tokenizer = load_tokenizer(str(tok_path))
-        check_tokenizer_fits(tokenizer, tok_path, model.config.vocab_size, model.config.name)
+        tokenizer = load_tokenizer(str(tok_path))  # load_checkpoint checked that it fits the model
         loops = requested or [model.config.mean_recurrence]
         cost = loop_cost_note(loops, model.config.mean_recurrence)
         if cost:

@@ -79,6 +79,9 @@ class ParcaeTrainer(Trainer):
         if loops is not None and (loops < 1 or (not model.arch.looped and loops != 1)):
             raise UsageError(f"--loops {loops}: must be >= 1" + ("" if model.arch.looped else
                                                                 f", and {model.arch.name} has no loops"))
+        note = loop_cost_note([loops], model.arch.mean_recurrence) if loops else None
+        if note:
+            print(f"[parcae] {note}", flush=True)
         if datamodule is None:
             raise UsageError("predict needs the data config (for the tokenizer): pass --config or a --ckpt_path "
                              "inside a run directory")
