@@ -273,6 +273,8 @@ class RecipeCLI(LightningCLI):
                                                     world, cfg.inexact_data_resume)
             cfg.ckpt_path = str(resume)
         lock = rundir.RunLock(run_dir).acquire()  # the first write into the run directory
+        if not lock.held:  # a helper process of a multi-process run: the first process tidies and reports
+            return
         if lock.note:
             notes.insert(0, lock.note)
         notes.append(rundir.set_aside_unreadable(unreadable))

@@ -104,6 +104,11 @@ class RunLock:
         _HELD.add(self)
         return self
 
+    @property
+    def held(self) -> bool:
+        """False in the helper processes of a multi-process run, which leave the run directory to the first."""
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is None:
             return
