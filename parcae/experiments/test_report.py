@@ -20,8 +20,8 @@ def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{model_name}: loss by loop count on the {split} split "
-                        f"(μ_rec = {mean_recurrence}, step {global_step})")
+    title = f"{model_name}: loss by loop count on the {split} split (μ_rec = {mean_recurrence}, step {global_step})"
+    table = Table(title=title, min_width=min(len(title) + 2, 100))  # as wide as its title: no wrapped title
     for col in ("loops", "loss", "ppl", "bpb", "tokens/s"):
         table.add_column(col, justify="right")
     for r in rows:
