@@ -15,7 +15,9 @@ run's ``config.yaml`` (model, data, trainer), so a checkpoint path is all they n
 
 from __future__ import annotations
 
+import errno
 import importlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,7 @@ from typing import Optional
 import torch
 
 from parcae.errors import UsageError
+from parcae.training import rundir
 from parcae.training.module import NonFiniteLossError
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 
@@ -80,7 +83,7 @@ class ParcaeCLI(RecipeCLI):
         from parcae.experiments.test_report import write_test_report
 
         step = module.checkpoint_step if module.checkpoint_step is not None else self.trainer.global_step
-        write_test_report(rows, Path(self.trainer.log_dir or "."), module.arch.name, module.arch.mean_recurrence,
+        write_test_report(rows, self.results_dir, module.arch.name, module.arch.mean_recurrence,
                           module.arch.looped, step, split=getattr(self.datamodule, "test_split", "val"),
                           checkpoint=self._cfg().get("ckpt_path"))
 
@@ -97,11 +100,7 @@ def _with_run_config(argv: list[str]) -> list[str]:
             ckpt = arg.split("=", 1)[1]
     if ckpt is None:
         return argv
-    if not Path(ckpt).is_file():
-        if (Path(ckpt) / "meta.pt").is_file():
-            raise CLIError(f"--ckpt_path {ckpt} is a sharded checkpoint folder: run `parcae consolidate "
-                           f"{Path(ckpt).parent} --ckpt_name {Path(ckpt).name}` and pass the file it writes")
-        raise CLIError(f"--ckpt_path {ckpt}: no such checkpoint file")
+    rundir.check_checkpoint(ckpt)
     config = Path(ckpt).resolve().parent / "config.yaml"
     if not config.is_file():
         return argv
@@ -111,7 +110,12 @@ def _with_run_config(argv: list[str]) -> list[str]:
     keep = {k: v for k, v in saved.items() if k in RUN_CONFIG_KEYS}
     if isinstance(keep.get("trainer"), dict):  # devices of the training run may not exist here
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k in EVAL_TRAINER_KEYS}
-    derived = Path(ckpt).resolve().parent / f".{argv[0]}_config.yaml"
+    import atexit
+    import tempfile
+
+    # The evaluation's config exists only to start it: a temporary folder, never the run directory.
+    derived = Path(tempfile.mkdtemp(prefix="parcae-")) / f"{argv[0]}_config.yaml"
+    atexit.register(shutil.rmtree, derived.parent, ignore_errors=True)
     derived.write_text(yaml.safe_dump(keep, sort_keys=False))
     return [argv[0], "--config", str(derived), *argv[1:]]
 
@@ -121,7 +125,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_float32_matmul_precision("high")
     if argv and argv[0] in VERBS:
         module, function = VERBS[argv[0]][0].split(":")
-        return getattr(importlib.import_module(module), function)(argv[1:])
+        try:
+            return getattr(importlib.import_module(module), function)(argv[1:])
+        except UsageError as err:
+            sys.exit(f"parcae {argv[0]}: error: {err}")
+        except OSError as err:  # a file the user named that is missing or unreadable, or a full/read-only disk
+            if _user_named(err, argv) or _write_fault(err):
+                sys.exit(f"parcae {argv[0]}: error: {err.filename}: {rundir.describe_os_error(err)}")
+            raise
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands:\n" + "\n".join(f"  {v:<11} {h}" for v, (_, h) in VERBS.items()) + "\n")
     _quiet_known_noise()
@@ -133,6 +144,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         ParcaeCLI(args=args)
     except (UsageError, NonFiniteLossError) as err:  # user mistakes only: anything else keeps its traceback
         sys.exit(f"parcae: error: {err}")
+    except OSError as err:  # disk full, read-only folder: what failed, and the run's last good checkpoint
+        if not _write_fault(err):
+            raise
+        good = rundir.newest_good_checkpoint(Path(err.filename).parent) if err.filename else None
+        sys.exit(f"parcae: error: could not write {err.filename or 'a file'}: {rundir.describe_os_error(err)}"
+                 + (f"; last good checkpoint: {good}" if good else ""))
+    finally:
+        rundir.release_held_locks()
+
+
+def _write_fault(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _user_named(err: OSError, argv: list[str]) -> bool:
+    """Whether an OSError is about a file the user named on the command line (a mistake, not a bug)."""
+    if not err.filename:
+        return False
+    failed = Path(str(err.filename)).resolve()
+    return any(Path(a.split("=", 1)[-1]).resolve() == failed for a in argv[1:] if a.split("=", 1)[-1])
 
 
 def _quiet_known_noise() -> None:

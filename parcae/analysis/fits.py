@@ -250,10 +250,18 @@ def fit_loops_file(path: str | Path, mean_recurrence: Optional[int] = None, plot
     path = Path(path)
     if path.is_dir():
         path = path / "test_loops.json"
-    data = json.loads(path.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (run `parcae test --loops 1-8` first)")
+    try:
+        data = json.loads(path.read_text())
+        T = [r["loops"] for r in data["results"]]
+        L = [r["loss"] for r in data["results"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a test_loops.json of `parcae test --loops`") from None
     mu = mean_recurrence or data.get("mean_recurrence")
-    T = [r["loops"] for r in data["results"]]
-    L = [r["loss"] for r in data["results"]]
+    if len(set(T)) < 3:
+        raise ValueError(f"{path} holds losses at {len(set(T))} loop count(s) ({data.get('model', 'model')}); a "
+                         "fit needs at least 3 (`parcae test --loops 1-8` on a looped model)")
     fits = {}
     for form in TEST_TIME_FORMS:
         try:
@@ -306,7 +314,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("results", help="test_loops.json from `parcae test --loops`, or its run directory")
     p.add_argument("--mean_recurrence", type=int, default=None, help="μ_rec (default: read from the file)")
     args = p.parse_args(argv)
-    result = fit_loops_file(args.results, args.mean_recurrence)
+    try:
+        result = fit_loops_file(args.results, args.mean_recurrence)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"parcae fit-loops: error: {err}") from None
     from rich.console import Console
     from rich.table import Table
 

@@ -5,9 +5,9 @@ lazily so that data preparation does not pay for importing Lightning.
 """
 
 from .shards import DataError, ShardFolder, check_vocabulary, open_shards
-from .tokenizer import load_tokenizer, token_byte_lengths
+from .tokenizer import check_tokenizer_fits, load_tokenizer, token_byte_lengths
 
-__all__ = ["DataError", "ShardFolder", "TokenDataModule", "check_vocabulary", "load_tokenizer", "open_shards",
+__all__ = ["DataError", "ShardFolder", "TokenDataModule", "check_tokenizer_fits", "check_vocabulary", "load_tokenizer", "open_shards",
            "token_byte_lengths"]
 
 

@@ -74,7 +74,33 @@ def open_shards(root: str | Path, prepare_hint: str | None = None) -> ShardFolde
             raise DataError(f"{root / split} is missing or has no index.json; {hint}")
         if int(manifest["splits"][split]["tokens"]) == 0:
             raise DataError(f"{root / split} holds no tokens; {hint}")
+        check_chunks(root / split, hint)
+    for split in OPTIONAL_SPLITS:
+        if (root / split / "index.json").is_file():
+            check_chunks(root / split, hint)
     return ShardFolder(root, manifest)
+
+
+def check_chunks(split_dir: Path, hint: str = "") -> None:
+    """Every chunk named in LitData's ``index.json`` exists with the size the index records, so a truncated or
+    missing chunk is named here instead of surfacing later as a loader timeout (a stat per chunk; no reading)."""
+    index_path = split_dir / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{index_path} is not valid JSON ({getattr(err, 'msg', err)}); {hint}") from None
+    chunks = index.get("chunks") if isinstance(index, dict) else None
+    if not isinstance(chunks, list) or not chunks:
+        raise DataError(f"{index_path} lists no chunks; {hint}")
+    compressed = (index.get("config") or {}).get("compression")
+    for chunk in chunks:
+        path = split_dir / str(chunk.get("filename", ""))
+        if not path.is_file():
+            raise DataError(f"chunk {path} listed in {index_path} is missing; {hint}")
+        expected, actual = chunk.get("chunk_bytes"), path.stat().st_size
+        if not compressed and isinstance(expected, int) and actual != expected:
+            raise DataError(f"chunk {path} is damaged: {actual:,} bytes where {index_path.name} records "
+                            f"{expected:,}; prepare the shards again")
 
 
 def check_vocabulary(folder: ShardFolder, model_vocab_size: int, model_name: str = "the model") -> None:

@@ -39,6 +39,18 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
+def check_tokenizer_fits(tok: Tokenizer, path: str | Path, model_vocab_size: int, model_name: str = "the model") \
+        -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's: ids past the model's rows would crash, and a
+    smaller vocabulary gives numbers (perplexity, generations) that mean nothing."""
+    from .shards import DataError
+
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size != model_vocab_size:
+        raise DataError(f"tokenizer {path} has a {size:,}-token vocabulary but {model_name} has vocab_size "
+                        f"{model_vocab_size:,}; use the tokenizer the model was trained with")
+
+
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     return {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
 

@@ -250,13 +250,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON output (default: beside the checkpoint)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output (default: beside the checkpoint when that folder is writable, else printed only)")
     args = p.parse_args(argv)
     from parcae.data import load_tokenizer
+    from parcae.training.options import check_options
+    from parcae.training.rundir import results_location
 
     from .checkpoint import load_checkpoint
 
     try:
+        check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), max_per_task=(args.max_per_task, 1))
+        out_dir, note = results_location(Path(args.ckpt_path).parent) if args.out is None else (None, None)
         model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         if args.loops is not None and (args.loops < 1 or (not model.config.looped and args.loops != 1)):
@@ -269,8 +274,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"parcae core: error: {err}") from None
     name = Path(args.tasks).stem if args.tasks.endswith((".yaml", ".yml")) else args.tasks
-    out = args.out or Path(args.ckpt_path).with_name(f"{name}_T{scorer.loops}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or (out_dir / f"{name}_T{scorer.loops}.json" if out_dir is not None else None)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
 
@@ -285,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     Console().print(table)
     if result["skipped_tasks"]:
         print(f"skipped (file not in the bundle): {', '.join(result['skipped_tasks'])}")
-    print(f"written: {out}")
+    print(f"written: {out}" if out is not None else f"[parcae] {note}")
 
 
 if __name__ == "__main__":

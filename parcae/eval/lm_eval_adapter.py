@@ -158,6 +158,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--include_path", default=None, help="folder of local task YAMLs (offline tasks)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    from parcae.training.options import check_options
+    from parcae.training.rundir import results_location
+
+    check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), num_fewshot=(args.num_fewshot, 0))
+    out_dir, note = results_location(Path(args.ckpt_path).parent)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -167,7 +172,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from lm_eval.utils import make_table
 
     print(make_table(results))
-    out = Path(args.ckpt_path).with_name(f"lm_eval_T{lm.loops}.json")
+    if out_dir is None:
+        print(f"[parcae] {note}")
+        return
+    out = out_dir / f"lm_eval_T{lm.loops}.json"
     out.write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
     print(f"written: {out}")
 

@@ -90,7 +90,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's block_size)")
     p.add_argument("--context", type=int, default=1, help="tokens of preceding context for each later window")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one of the run's shards)")
+    p.add_argument("--output_dir", default=None,
+                   help="folder for perplexity_<text>.json (default: the checkpoint's folder when writable)")
     p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
                    help="adaptive depth through the generation engine: latent-diff, kl, entropy-diff, argmax-stability")
     p.add_argument("--min_loops", type=int, default=1)
@@ -102,18 +104,31 @@ def main(argv: Optional[list[str]] = None) -> None:
         return _main_elastic(args)
     from parcae.data import load_tokenizer
     from parcae.model import parse_loops
+    from parcae.training.options import check_options, loop_cost_note
+    from parcae.training.rundir import results_location
 
     from .checkpoint import load_checkpoint
 
     try:
+        check_options(window=(args.window, 1), context=(args.context, 1))
+        if args.window is not None and args.context >= args.window:
+            raise ValueError(f"--context {args.context} must be smaller than --window {args.window}")
+        requested = parse_loops(args.loops) if args.loops is not None else None
+        if not args.text.is_file():
+            raise FileNotFoundError(f"--text {args.text}: no such file")
+        out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
         model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
-        loops = parse_loops(args.loops) if args.loops else [model.config.mean_recurrence]
+        tokenizer = load_tokenizer(str(tok_path))  # load_checkpoint checked that it fits the model
+        loops = requested or [model.config.mean_recurrence]
+        cost = loop_cost_note(loops, model.config.mean_recurrence)
+        if cost:
+            print(f"[parcae] {cost}", flush=True)
         if not model.config.looped:
             if loops not in ([1], [model.config.mean_recurrence]):
                 raise ValueError(f"--loops: {model.config.name} is a fixed-depth model")
             loops = [None]
         text = args.text.read_text(encoding="utf-8")
-        rows = text_perplexity(model, load_tokenizer(str(tok_path)), text, loops, args.window, args.context)
+        rows = text_perplexity(model, tokenizer, text, loops, args.window, args.context)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
         raise SystemExit(f"parcae perplexity: error: {err}") from None
     from rich.console import Console
@@ -126,8 +141,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         table.add_row(str(r["loops"] or "-"), f"{r['token_perplexity']:.3f}", f"{r['word_perplexity']:.3f}",
                       f"{r['bits_per_byte']:.4f}")
     Console().print(table)
-    out = Path(args.ckpt_path).with_name(f"perplexity_{args.text.stem}.json")
-    out.write_text(json.dumps({"text": str(args.text), "results": rows}, indent=2) + "\n")
+    if out_dir is None:
+        print(f"[parcae] {note}")
+        return
+    out = out_dir / f"perplexity_{args.text.stem}.json"
+    out.write_text(json.dumps({"text": str(args.text), "checkpoint": str(args.ckpt_path), "results": rows},
+                              indent=2) + "\n")
     print(f"written: {out}")
 
 
@@ -154,7 +173,13 @@ def _main_elastic(args) -> None:
     print(f"{args.text.name}: exit {row['exit']} (max_loops {row['max_loops']}, kv {row['kv_policy']}): "
           f"loss {row['loss']:.4f} nats/token, token ppl {row['perplexity']:.3f}, mean loops/token "
           f"{row['mean_loops']:.2f} over {row['tokens']:,} tokens")
-    out = Path(args.ckpt_path).with_name(f"perplexity_{args.text.stem}_exit.json")
+    from parcae.training.rundir import results_location
+
+    out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
+    if out_dir is None:
+        print(note)
+        return
+    out = out_dir / f"perplexity_{args.text.stem}_exit.json"
     out.write_text(json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
     print(f"written: {out}")
 

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 
-def write_test_report(rows: list[dict], out_dir: Path, model_name: str, mean_recurrence: int, looped: bool,
+def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str, mean_recurrence: int, looped: bool,
                       global_step: int, split: str = "val", checkpoint: Optional[str] = None) -> list[Path]:
-    """Print the table and write the files; returns the paths written. A failed fit never loses the results."""
+    """Print the table and write the files (none when ``out_dir`` is None: an unwritable folder); returns the
+    paths written. A failed fit never loses the results."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = Table(title=f"{model_name}: loss by loop count on the {split} split "
-                        f"(μ_rec = {mean_recurrence}, step {global_step})")
+    title = f"{model_name}: loss by loop count on the {split} split (μ_rec = {mean_recurrence}, step {global_step})"
+    table = Table(title=title, min_width=min(len(title) + 2, 100))  # as wide as its title: no wrapped title
     for col in ("loops", "loss", "ppl", "bpb", "tokens/s"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -29,6 +29,9 @@ def write_test_report(rows: list[dict], out_dir: Path, model_name: str, mean_rec
                       "-" if r["bpb"] is None else f"{r['bpb']:.4f}",
                       "-" if r["tokens_per_sec"] is None else f"{r['tokens_per_sec']:,.0f}")
     console.print(table)
+    if out_dir is None:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": model_name, "mean_recurrence": mean_recurrence, "global_step": global_step,
                "split": split, "checkpoint": checkpoint, "results": rows}
     written = [out_dir / "test_loops.json", out_dir / "test_loops.csv"]

@@ -17,7 +17,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta", action="store_true", help="shape-only build: no weights, no forward")
     args = parser.parse_args(argv)
     for name in args.presets:
-        cfg = preset(name)
+        try:
+            cfg = preset(name)
+        except ValueError as err:  # an unknown name: the message lists the known presets
+            raise SystemExit(f"parcae model: error: {err}") from None
         with torch.device("meta" if args.meta else "cpu"):
             model = LoopedLM(cfg)
         counts = model.parameter_counts()

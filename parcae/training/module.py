@@ -139,7 +139,7 @@ class LoopedLMModule(L.LightningModule):
     # -- checkpoint state beyond parameters ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["parcae"] = {"micro_step": self.micro_step, "skipped_steps": self.skipped_steps,
-                                "nonfinite_streak": self.nonfinite_streak}
+                                "nonfinite_streak": self.nonfinite_streak, "world_size": self.trainer.world_size}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")  # test/validate report the step they evaluate

@@ -28,8 +28,10 @@ from parcae.data.datamodule import TokenDataModule
 from parcae.errors import UsageError
 from parcae.model import PRESETS, ModelConfig, parse_loops
 
+from . import rundir
 from .callbacks import AtomicCheckpointIO, RunSummary, StepProgressBar, ThroughputCallback
 from .module import LoopedLMModule
+from .options import check_options, loop_cost_note
 
 RUN_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "run_name", "runs_dir")
 # Trainer settings of a training run that an evaluation of its checkpoint keeps (devices may not exist here).
@@ -52,6 +54,9 @@ class ParcaeTrainer(Trainer):
                 raise UsageError(f"--loops {loops}: {model.arch.name} is a fixed-depth model (injection='none'); "
                                  "it has no loops to vary")
             model.test_loops = parsed
+            note = loop_cost_note(parsed, model.arch.mean_recurrence)
+            if note:
+                print(f"[parcae] {note}", flush=True)
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
@@ -69,9 +74,14 @@ class ParcaeTrainer(Trainer):
         """
         from parcae.data import load_tokenizer
 
+        check_options(max_new_tokens=(max_new_tokens, 1), temperature=(temperature, 0, "0 is greedy decoding"),
+                      top_k=(top_k, 1, "omit it to sample from all tokens"), loops=(loops, 1))
         if loops is not None and (loops < 1 or (not model.arch.looped and loops != 1)):
             raise UsageError(f"--loops {loops}: must be >= 1" + ("" if model.arch.looped else
                                                                 f", and {model.arch.name} has no loops"))
+        note = loop_cost_note([loops], model.arch.mean_recurrence) if loops else None
+        if note:
+            print(f"[parcae] {note}", flush=True)
         if datamodule is None:
             raise UsageError("predict needs the data config (for the tokenizer): pass --config or a --ckpt_path "
                              "inside a run directory")
@@ -212,6 +222,20 @@ class RecipeCLI(LightningCLI):
                                  "trainer.accumulate_grad_batches = global / (data.batch_size x devices x nodes).")
         parser.add_argument("--val_every", type=Optional[int], default=None,
                             help="Validate every N optimizer steps (sets trainer.val_check_interval).")
+        parser.add_argument("--inexact_data_resume", type=bool, default=False,
+                            help="fit: resume although data.batch_size, data.seq_len or the device count changed; "
+                                 "model and optimizer resume, the data order differs from an uninterrupted run.")
+        parser.add_argument("--output_dir", type=Optional[str], default=None,
+                            help="validate/test: folder for results and TensorBoard events (default: the "
+                                 "checkpoint's run directory when writable; else results are only printed).")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of ``--ckpt_path`` here, before any hook: check the file first so
+        that a damaged or foreign one is one line naming it."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and ckpt_path != "last":
+            rundir.check_checkpoint(ckpt_path, allow_sharded=self.config.subcommand == "fit")
+        super()._parse_ckpt_path()
 
     # -- run directory rules ----------------------------------------------------------------------------
     def _cfg(self):
@@ -222,30 +246,62 @@ class RecipeCLI(LightningCLI):
         return Path(self._cfg().runs_dir) / self._cfg().run_name
 
     def before_instantiate_classes(self) -> None:
+        """Every check before anything is built or written: options, data, and (fit) the run directory; then fit
+        takes the run's lock (released when the command ends, see parcae.cli.main)."""
         cfg = self._cfg()
+        check_options(**{"data.batch_size": (cfg.data.batch_size, 1), "data.seq_len": (cfg.data.seq_len, 1),
+                         "data.val_batch_size": (cfg.data.get("val_batch_size"), 1),
+                         "data.num_workers": (cfg.data.get("num_workers"), 0),
+                         "checkpoint_every": (cfg.checkpoint_every, 1), "val_every": (cfg.val_every, 1),
+                         "global_batch_size": (cfg.global_batch_size, 1), "max_tokens": (cfg.max_tokens, 1)})
         for root in ([cfg.data.datasets] if isinstance(cfg.data.datasets, str) else cfg.data.datasets):
             open_shards(root, cfg.data.get("prepare_hint"))  # fail fast, before a large model is built
+        arch = dataclasses.asdict(model_config_of(cfg))
         if self.subcommand not in ("fit", None):
+            if cfg.get("ckpt_path"):
+                rundir.check_same_model(rundir.check_checkpoint(cfg.ckpt_path), cfg.ckpt_path, arch)
             return
         resolve_run_length(cfg)
-        if cfg.checkpoint_every < 1:
-            raise UsageError(f"--checkpoint_every must be >= 1, got {cfg.checkpoint_every}")
         run_dir = self._run_dir()
-        last = run_dir / "last.ckpt"
-        ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path in (None, ""):
-            if last.exists() and cfg.auto_resume:
-                cfg.ckpt_path = str(last)
-            elif run_dir.exists() and any(run_dir.iterdir()):
-                what = "a checkpoint (last.ckpt)" if last.exists() else "files from an earlier run"
-                raise UsageError(f"{run_dir} already holds {what}; resume with --ckpt_path last (or --auto_resume "
-                                 f"true), or choose another --run_name (or delete {run_dir})")
-        elif ckpt_path == "last" and not last.exists():
-            raise UsageError(f"--ckpt_path last: there is no {last} to resume")
+        unreadable: list[Path] = []
+        resume, notes = rundir.plan_fit(run_dir, cfg.get("ckpt_path"), cfg.auto_resume, unreadable)
+        if resume is not None:
+            trainer = cfg.trainer
+            world = device_count(trainer.accelerator, trainer.devices) * (trainer.num_nodes or 1)
+            saved = rundir.check_checkpoint(resume, allow_sharded=True)
+            notes += rundir.check_resume_compatible(saved, resume, arch, cfg.data.batch_size, cfg.data.seq_len,
+                                                    world, cfg.inexact_data_resume)
+            cfg.ckpt_path = str(resume)
+        lock = rundir.RunLock(run_dir).acquire()  # the first write into the run directory
+        if not lock.held:  # a helper process of a multi-process run: the first process tidies and reports
+            return
+        if lock.note:
+            notes.insert(0, lock.note)
+        notes.append(rundir.set_aside_unreadable(unreadable))
+        if resume is None:
+            notes.append(rundir.set_aside_failed_start(run_dir))
+        for note in filter(None, notes):
+            print(f"[parcae] {note}", flush=True)
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
         run_dir = self._run_dir()
+        self.results_dir: Optional[Path] = run_dir
+        if self.subcommand in ("validate", "test", "predict"):
+            # Evaluations never write the training record (no config.yaml); their results go to --output_dir,
+            # the checkpoint's folder when it can be written, or nowhere (printed, with a note).
+            self.save_config_callback = None
+            ckpt_path = cfg.get("ckpt_path")
+            self.results_dir, note = rundir.results_location(Path(ckpt_path).parent if ckpt_path else run_dir,
+                                                             cfg.get("output_dir"))
+            if note and self.subcommand != "predict":
+                print(f"[parcae] {note}", flush=True)
+            if self.results_dir is None or self.subcommand == "predict":
+                kwargs.setdefault("logger", False)
+            else:
+                kwargs.setdefault("logger", TensorBoardLogger(save_dir=self.results_dir.parent,
+                                                              name=self.results_dir.name, version="",
+                                                              default_hp_metric=False))
         kwargs.setdefault("logger", TensorBoardLogger(save_dir=cfg.runs_dir, name=cfg.run_name, version="",
                                                       default_hp_metric=False))
         trainer_cfg = self._get(self.config_init, "trainer", default={})

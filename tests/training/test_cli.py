@@ -85,7 +85,7 @@ def test_predict_generates_from_a_prompt(trained_run, capsys):
 
 def test_existing_run_dir_is_never_silently_reused(trained_run):
     root, recipe, run_dir = trained_run
-    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
         main(["fit", "--config", str(recipe)])
     # asked-for auto-resume continues the run (here: to step 16)
     main(["fit", "--config", str(recipe), "--auto_resume", "true", "--trainer.max_steps", "16"])

@@ -1,0 +1,369 @@
+"""Nothing lost, nothing misleading: every way a user can hand parcae a bad option, a damaged file or a full disk
+ends in a short message and a non-zero exit, with no traceback, and the run directory unchanged where nothing
+should change. Plus the run lock (one writer per run) and resume from the newest checkpoint that loads.
+
+    pytest tests/training/test_run_integrity.py -q
+
+Commands run in-process through ``parcae.cli.main`` (the same code path as the console script, without paying
+the import time per case); one tiny trained run is shared by the cases and copied where a case must change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+from parcae.cli import main
+
+PROTECTED = ("config.yaml", "hparams.yaml")
+
+
+def files_of(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` with its sha256: equal snapshots mean a byte-identical folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def protected_files(run_dir: Path) -> dict[str, str]:
+    """The training record: config, hyperparameters and every checkpoint."""
+    snap = files_of(run_dir)
+    return {k: v for k, v in snap.items() if k in PROTECTED or k.endswith(".ckpt")}
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, what the command printed to stdout and stderr plus its exit message). A traceback, i.e. any
+    exception other than SystemExit, fails the calling test by propagating."""
+    capsys.readouterr()
+    code, message = 0, ""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            code, message = 1, exit_.code
+        else:
+            code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, "\n".join(s for s in (captured.out, captured.err, message) if s.strip())
+
+
+def assert_one_line_error(code: int, output: str, *fragments: str, max_lines: int = 3) -> str:
+    assert code != 0, output
+    assert "Traceback" not in output, output
+    error_lines = [line for line in output.splitlines() if "error" in line.lower()]
+    assert error_lines, output
+    last = error_lines[-1]
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    assert len([line for line in output.splitlines() if line.strip()]) <= max_lines, output
+    assert "weights_only" not in output
+    return last
+
+
+# -- a shared tiny run -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_shards):
+    root = tmp_path_factory.mktemp("integrity")
+    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
+    main(["fit", "--config", str(recipe)])
+    run_dir = root / "runs" / "tiny"
+    assert (run_dir / "step=0000012.ckpt").is_file()
+    return root, recipe, run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the trained run (and a recipe pointing at it) for cases that change it."""
+    _, _, run_dir = trained
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "tiny")
+    recipe = write_recipe(tmp_path / "tiny.yaml", _datasets(run_dir), runs)
+    return recipe, runs / "tiny"
+
+
+def _datasets(run_dir: Path) -> Path:
+    import yaml
+
+    datasets = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["datasets"]
+    return Path(datasets if isinstance(datasets, str) else datasets[0])
+
+
+def _damaged(tmp_path: Path, kind: str, good: Path) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "foreign":
+        import torch
+
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    return path
+
+
+# -- 1. only fit writes a run directory ------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["validate"],
+    ["test", "--loops", "1,2"],
+    ["predict", "--prompt", "alpha", "--max_new_tokens", "3", "--temperature", "0"],
+], ids=["validate", "test", "predict"])
+def test_evaluation_verbs_leave_the_training_record_alone(trained, capsys, argv):
+    _, _, run_dir = trained
+    before = protected_files(run_dir)
+    code, output = run([argv[0], "--ckpt_path", run_dir / "step=0000008.ckpt", *argv[1:]], capsys)
+    assert code == 0, output
+    assert protected_files(run_dir) == before
+    assert not list(run_dir.glob(".*config*.yaml"))  # no derived config beside the checkpoint
+
+
+def test_test_outputs_record_the_checkpoint_step(trained, capsys):
+    _, _, run_dir = trained
+    code, output = run(["test", "--ckpt_path", run_dir / "step=0000008.ckpt", "--loops", "1,2"], capsys)
+    assert code == 0, output
+    assert json.loads((run_dir / "test_loops.json").read_text())["global_step"] == 8
+
+
+# -- the table: (command, expected message fragments); every case must exit non-zero in a few lines -------------
+# "{run}" is the shared run directory, "{recipe}" its recipe, "{tmp}" a fresh folder for this case.
+CASES = {
+    # checkpoints named by the user
+    "test a truncated checkpoint": (["test", "--ckpt_path", "{tmp}/truncated.ckpt"], ["truncated.ckpt", "truncated"]),
+    "test a random file": (["test", "--ckpt_path", "{tmp}/random.ckpt"], ["random.ckpt", "not a PyTorch checkpoint"]),
+    "test a foreign torch file": (["test", "--ckpt_path", "{tmp}/foreign.ckpt"], ["foreign.ckpt", "not a Lightning"]),
+    "validate an empty file": (["validate", "--ckpt_path", "{tmp}/empty.ckpt"], ["empty.ckpt"]),
+    "test a missing checkpoint": (["test", "--ckpt_path", "{tmp}/missing.ckpt"], ["missing.ckpt"]),
+    "fit from a random file": (["fit", "--config", "{recipe}", "--run_name", "fresh", "--ckpt_path",
+                                "{tmp}/random.ckpt"], ["random.ckpt"]),
+    "perplexity of a truncated checkpoint": (["perplexity", "--ckpt_path", "{tmp}/truncated.ckpt", "--text",
+                                              "{tmp}/text.txt"], ["truncated.ckpt"]),
+    # options out of range
+    "batch size 0": (["fit", "--config", "{recipe}", "--run_name", "fresh", "--data.batch_size", "0"],
+                     ["batch_size"]),
+    "val_every 0": (["fit", "--config", "{recipe}", "--run_name", "fresh", "--val_every", "0"], ["--val_every"]),
+    "checkpoint_every 0": (["fit", "--config", "{recipe}", "--run_name", "fresh", "--checkpoint_every", "0"],
+                           ["--checkpoint_every"]),
+    "max_new_tokens -5": (["predict", "--ckpt_path", "{run}/last.ckpt", "--max_new_tokens", "-5"],
+                          ["--max_new_tokens"]),
+    "temperature -1": (["predict", "--ckpt_path", "{run}/last.ckpt", "--temperature", "-1"], ["--temperature"]),
+    "top_k -5": (["predict", "--ckpt_path", "{run}/last.ckpt", "--top_k", "-5"], ["--top_k"]),
+    "test loops empty": (["test", "--ckpt_path", "{run}/last.ckpt", "--loops", ","], ["--loops"]),
+    "perplexity window 0": (["perplexity", "--ckpt_path", "{run}/last.ckpt", "--text", "{tmp}/text.txt",
+                             "--window", "0"], ["--window"]),
+    "perplexity loops empty": (["perplexity", "--ckpt_path", "{run}/last.ckpt", "--text", "{tmp}/text.txt",
+                                "--loops", ""], ["--loops"]),
+    # resume that would change what the run is
+    "resume with another model": (["fit", "--config", "{recipe}", "--ckpt_path", "last", "--model.arch.d_model",
+                                   "64", "--model.arch.d_ff", "128"], ["d_model"]),
+    "resume with another batch size": (["fit", "--config", "{recipe}", "--ckpt_path", "last",
+                                        "--data.batch_size", "2"], ["batch_size", "4", "2"]),
+    "fit again without resuming": (["fit", "--config", "{recipe}"], ["already holds"]),
+    # files and names given to the other verbs
+    "unknown preset": (["model", "parcae-999m", "--meta"], ["parcae-999m"]),
+    "missing sweep file": (["sweep", "{tmp}/missing.yaml"], ["missing.yaml"]),
+    "missing scaling csv": (["scaling-law", "{tmp}/missing.csv"], ["missing.csv"]),
+    "missing text file": (["perplexity", "--ckpt_path", "{run}/last.ckpt", "--text", "{tmp}/missing.txt"],
+                          ["missing.txt"]),
+    "loop fit of a fixed-depth result": (["fit-loops", "{tmp}/gpt_loops.json"], ["gpt_loops.json"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(trained, tmp_path, capsys, name):
+    root, recipe, run_dir = trained
+    argv_template, fragments = CASES[name]
+    for kind in ("truncated", "random", "foreign", "empty"):
+        _damaged(tmp_path, kind, run_dir / "step=0000004.ckpt")
+    (tmp_path / "text.txt").write_text("alpha beta gamma delta. " * 40)
+    (tmp_path / "gpt_loops.json").write_text(json.dumps({"model": "tiny-gpt", "mean_recurrence": 1,
+                                                         "results": [{"loops": 1, "loss": 5.0}]}))
+    argv = [a.format(run=run_dir, recipe=recipe, tmp=tmp_path) for a in argv_template]
+    runs_before, tmp_before = files_of(run_dir.parent), files_of(tmp_path)
+    code, output = run(argv, capsys)
+    assert_one_line_error(code, output, *[f.format(run=run_dir, tmp=tmp_path) for f in fragments])
+    assert files_of(run_dir.parent) == runs_before  # no new run directory, nothing changed in the old one
+    assert files_of(tmp_path) == tmp_before
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_refused(trained, tmp_path, capsys):
+    from data_prep.tokenizer import train_tokenizer
+    from conftest import synthetic_documents
+
+    _, _, run_dir = trained
+    small = train_tokenizer(synthetic_documents(50), vocab_size=300, show_progress=False)
+    small.save(str(tmp_path / "small_tokenizer.json"))
+    (tmp_path / "text.txt").write_text("alpha beta gamma. " * 20)
+    before = files_of(run_dir)
+    code, output = run(["perplexity", "--ckpt_path", run_dir / "last.ckpt", "--text", tmp_path / "text.txt",
+                        "--tokenizer", tmp_path / "small_tokenizer.json"], capsys)
+    assert_one_line_error(code, output, "small_tokenizer.json", "4,096")
+    assert files_of(run_dir) == before
+
+
+def test_damaged_data_chunk_is_named_before_training(trained, tmp_path, capsys):
+    _, _, run_dir = trained
+    data = tmp_path / "shards"
+    shutil.copytree(_datasets(run_dir), data)
+    chunk = sorted((data / "train").glob("*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "runs")
+    code, output = run(["fit", "--config", recipe], capsys)
+    assert_one_line_error(code, output, chunk.name, "damaged")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_large_loop_counts_state_their_cost_first(trained, capsys):
+    _, _, run_dir = trained
+    code, output = run(["test", "--ckpt_path", run_dir / "last.ckpt", "--loops", "65", "--trainer.limit_test_batches",
+                        "1"], capsys)
+    assert code == 0, output
+    note = output.index("--loops up to 65")
+    assert note < output.index("loss by loop count")
+
+
+# -- a failed start does not block a retry ---------------------------------------------------------------------
+def test_run_directory_without_a_checkpoint_can_be_started_again(trained, tmp_path, capsys):
+    _, _, run_dir = trained
+    recipe = write_recipe(tmp_path / "r.yaml", _datasets(run_dir), tmp_path / "runs", max_steps=4)
+    failed = tmp_path / "runs" / "tiny"
+    failed.mkdir(parents=True)
+    (failed / "config.yaml").write_text("left by a fit that failed before its first step\n")
+    (failed / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    code, output = run(["fit", "--config", recipe], capsys)
+    assert code == 0, output
+    assert (failed / "last.ckpt").is_file()
+    kept = list(failed.glob("attempt-*/events.out.tfevents.1.host.1.0"))
+    assert kept, sorted(p.name for p in failed.rglob("*"))  # the old files are moved aside, not deleted
+
+
+# -- storage faults --------------------------------------------------------------------------------------------
+def test_disk_full_during_a_checkpoint_is_one_line_naming_the_last_good_one(run_copy, capsys):
+    """A real write failure from the kernel: RLIMIT_FSIZE makes any write past 1 MB fail (EFBIG), as a full disk
+    fails with ENOSPC, while the checkpoint (5 MB) is written."""
+    recipe, run_dir = run_copy
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        code, output = run(["fit", "--config", recipe, "--ckpt_path", "last", "--trainer.max_steps", "16"], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    line = assert_one_line_error(code, output, "step=0000016.ckpt", "accepted only part", "last good checkpoint",
+                                 max_lines=40)
+    assert "last.ckpt" in line
+    assert not list(run_dir.glob(".*.tmp-*"))  # no half-written file left behind
+
+
+def test_unwritable_runs_dir_is_one_line(trained, tmp_path, capsys):
+    _, _, run_dir = trained
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file where the runs folder should be\n")
+    recipe = write_recipe(tmp_path / "r.yaml", _datasets(run_dir), not_a_folder)
+    code, output = run(["fit", "--config", recipe], capsys)
+    assert_one_line_error(code, output, str(not_a_folder / "tiny"))
+
+
+def test_evaluation_in_a_folder_that_cannot_be_written_prints_results(trained, tmp_path, capsys, monkeypatch):
+    """Root can write anywhere, so the folder's refusal is stood in for by the probe's answer."""
+    from parcae.training import rundir
+
+    _, _, run_dir = trained
+    monkeypatch.setattr(rundir, "writable_dir", lambda path: Path(path) != run_dir)
+    before = files_of(run_dir)
+    code, output = run(["test", "--ckpt_path", run_dir / "last.ckpt", "--loops", "1,2"], capsys)
+    assert code == 0, output
+    assert "loss by loop count" in output and "not writable" in output
+    assert files_of(run_dir) == before
+    code, output = run(["test", "--ckpt_path", run_dir / "last.ckpt", "--loops", "1,2", "--output_dir",
+                        tmp_path / "out"], capsys)
+    assert code == 0, output
+    assert (tmp_path / "out" / "test_loops.json").is_file()
+    assert files_of(run_dir) == before
+
+
+# -- one writer per run ----------------------------------------------------------------------------------------
+LOCK_HOLDER = "import sys, time; from parcae.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
+              "print('locked', flush=True); time.sleep(600)"
+
+
+def test_second_fit_refuses_while_the_first_holds_the_lock_then_takes_over_a_dead_lock(run_copy, capsys):
+    recipe, run_dir = run_copy
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files_of(run_dir)
+        code, output = run(["fit", "--config", recipe, "--ckpt_path", "last", "--trainer.max_steps", "16"], capsys)
+        assert_one_line_error(code, output, f"pid {holder.pid}", str(run_dir))
+        assert files_of(run_dir) == before
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, its flock goes with the process
+        holder.wait()
+    assert (run_dir / ".fit.lock").is_file()
+    code, output = run(["fit", "--config", recipe, "--ckpt_path", "last", "--trainer.max_steps", "16"], capsys)
+    assert code == 0, output
+    assert "took over the lock" in output and f"pid {holder.pid}" in output
+    assert (run_dir / "step=0000016.ckpt").is_file()
+    assert not (run_dir / ".fit.lock").exists()  # released at the end
+
+
+def test_lock_is_exclusive_and_released():
+    from parcae.training.rundir import RunLock, RunLockedError
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        with RunLock(folder) as lock:
+            assert lock.note is None
+            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+                RunLock(folder).acquire()
+        assert os.listdir(folder) == []
+        with RunLock(folder) as again:  # a clean release leaves no note for the next one
+            assert again.note is None
+
+
+# -- resume picks the newest checkpoint that loads ---------------------------------------------------------------
+def test_resume_skips_a_truncated_last_ckpt_and_says_which_it_used(run_copy, capsys):
+    from parcae.training.rundir import check_checkpoint
+
+    recipe, run_dir = run_copy
+    last = run_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    newest = run_dir / "step=0000012.ckpt"
+    newest.write_bytes(os.urandom(100))
+    code, output = run(["fit", "--config", recipe, "--ckpt_path", "last"], capsys)
+    assert code == 0, output
+    assert "resuming from" in output and "step=0000008.ckpt" in output and "last.ckpt" in output
+    # the run went on from step 8 and wrote good checkpoints under their own names; the damaged ones are kept
+    assert check_checkpoint(last)["global_step"] == 12 and check_checkpoint(newest)["global_step"] == 12
+    assert (run_dir / "last.ckpt.unreadable").stat().st_size == 1000
+    assert not list(run_dir.glob("*-v1.ckpt"))
+
+
+def test_auto_resume_without_last_ckpt_uses_the_newest_step_checkpoint(run_copy, capsys):
+    recipe, run_dir = run_copy
+    (run_dir / "last.ckpt").unlink()
+    code, output = run(["fit", "--config", recipe, "--auto_resume", "true", "--trainer.max_steps", "13"], capsys)
+    assert code == 0, output
+    assert "step=0000012.ckpt" in output and "no last.ckpt" in output
+
+
+def test_resume_without_any_good_checkpoint_does_not_suggest_itself(run_copy, capsys):
+    recipe, run_dir = run_copy
+    for ckpt in run_dir.glob("*.ckpt"):
+        ckpt.write_bytes(b"")
+    before = files_of(run_dir)
+    code, output = run(["fit", "--config", recipe, "--ckpt_path", "last"], capsys)
+    line = assert_one_line_error(code, output, "no checkpoint that loads")
+    assert "--ckpt_path last" not in line and "--auto_resume" not in line
+    assert files_of(run_dir) == before
