@@ -81,7 +81,7 @@ def _size(run_dir: Path, tokens: Optional[float]) -> dict[str, Any]:
     arch = ModelConfig(**cfg["model"]["arch"])
     with torch.device("meta"):
         counts = LoopedLM(arch).parameter_counts()
-    params = counts["total"] - counts["embeddings"]
+    params = counts["total"] - counts["embeddings"] - counts["value_embeddings"]  # lookup tables are not compute
     per_token = flops_per_token(arch, cfg["data"]["seq_len"]).per_token
     return {"non_embedding_params": params, "train_flops_per_token": per_token,
             "tokens_per_param": tokens / params if tokens else None,
