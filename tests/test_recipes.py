@@ -164,3 +164,31 @@ def test_miniature_suites_expand(path):
     assert runs and spec["report"] in ("stability", "comparison", "sampling", "test_time") and spec["claim"].strip()
     for run in runs:
         parse_recipe(run.recipe, [a for k, v in run.overrides.items() for a in (f"--{k}", str(v))])
+
+
+def test_param_limited_suites_hold_parameters_then_flops_equal():
+    """`parcae mini param_limited`: same unique blocks, > 20 tokens per non-embedding parameter; the _flops suite:
+    the GPT's extra tokens are exactly what Parcae's loops cost by the App. D counting (hand-computed here)."""
+    suite_dir = ROOT / "recipes" / "mini" / "suites"
+    models = {}
+    for run in expand(suite_dir / "param_limited.yaml"):
+        cfg = parse_recipe(run.recipe, [a for k, v in run.overrides.items() for a in (f"--{k}", str(v))])
+        with torch.device("meta"):
+            counts = LoopedLM(model_config_of(cfg)).parameter_counts()
+        non_embedding = counts["total"] - counts["embeddings"]
+        assert counts["value_embeddings"] == 0 and cfg.max_tokens / non_embedding > 20
+        models[run.recipe.stem] = (model_config_of(cfg), counts)
+    (gpt, gpt_counts), (parcae, parcae_counts) = models["param_limited_gpt"], models["param_limited_parcae"]
+    assert not gpt.looped and (parcae.mean_recurrence, parcae.backprop_depth) == (8, 4)
+    for part in ("prelude", "recurrent", "coda"):  # the same unique blocks
+        assert gpt_counts[part] == parcae_counts[part] > 0
+    # GPT at d 32, 3 layers, seq 256, LM head counted (paper convention): 6·(blocks + final norm + head) + attention
+    d, layers = 32, 3
+    block = 4 * d * d + 2 * d * 128 + 2 * d  # q, k, v, o + MLP (d_ff 128) + two RMSNorm weights (QK-norm has none)
+    gpt_per_token = 6 * (layers * block + d + 4096 * d) + 4 * d * 256 * 3 * layers
+    assert flops_per_token(gpt, 256).per_token == gpt_per_token
+    runs = {r.name: r for r in expand(suite_dir / "param_limited_flops.yaml")}
+    for seed in (1234, 2345):
+        assert runs[f"param_limited_gpt_seed{seed}"].tokens == int(1.71e12 / gpt_per_token)
+        parcae_tokens = runs[f"param_limited_parcae_seed{seed}"].tokens
+        assert math.ceil(parcae_tokens / (16 * 256)) == 819_200 // (16 * 256)  # the param_limited runs again

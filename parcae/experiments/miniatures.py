@@ -58,10 +58,33 @@ def summarize(run_dir: Path, status: str) -> dict[str, Any]:
                "val_by_loops": {int(t.split("_T")[1]): last(t) for t in s if t.startswith("val/loss_T")},
                "curves": {tag: sorted(s[tag].items()) for tag in ("train/loss", "loop/spectral_radius",
                                                                   "loop/state_norm", "val/loss") if tag in s}}
+    summary.update(_size(run_dir, summary["tokens"]))
     test = run_dir / "test_loops.json"
     if test.exists():
         summary["test_by_loops"] = {r["loops"]: r["loss"] for r in json.loads(test.read_text())["results"]}
     return summary
+
+
+def _size(run_dir: Path, tokens: Optional[float]) -> dict[str, Any]:
+    """Non-embedding parameters, training FLOPs per token (the paper's App. D counting, ``parcae.model.flops``,
+    at the run's μ_rec / μ_bwd and sequence length) and what they come to over the tokens seen."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        return {}
+    from parcae.model import ModelConfig, flops_per_token
+    from parcae.model.looped import LoopedLM
+
+    import torch
+
+    cfg = yaml.safe_load(config_file.read_text())
+    arch = ModelConfig(**cfg["model"]["arch"])
+    with torch.device("meta"):
+        counts = LoopedLM(arch).parameter_counts()
+    params = counts["total"] - counts["embeddings"] - counts["value_embeddings"]  # lookup tables are not compute
+    per_token = flops_per_token(arch, cfg["data"]["seq_len"]).per_token
+    return {"non_embedding_params": params, "train_flops_per_token": per_token,
+            "tokens_per_param": tokens / params if tokens else None,
+            "train_flops": per_token * tokens if tokens else None}
 
 
 def run_suite(name: str, runs_dir: Path, report_only: bool = False) -> Path:
@@ -125,10 +148,13 @@ def write_report(name: str, spec: dict, results: dict, out_dir: Path, seconds: O
         # val loss at μ_rec (every model, GPTs included), then at each validated loop count of the looped ones
         loops = sorted({t for r in results.values() for t in r["val_by_loops"]})
         # train tokens/s: equal tokens is not equal compute, a looped model pays for its recurrence
-        header = ["run", "status", "tokens", "train tok/s", "final train loss", "val loss (μ_rec)", "val bpb"] + \
-            [f"val loss T={t}" for t in loops]
-        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r["tokens_per_sec"], "{:,.0f}"),
-                 _fmt(r["train_loss"]), _fmt(r["val_loss"], "{:.4f}"), _fmt(r["val_bpb"], "{:.4f}")]
+        # non-embedding parameters, tokens per parameter and training FLOPs: which budget the comparison holds equal
+        header = ["run", "status", "tokens", "params (non-emb)", "tokens/param", "train FLOPs", "train tok/s",
+                  "final train loss", "val loss (μ_rec)", "val bpb"] + [f"val loss T={t}" for t in loops]
+        rows = [[n, r["status"], _fmt(r["tokens"], "{:,.0f}"), _fmt(r.get("non_embedding_params"), "{:,}"),
+                 _fmt(r.get("tokens_per_param"), "{:.1f}"), _fmt(r.get("train_flops"), "{:.3g}"),
+                 _fmt(r["tokens_per_sec"], "{:,.0f}"), _fmt(r["train_loss"]), _fmt(r["val_loss"], "{:.4f}"),
+                 _fmt(r["val_bpb"], "{:.4f}")]
                 + [_fmt(r["val_by_loops"].get(t)) for t in loops] for n, r in results.items()]
     else:  # test_time
         loops = sorted({t for r in results.values() for t in r.get("test_by_loops", {})})
@@ -179,6 +205,8 @@ def _plots(kind: str, results: dict, out_dir: Path) -> list[Path]:
         paths.append(out_dir / "loss_vs_loops.png")
     else:
         panels = [("train/loss", "training loss", False)]
+        if kind == "comparison":  # validation beside training shows over-fitting
+            panels += [("val/loss", "validation loss (μ_rec)", False)]
         if kind == "stability":
             panels += [("loop/spectral_radius", "ρ(Ā)", False), ("loop/state_norm", "‖h_T‖", True)]
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)

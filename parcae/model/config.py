@@ -244,6 +244,17 @@ def _build_presets() -> dict[str, ModelConfig]:
                                                      readout=False, prelude_norm=False, **huginn)
     presets["mini-huginn-rdm-resnorm"] = presets["mini-huginn-rdm-prenorm"].replace(
         name="mini-huginn-rdm-resnorm", block="sandwich")
+    # The main job (scripts/demo.sh): one recurrent block between one-block prelude and coda, no value embeddings
+    # (they hand every layer the token identity, a depth-free shortcut), so the model's depth comes from its loop.
+    presets["mini-demo"] = ModelConfig(name="mini-demo", vocab_size=4096, block_size=256, d_model=64, n_heads=4,
+                                       d_ff=256, n_prelude=1, n_recurrent=1, n_coda=1, value_embeddings=False,
+                                       mean_recurrence=8, backprop_depth=4)
+    # Parameter-limited GPT vs Parcae (docs/miniatures.md): the same three blocks at d = 32, run once or looped.
+    limited = dict(vocab_size=4096, block_size=256, d_model=32, n_heads=2, d_ff=128, n_prelude=1, n_recurrent=1,
+                   n_coda=1, value_embeddings=False)
+    presets["mini-param-limited-parcae"] = ModelConfig(name="mini-param-limited-parcae", mean_recurrence=8,
+                                                       backprop_depth=4, **limited)
+    presets["mini-param-limited-gpt"] = ModelConfig(name="mini-param-limited-gpt", injection="none", **limited)
     # A debug model for tests and CPU demos (torchtitan's "debugmodel" idea).
     presets["parcae-debug"] = ModelConfig(
         name="parcae-debug", vocab_size=4096, block_size=256, d_model=64, n_heads=4, d_ff=256,

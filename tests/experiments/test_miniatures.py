@@ -2,8 +2,9 @@
 
 import json
 
-from conftest import write_recipe
+from conftest import TINY_ARCH, write_recipe
 from parcae.experiments.miniatures import run_suite, write_report
+from parcae.model import LoopedLM, ModelConfig, flops_per_token
 
 
 def test_suite_runs_and_reports(tmp_path, small_shards):
@@ -35,3 +36,11 @@ test_loops: "1,2"
     header = next(line for line in comparison.splitlines() if line.startswith("| run |")).split(" | ")
     assert float(row[header.index("train tok/s")].replace(",", "")) == round(first["tokens_per_sec"])
     assert float(row[header.index("val loss (μ_rec)")]) == round(first["val_loss"], 4)
+    # budgets: parameters outside the token and value-embedding tables, and FLOPs = tokens x FLOPs per token
+    arch = ModelConfig(**TINY_ARCH)
+    non_embedding = sum(p.numel() for name, p in LoopedLM(arch).named_parameters()
+                        if not name.startswith(("wte.", "value_embeds.")))
+    assert first["non_embedding_params"] == non_embedding
+    assert first["tokens"] == 6 * 4 * 32 and first["tokens_per_param"] == first["tokens"] / non_embedding
+    assert first["train_flops"] == first["tokens"] * flops_per_token(arch, 32).per_token
+    assert row[header.index("tokens/param")] == f"{first['tokens'] / non_embedding:.1f}"
