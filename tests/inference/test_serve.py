@@ -3,6 +3,7 @@ concurrent requests, and a bad request that gets a 4xx while the server keeps se
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "parcae.inference.serve",  # = `parcae serve`, without Lightning imports
                              "--ckpt_path", str(ckpt), "--port", str(port),
                              "--max_batch_size", "4", "--batch_timeout", "0.3"],
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # LitServe starts worker processes: stop the whole group
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -59,14 +61,28 @@ def server(tmp_path_factory):
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.3)
     else:
-        proc.kill()
+        stop_group(proc)
         raise RuntimeError("server did not come up in 120 s")
     yield url, model
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_group(proc)
+
+
+def stop_group(proc):
+    """SIGTERM the server and its workers, SIGKILL what is left after 20 s: nothing outlives the test."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; workers of the group may remain
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 def expected_greedy(model, prompt, n):
