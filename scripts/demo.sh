@@ -3,7 +3,7 @@
 # sweep the number of loops at test time on the validation plays and on a held-out text by another author
 # (chapters I-IV of Lewis Carroll's "Alice's Adventures in Wonderland", public domain; see NOTICE).
 # Re-running continues/reuses the same run (--auto_resume).
-#   ./scripts/demo.sh                         # recipes/mini/demo.yaml (training about 5 minutes on 2 idle cores)
+#   ./scripts/demo.sh                         # recipes/mini/demo.yaml (training about 5.6 minutes on 2 idle cores)
 #   RECIPE=recipes/mini/<other>.yaml ./scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
