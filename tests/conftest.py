@@ -29,6 +29,24 @@ def tiny_config():
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """Token-at-a-time generation is many tiny ops: one thread is several times faster than two on a shared CPU.
+    Inference test modules use it for every test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def perturb_weights(model, scale=0.05):
+    """The scaled-zero init starts output projections at 0: give every weight some signal (in place)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
 SHAKESPEARE_TOKENIZER = Path(__file__).parent.parent / "data_prep" / "corpus" / "shakespeare_tokenizer.json"
 
 

@@ -6,7 +6,9 @@ import torch
 from parcae.eval.perplexity import text_nll
 from parcae.inference import Engine
 from parcae.inference.elastic import elastic_nll
-from test_engine import one_thread, tiny_model  # noqa: F401  (fixture)
+from test_engine import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = [0] + [int(t) for t in torch.randint(3, 96, (40,), generator=torch.Generator().manual_seed(0))]
 

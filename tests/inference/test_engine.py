@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import perturb_weights
 from parcae.inference import Engine, ExitRule, KVPolicy, Sampling
 from parcae.model import LoopedLM, ModelConfig
 from parcae.model.state import positional_noise
@@ -18,13 +19,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Token-at-a-time steps are many tiny ops: one thread is several times faster than two on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(family="parcae", seed=0, **overrides):
@@ -32,11 +27,7 @@ def tiny_model(family="parcae", seed=0, **overrides):
                       n_prelude=1, n_recurrent=2, n_coda=1, mean_recurrence=3, backprop_depth=2,
                       **{**FAMILIES[family], **overrides})
     torch.manual_seed(seed)
-    model = LoopedLM(cfg).eval()
-    with torch.no_grad():  # the scaled-zero init starts output projections at 0: give every weight some signal
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturb_weights(LoopedLM(cfg).eval())
 
 
 def loops_kw(model, loops):

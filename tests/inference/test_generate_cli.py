@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SHAKESPEARE_TOKENIZER
+from conftest import SHAKESPEARE_TOKENIZER, perturb_weights
 from parcae.cli import main
 from parcae.data import load_tokenizer
 from parcae.model import LoopedLM, ModelConfig
@@ -24,10 +24,7 @@ def make_run(root, name, **arch):
                       block_size=48, d_model=32, n_heads=2, d_ff=64, n_prelude=1, n_recurrent=1, n_coda=1,
                       mean_recurrence=3, backprop_depth=2, **arch)
     torch.manual_seed(0)
-    model = LoopedLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(LoopedLM(cfg))
     run = root / name
     run.mkdir()
     torch.save({"hyper_parameters": {"arch": dataclasses.asdict(cfg)},
@@ -42,12 +39,7 @@ def runs(tmp_path_factory):
     return {"parcae": make_run(root, "parcae"), "gpt": make_run(root, "gpt", injection="none")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_streams_the_greedy_continuation_of_the_full_forward(runs, capsys):
