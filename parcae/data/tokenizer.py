@@ -51,6 +51,11 @@ def check_tokenizer_fits(tok: Tokenizer, path: str | Path, model_vocab_size: int
                         f"{model_vocab_size:,}; use the tokenizer the model was trained with")
 
 
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """A text as the model sees the start of a document: ``<|bos|>`` then its tokens (no end of text)."""
+    return [tok.token_to_id(BOS), *tok.encode(text, add_special_tokens=False).ids]
+
+
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     return {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
 

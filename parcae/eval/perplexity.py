@@ -153,6 +153,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _main_elastic(args) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
     from parcae.data import load_tokenizer
+    from parcae.data.tokenizer import encode_prompt
     from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
 
@@ -166,7 +167,7 @@ def _main_elastic(args) -> None:
                         kv_policy=args.kv_policy, continuous=args.continuous)
         tok = load_tokenizer(str(tok_path))
         text = args.text.read_text(encoding="utf-8")
-        ids = [tok.token_to_id("<|bos|>"), *tok.encode(text, add_special_tokens=False).ids]
+        ids = encode_prompt(tok, text)
         row = elastic_nll(engine, ids, args.window or model.config.block_size)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
         raise SystemExit(f"parcae perplexity: error: {err}") from None

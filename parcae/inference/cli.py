@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from parcae.data.tokenizer import encode_prompt
 from parcae.errors import UsageError
 
 from .engine import Engine, Sampling
@@ -52,10 +53,6 @@ def engine_from_args(model, args) -> Engine:
 
 def sampling_from_args(args) -> Sampling:
     return Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
-
-
-def encode(tok, text: str) -> list[int]:
-    return [tok.token_to_id("<|bos|>"), *tok.encode(text, add_special_tokens=False).ids]
 
 
 def depth_summary(depths: list[int]) -> str:
@@ -119,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         tok = load_tokenizer(str(tok_path))
         engine = engine_from_args(model, args)
         sampling = sampling_from_args(args)
-        prompts = [encode(tok, t) for t in texts]
+        prompts = [encode_prompt(tok, t) for t in texts]
         engine.check_request(prompts, args.max_new_tokens)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
         fail(err)

@@ -255,6 +255,7 @@ class Engine:
         per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         generators = [torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + int(q))
                       for s, q in zip(per_row, seq_ids)]
+        stop_tensor = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)  # once, not per token
         for i in range(max_new_tokens):
             out = self.forward(cache, step_tokens, col[:, None], pos[:, None], alive[:, None], seq_ids,
                                adaptive=self.adaptive, initial_state=prev_state)
@@ -263,7 +264,7 @@ class Engine:
             else:
                 nxt = torch.stack([sample(out.logits[b:b + 1, -1], per_row[b], generators[b:b + 1],
                                           self.config.vocab_size, alive[b:b + 1])[0] for b in range(B)])
-            stopped = torch.isin(nxt, torch.tensor(list(stop_ids), device=dev, dtype=torch.long)) & alive
+            stopped = torch.isin(nxt, stop_tensor) & alive
             finished = stopped | (alive & (i + 1 >= limit))
             yield StepEvent(i, nxt.tolist(), out.depth[:, -1].tolist(), alive.tolist(),
                             (finished | ~alive).tolist(), out.logits[:, -1])

@@ -32,6 +32,8 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, Field
 
+from parcae.data.tokenizer import encode_prompt
+
 from .engine import Engine, Sampling
 
 
@@ -139,7 +141,7 @@ class CompletionsAPI(ls.LitAPI):
 
         self.model, tok_path = load_checkpoint(self.ckpt_path, self.device_name or device, self.tokenizer_path)
         self.tok = load_tokenizer(str(tok_path))
-        self.bos, self.eos = self.tok.token_to_id("<|bos|>"), self.tok.token_to_id("<|eos|>")
+        self.eos = self.tok.token_to_id("<|eos|>")
 
     def decode_request(self, request: CompletionRequest):
         return request
@@ -163,7 +165,7 @@ class CompletionsAPI(ls.LitAPI):
         engine = Engine(self.model, loops=first.loops, exit=first.exit, min_loops=first.min_loops,
                         max_loops=first.max_loops, kv_policy=first.kv_policy, continuous=first.continuous)
         reqs = [requests[i] for i in rows]
-        prompts = [[self.bos, *self.tok.encode(r.prompt, add_special_tokens=False).ids] for r in reqs]
+        prompts = [encode_prompt(self.tok, r.prompt) for r in reqs]
         sampling = [Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p if r.top_p < 1 else None,
                              seed=r.seed or 0) for r in reqs]
         stops = [[r.stop] if isinstance(r.stop, str) else list(r.stop or []) for r in reqs]
@@ -230,7 +232,7 @@ class RequestValidator:
         Sampling(temperature=r.temperature, top_k=r.top_k)
         engine = Engine(model, loops=r.loops, exit=r.exit, min_loops=r.min_loops, max_loops=r.max_loops,
                         kv_policy=r.kv_policy, continuous=r.continuous)
-        ids = [0, *tok.encode(r.prompt, add_special_tokens=False).ids]
+        ids = encode_prompt(tok, r.prompt)
         engine.check_request([ids], r.max_tokens)
 
 

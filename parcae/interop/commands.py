@@ -110,7 +110,9 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
     problem = unrepresentable(model.config)
     if problem:
         raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # tensors stay on disk
+    from parcae.training.rundir import check_checkpoint
+
+    ckpt = check_checkpoint(ckpt_path)  # the checked loader (memory-mapped, weights_only): tensors stay on disk
     previous = (ckpt.get("imported") or {}).get("official_config")  # an imported release's own config.json
     del ckpt
     state, _ = to_official(model)

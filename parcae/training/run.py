@@ -72,7 +72,7 @@ class ParcaeTrainer(Trainer):
             top_k: sample among the k most likely tokens (None: all).
             seed: sampling seed.
         """
-        from parcae.data import load_tokenizer
+        from parcae.data.tokenizer import encode_prompt, load_tokenizer
 
         check_options(max_new_tokens=(max_new_tokens, 1), temperature=(temperature, 0, "0 is greedy decoding"),
                       top_k=(top_k, 1, "omit it to sample from all tokens"), loops=(loops, 1))
@@ -86,7 +86,7 @@ class ParcaeTrainer(Trainer):
             raise UsageError("predict needs the data config (for the tokenizer): pass --config or a --ckpt_path "
                              "inside a run directory")
         tok = load_tokenizer(str(datamodule.tokenizer_path))
-        ids = [tok.token_to_id("<|bos|>"), *tok.encode(prompt, add_special_tokens=False).ids]
+        ids = encode_prompt(tok, prompt)
         model.generation = {"loops": loops, "max_new_tokens": max_new_tokens, "temperature": temperature,
                             "top_k": top_k, "seed": seed, "stop_id": tok.token_to_id("<|eos|>")}
         loader = torch.utils.data.DataLoader([torch.tensor([ids])], batch_size=None)
