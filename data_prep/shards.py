@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from parcae.data.shards import MANIFEST, MANIFEST_FORMAT, SPLITS, TOKENIZER_FILE
+from parcae.data.shards import MANIFEST, MANIFEST_FORMAT, OPTIONAL_SPLITS, SPLITS, TOKENIZER_FILE
 from parcae.data.tokenizer import BOS, EOS, PAD, file_sha256, load_tokenizer
 
 from .sources import SourceError, check_source, expand_sources, iter_documents
@@ -75,7 +75,7 @@ def split_of(doc_id: str, options: ShardOptions) -> str:
 
 
 def _splits(options: ShardOptions) -> tuple[str, ...]:
-    return SPLITS + (("test",) if options.test_fraction > 0 else ())
+    return SPLITS + (OPTIONAL_SPLITS if options.test_fraction > 0 else ())
 
 
 def _tokenize_file(path: str, *, split: str, options: ShardOptions, stats_dir: str) -> Iterator[torch.Tensor]:

@@ -15,7 +15,6 @@ run's ``config.yaml`` (model, data, trainer), so a checkpoint path is all they n
 
 from __future__ import annotations
 
-import errno
 import importlib
 import shutil
 import sys
@@ -155,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _write_fault(err: OSError) -> bool:
-    return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+    return err.errno in rundir.WRITE_FAULT_ERRNOS
 
 
 def _user_named(err: OSError, argv: list[str]) -> bool:

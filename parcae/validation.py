@@ -1,10 +1,9 @@
 """Strict checks of typed configuration: every field annotated with a ``Literal`` accepts only its listed values.
 
 The allowed values are read from the annotation itself (``typing.get_args``), so there is no second copy of a
-set of choices to keep in step. Used by the model, optimizer, schedule and data configs::
+set of choices to keep in step. Used by the model, optimizer, schedule and depth-sampler configs::
 
     check_choices(config)                       # a dataclass instance
-    check_arguments(TokenDataModule.__init__, locals())   # the arguments of a typed function
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from parcae.errors import ConfigError
 
@@ -46,12 +45,3 @@ def check_choices(config: Any) -> None:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         _check(type(config).__name__, field.name, getattr(config, field.name), hints.get(field.name))
-
-
-def check_arguments(function: Callable, arguments: Mapping[str, Any], owner: str | None = None) -> None:
-    """Raise :class:`ConfigError` for the first ``Literal``-typed argument of ``function`` given a value outside it."""
-    hints = typing.get_type_hints(function)
-    owner = owner or function.__qualname__.split(".")[0]
-    for name, annotation in hints.items():
-        if name in arguments:
-            _check(owner, name, arguments[name], annotation)

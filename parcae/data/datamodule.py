@@ -63,6 +63,7 @@ class TokenDataModule(LightningDataModule):
         if seq_len < 1 or batch_size < 1 or num_workers < 0:
             raise DataError("TokenDataModule: seq_len and batch_size must be >= 1 and num_workers >= 0")
         self.weights = weights
+        self._test_split: Optional[str] = None
         self.val_dataset = val_dataset or (self.datasets[0] if self.datasets else None)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -124,8 +125,10 @@ class TokenDataModule(LightningDataModule):
     def test_split(self) -> str:
         """What ``parcae test`` evaluates: the held-out ``test`` split when the folder has one, else ``val``
         (and every output of ``parcae test`` then says it is the validation split)."""
-        folder = open_shards(self.val_dataset)
-        return "test" if folder.has_split("test") else "val"
+        if self._test_split is None:  # read by setup, the module and the report: open the folder once
+            folder = open_shards(self.val_dataset, self.prepare_hint)
+            self._test_split = "test" if folder.has_split("test") else "val"
+        return self._test_split
 
     def check_vocabulary(self, model_vocab_size: int, model_name: str = "the model") -> None:
         """Every folder's tokenizer fits the model: the model then needs no per-batch token-id check."""

@@ -156,12 +156,14 @@ def _main_elastic(args) -> None:
     from parcae.data.tokenizer import encode_prompt
     from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
+    from parcae.training.rundir import results_location
 
     from .checkpoint import load_checkpoint
 
     try:
         if args.loops:
             raise ValueError("give either --loops or --exit, not both")
+        out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)  # before the work
         model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         engine = Engine(model, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
                         kv_policy=args.kv_policy, continuous=args.continuous)
@@ -174,9 +176,6 @@ def _main_elastic(args) -> None:
     print(f"{args.text.name}: exit {row['exit']} (max_loops {row['max_loops']}, kv {row['kv_policy']}): "
           f"loss {row['loss']:.4f} nats/token, token ppl {row['perplexity']:.3f}, mean loops/token "
           f"{row['mean_loops']:.2f} over {row['tokens']:,} tokens")
-    from parcae.training.rundir import results_location
-
-    out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
     if out_dir is None:
         print(note)
         return

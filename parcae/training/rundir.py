@@ -74,12 +74,12 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise StorageError(f"cannot create run directory {self.run_dir}: {_reason(err)}") from None
+            raise StorageError(f"cannot create run directory {self.run_dir}: {describe_os_error(err)}") from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
-                raise StorageError(f"cannot write to run directory {self.run_dir}: {_reason(err)}") from None
+                raise StorageError(f"cannot write to run directory {self.run_dir}: {describe_os_error(err)}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -169,7 +169,7 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot read it ({_reason(err)})") from None
+        raise CheckpointError(f"{path}: cannot read it ({describe_os_error(err)})") from None
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
         if head == b"PK\x03\x04":
@@ -188,10 +188,6 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
     if "arch" not in (ckpt.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path} is a Lightning checkpoint but not a parcae one (no hyper_parameters.arch)")
     return ckpt
-
-
-def checkpoint_step(ckpt: dict) -> int:
-    return int(ckpt.get("global_step", 0))
 
 
 def check_same_model(ckpt: dict, path: str | Path, arch: dict) -> None:
@@ -256,10 +252,6 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 # -- storage faults ---------------------------------------------------------------------------------------------
 def describe_os_error(err: BaseException) -> str:
     """The reason of an OSError in words ("No space left on device"), without errno numbers or paths."""
-    return _reason(err)
-
-
-def _reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno is not None:
         return os.strerror(err.errno)
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -268,7 +260,7 @@ def _reason(err: BaseException) -> str:
 def storage_error(what: str, path: str | Path, err: BaseException, run_dir: Optional[str | Path] = None) \
         -> StorageError:
     """One line: what failed to be written, why, and the last good checkpoint of the run (if any)."""
-    reason = _reason(err)
+    reason = describe_os_error(err)
     if not isinstance(err, OSError):  # torch.save reports a short write as a position mismatch, without errno
         import shutil
 
@@ -285,11 +277,14 @@ def storage_error(what: str, path: str | Path, err: BaseException, run_dir: Opti
     return StorageError(line)
 
 
+# Disk full, quota, file too large, read-only or permission: a write that failed for the storage, not the program.
+WRITE_FAULT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def is_storage_fault(err: BaseException) -> bool:
     """Disk full, quota, file too large, read-only or permission errors (and torch.save's wrapping of them)."""
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                             errno.EIO, errno.ENOENT, errno.ENOTDIR)
+        return err.errno in WRITE_FAULT_ERRNOS + (errno.EIO, errno.ENOENT, errno.ENOTDIR)
     return isinstance(err, RuntimeError) and ("inline_container" in str(err) or "unexpected pos" in str(err))
 
 
