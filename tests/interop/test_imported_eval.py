@@ -70,6 +70,25 @@ def test_predict_generates_with_the_imported_tokenizer(run, capsys):
     assert printed == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_generate_runs_on_an_imported_run_with_its_own_tokenizer(run, capsys):
+    """parcae generate on the imported run, no data folder: the greedy continuation of the checkpoint's own model
+    decoded with the release's tokenizer (the engine's cached steps = the full forward, checked independently)."""
+    main(["generate", "--ckpt_path", str(run / "last.ckpt"), "--prompt", "The fox", "--loops", "4",
+          "--max_new_tokens", "6", "--temperature", "0"])
+    printed = capsys.readouterr().out.strip()
+    tok = load_tokenizer(str(RELEASE / "tokenizer.json"))
+    model, _ = load_checkpoint(run / "last.ckpt")
+    ids = [tok.token_to_id("<|bos|>"), *tok.encode("The fox", add_special_tokens=False).ids]
+    n_prompt = len(ids)
+    for _ in range(6):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), loops=4).logits[0, -1, :model.config.vocab_size]
+        ids.append(int(logits.argmax()))
+        if ids[-1] == tok.token_to_id("<|eos|>"):
+            break
+    assert printed == ("The fox" + tok.decode(ids[n_prompt:], skip_special_tokens=True)).strip()
+
+
 def test_core_runs_with_the_imported_tokenizer(run, tmp_path):
     from parcae.eval.core import CoreScorer, load_tasks
 
