@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from parcae.data import load_tokenizer
-from parcae.eval.checkpoint import load_checkpoint
+from parcae.runs.checkpoint import load_checkpoint
 from parcae.inference import AUTO_THRESHOLDS, Engine
 from parcae.inference.elastic import elastic_nll
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from parcae.errors import UsageError
-from parcae.training import rundir
+from parcae.runs import rundir
 from parcae.training.module import NonFiniteLossError
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 

@@ -13,16 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # lower number = lower layer; a module may import from layers with a number <= its own
 LAYERS = {
-    "parcae": 0, "parcae.errors": 0, "parcae.validation": 0,
+    "parcae": 0, "parcae.errors": 0, "parcae.validation": 0, "parcae.options": 0,
     "parcae.model": 1,
     "parcae.data": 2, "data_prep": 2,
-    "parcae.training": 3,
-    "parcae.inference": 4, "parcae.eval": 4, "parcae.interop": 4,
-    "parcae.analysis": 5,
-    "parcae.experiments": 6,
-    "parcae.cli": 7, "parcae.__main__": 7,
+    "parcae.runs": 3,
+    "parcae.inference": 4,
+    "parcae.eval": 5, "parcae.interop": 5, "parcae.training": 5,
+    "parcae.analysis": 6,
+    "parcae.experiments": 7,
+    "parcae.cli": 8, "parcae.__main__": 8,
 }
-PLAIN_PYTORCH = ("parcae.model", "parcae.inference")
+PLAIN_PYTORCH = ("parcae.model", "parcae.runs", "parcae.inference")
 
 
 def layer_of(module: str) -> str | None:

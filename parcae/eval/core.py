@@ -254,10 +254,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="JSON output (default: beside the checkpoint when that folder is writable, else printed only)")
     args = p.parse_args(argv)
     from parcae.data import load_tokenizer
-    from parcae.training.options import check_options
-    from parcae.training.rundir import results_location
+    from parcae.options import check_options
+    from parcae.runs.rundir import results_location
 
-    from .checkpoint import load_checkpoint
+    from parcae.runs.checkpoint import load_checkpoint
 
     try:
         check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), max_per_task=(args.max_per_task, 1))

@@ -44,7 +44,7 @@ class ParcaeEvalLM(TemplateLM):
         if model is None:
             from parcae.data import load_tokenizer
 
-            from .checkpoint import load_checkpoint
+            from parcae.runs.checkpoint import load_checkpoint
 
             if ckpt_path is None:
                 raise ValueError("ParcaeEvalLM needs ckpt_path (or a model and tokenizer_obj)")
@@ -158,8 +158,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--include_path", default=None, help="folder of local task YAMLs (offline tasks)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    from parcae.training.options import check_options
-    from parcae.training.rundir import results_location
+    from parcae.options import check_options
+    from parcae.runs.rundir import results_location
 
     check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), num_fewshot=(args.num_fewshot, 0))
     out_dir, note = results_location(Path(args.ckpt_path).parent)

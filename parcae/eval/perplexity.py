@@ -104,10 +104,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         return _main_elastic(args)
     from parcae.data import load_tokenizer
     from parcae.model import parse_loops
-    from parcae.training.options import check_options, loop_cost_note
-    from parcae.training.rundir import results_location
+    from parcae.options import check_options, loop_cost_note
+    from parcae.runs.rundir import results_location
 
-    from .checkpoint import load_checkpoint
+    from parcae.runs.checkpoint import load_checkpoint
 
     try:
         check_options(window=(args.window, 1), context=(args.context, 1))
@@ -156,9 +156,9 @@ def _main_elastic(args) -> None:
     from parcae.data.tokenizer import encode_prompt
     from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
-    from parcae.training.rundir import results_location
+    from parcae.runs.rundir import results_location
 
-    from .checkpoint import load_checkpoint
+    from parcae.runs.checkpoint import load_checkpoint
 
     try:
         if args.loops:

@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
         from parcae.data import load_tokenizer
-        from parcae.eval.checkpoint import load_checkpoint
+        from parcae.runs.checkpoint import load_checkpoint
 
         model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         tok = load_tokenizer(str(tok_path))

@@ -137,7 +137,7 @@ class CompletionsAPI(ls.LitAPI):
 
     def setup(self, device) -> None:
         from parcae.data import load_tokenizer
-        from parcae.eval.checkpoint import load_checkpoint
+        from parcae.runs.checkpoint import load_checkpoint
 
         self.model, tok_path = load_checkpoint(self.ckpt_path, self.device_name or device, self.tokenizer_path)
         self.tok = load_tokenizer(str(tok_path))
@@ -217,7 +217,7 @@ class RequestValidator:
     def load(self):
         if self._loaded is None:
             from parcae.data import load_tokenizer
-            from parcae.eval.checkpoint import load_checkpoint
+            from parcae.runs.checkpoint import load_checkpoint
 
             model, tok_path = load_checkpoint(self.ckpt_path, "cpu", self.tokenizer)
             self._loaded = model, load_tokenizer(str(tok_path))

@@ -96,7 +96,7 @@ def import_release(source: str, run_name: Optional[str] = None, runs_dir: str | 
 
 def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Path:
     """Write a run's checkpoint in the official layout to the new folder ``out``; returns ``out``."""
-    from parcae.eval.checkpoint import load_checkpoint
+    from parcae.runs.checkpoint import load_checkpoint
     from parcae.model import to_official
 
     out = Path(out)
@@ -110,7 +110,7 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
     problem = unrepresentable(model.config)
     if problem:
         raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
-    from parcae.training.rundir import check_checkpoint
+    from parcae.runs.rundir import check_checkpoint
 
     ckpt = check_checkpoint(ckpt_path)  # the checked loader (memory-mapped, weights_only): tensors stay on disk
     previous = (ckpt.get("imported") or {}).get("official_config")  # an imported release's own config.json

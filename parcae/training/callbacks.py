@@ -21,7 +21,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     copy, not a rename, when that is another filesystem.)"""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        from parcae.training.rundir import is_storage_fault, storage_error
+        from parcae.runs.rundir import is_storage_fault, storage_error
 
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -28,10 +28,10 @@ from parcae.data.datamodule import TokenDataModule
 from parcae.errors import UsageError
 from parcae.model import PRESETS, ModelConfig, parse_loops
 
-from . import rundir
+from parcae.runs import rundir
 from .callbacks import AtomicCheckpointIO, RunSummary, StepProgressBar, ThroughputCallback
 from .module import LoopedLMModule
-from .options import check_options, loop_cost_note
+from parcae.options import check_options, loop_cost_note
 
 RUN_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "run_name", "runs_dir")
 # Trainer settings of a training run that an evaluation of its checkpoint keeps (devices may not exist here).

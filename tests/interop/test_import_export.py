@@ -11,7 +11,7 @@ import torch
 
 from conftest import ASSETS
 from parcae.cli import main
-from parcae.eval.checkpoint import load_checkpoint
+from parcae.runs.checkpoint import load_checkpoint
 from parcae.interop import write_run
 from parcae.interop.release import official_config_json
 from parcae.model import LoopedLM, ModelConfig, to_official

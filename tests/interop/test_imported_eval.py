@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import ASSETS, synthetic_documents, write_jsonl
 from parcae.cli import main
 from parcae.data import load_tokenizer
-from parcae.eval.checkpoint import load_checkpoint
+from parcae.runs.checkpoint import load_checkpoint
 
 RELEASE = ASSETS / "official_snapshots" / "parcae_tiny"
 TEXT = "The quick brown fox jumps over the lazy dog. Then it rests in the shade of an old tree."

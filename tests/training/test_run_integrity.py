@@ -276,7 +276,7 @@ def test_unwritable_runs_dir_is_one_line(trained, tmp_path, capsys):
 
 def test_evaluation_in_a_folder_that_cannot_be_written_prints_results(trained, tmp_path, capsys, monkeypatch):
     """Root can write anywhere, so the folder's refusal is stood in for by the probe's answer."""
-    from parcae.training import rundir
+    from parcae.runs import rundir
 
     _, _, run_dir = trained
     monkeypatch.setattr(rundir, "writable_dir", lambda path: Path(path) != run_dir)
@@ -293,7 +293,7 @@ def test_evaluation_in_a_folder_that_cannot_be_written_prints_results(trained, t
 
 
 # -- one writer per run ----------------------------------------------------------------------------------------
-LOCK_HOLDER = "import sys, time; from parcae.training.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
+LOCK_HOLDER = "import sys, time; from parcae.runs.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
               "print('locked', flush=True); time.sleep(600)"
 
 
@@ -318,7 +318,7 @@ def test_second_fit_refuses_while_the_first_holds_the_lock_then_takes_over_a_dea
 
 
 def test_lock_is_exclusive_and_released():
-    from parcae.training.rundir import RunLock, RunLockedError
+    from parcae.runs.rundir import RunLock, RunLockedError
 
     import tempfile
 
@@ -334,7 +334,7 @@ def test_lock_is_exclusive_and_released():
 
 # -- resume picks the newest checkpoint that loads ---------------------------------------------------------------
 def test_resume_skips_a_truncated_last_ckpt_and_says_which_it_used(run_copy, capsys):
-    from parcae.training.rundir import check_checkpoint
+    from parcae.runs.rundir import check_checkpoint
 
     recipe, run_dir = run_copy
     last = run_dir / "last.ckpt"

@@ -1,7 +1,7 @@
 """The run directory of a training run: one writer (a lock), checkpoints checked before they are trusted, resume
 from the newest checkpoint that loads, and storage faults reported in one line.
 
-    from parcae.training.rundir import RunLock, resume_checkpoint, check_checkpoint
+    from parcae.runs.rundir import RunLock, resume_checkpoint, check_checkpoint
     with RunLock(run_dir):                       # parcae fit holds this for its lifetime
         path, note = resume_checkpoint(run_dir)  # last.ckpt, or the newest step=*.ckpt that loads
 

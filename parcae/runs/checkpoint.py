@@ -16,7 +16,7 @@ def load_checkpoint(ckpt_path: str | Path, device: str | torch.device = "cpu",
     """(model in eval mode, tokenizer.json path). The tokenizer comes from ``tokenizer``, or from the run's
     ``config.yaml``: its ``data.tokenizer`` (imported models) or else the first shard folder named there (every
     prepared shard folder carries a copy of its tokenizer)."""
-    from parcae.training.rundir import check_checkpoint
+    from .rundir import check_checkpoint
 
     ckpt_path = Path(ckpt_path)
     ckpt = check_checkpoint(ckpt_path)  # one-line CheckpointError for missing, truncated or foreign files
