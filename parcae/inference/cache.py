@@ -62,8 +62,13 @@ class _Store:
         self.v = torch.zeros_like(self.k)
         self.filled = torch.zeros(B, capacity, dtype=torch.bool, device=device)
 
-    def write(self, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> None:
-        """k, v [B, S, kv_heads, hd] into columns cols [B, S] where mask [B, S]."""
+    def write(self, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+        """k, v [n, S, kv_heads, hd] of rows rows [n, 1] into columns cols [n, S] where mask [n, S] (None: all)."""
+        if mask is None:
+            self.k[rows, :, cols] = k.to(self.k.dtype)
+            self.v[rows, :, cols] = v.to(self.v.dtype)
+            self.filled[rows, cols] = True
+            return
         m = mask[..., None, None]
         self.k[rows, :, cols] = torch.where(m, k.to(self.k.dtype), self.k[rows, :, cols])
         self.v[rows, :, cols] = torch.where(m, v.to(self.v.dtype), self.v[rows, :, cols])
@@ -74,53 +79,65 @@ class _Store:
 
 
 class LoopKVCache:
-    """All KV stores of one batch; :meth:`begin` sets up the columns and mask of the tokens computed next."""
+    """All KV stores of one batch; :meth:`begin` sets up the rows, columns and mask of the tokens computed next.
+
+    The model calls :meth:`once` and :meth:`loop` per attention layer (the interface of :mod:`parcae.model.loop`)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, policy: KVPolicy, adaptive: bool,
                  device=None, dtype=torch.float32) -> None:
         self.config, self.policy, self.B, self.capacity = config, policy, batch_size, capacity
         self._shape = (batch_size, config.kv_heads, capacity, config.head_dim)
         self._device, self._dtype = device, dtype
-        make = lambda: _Store(*self._shape[:2], capacity, config.head_dim, device, dtype)  # noqa: E731
-        n_once = config.n_prelude + config.n_coda + (0 if config.looped else config.n_recurrent)
-        self.once = [make() for _ in range(n_once)]                 # prelude, (GPT: middle stack), coda
-        self.slots: list[dict[int, _Store]] = [{} for _ in range(config.n_recurrent if config.looped else 0)]
+        P, R, C = config.n_prelude, config.n_recurrent, config.n_coda
+        once = [*range(P), *range(P + R, P + R + C)] + ([] if config.looped else list(range(P, P + R)))
+        self.stores = {index: self._new_store() for index in once}      # by block index: prelude, (GPT middle), coda
+        self.slots: list[dict[int, _Store]] = [{} for _ in range(R if config.looped else 0)]
         # A token's last computed iteration per recurrent block, read where a slot lacks it (latest / ring).
-        self.last = [make() for _ in self.slots] if adaptive and policy.kind != "full" else None
+        self.last = [self._new_store() for _ in self.slots] if adaptive and policy.kind != "full" else None
         self.present = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
-        self.rows = torch.arange(batch_size, device=device)[:, None]
+        self.all_rows = torch.arange(batch_size, device=device)
+        self.step_rows: Optional[Tensor] = None  # rows of the batch in the current step (None: all)
         self.cols: Optional[Tensor] = None
         self.mask: Optional[Tensor] = None
         self.length = 0  # columns in use (max over rows)
 
-    # -- one forward chunk -----------------------------------------------------------------------------------
-    def begin(self, cols: Tensor, real: Tensor) -> None:
-        """The next tokens go to columns cols [B, S]; real [B, S] marks the ones that are not padding."""
-        if int(cols.max()) >= self.capacity:
-            raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {int(cols.max())} is beyond")
-        self.cols = cols
-        self.present[self.rows, cols] = torch.where(real, True, self.present[self.rows, cols])
-        self.length = max(self.length, int(cols.max()) + 1)
+    def _new_store(self) -> _Store:
+        return _Store(*self._shape, self._device, self._dtype)
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def begin(self, cols: Tensor, real: Tensor, rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
+        """The next step computes rows ``rows`` of the batch (index tensor; None: all) with tokens at columns
+        cols [rows, S]; real [rows, S] marks the ones that are not padding. ``max_col`` (cols.max(), known to the
+        caller) spares a device read."""
+        top = int(cols.max()) if max_col is None else max_col
+        if top >= self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {top} is beyond")
+        self.step_rows, self.cols = rows, cols
+        r = (self.all_rows if rows is None else rows)[:, None]
+        self.present[r, cols] |= real
+        self.length = max(self.length, top + 1)
         L = self.length
         key_cols = torch.arange(L, device=cols.device)
-        causal = key_cols[None, None, :] <= cols[..., None]                     # [B, S, L]
-        self.mask = (causal & self.present[:, None, :L]) | (key_cols[None, None, :] == cols[..., None])
-        self.mask = self.mask[:, None]  # [B, 1, S, L]; a padding query sees only itself (no empty softmax rows)
+        present = self.present[:, :L] if rows is None else self.present[rows, :L]
+        causal = key_cols[None, None, :] <= cols[..., None]                     # [b, S, L]
+        mask = (causal & present[:, None, :]) | (key_cols[None, None, :] == cols[..., None])
+        self.mask = mask[:, None]  # [b, 1, S, L]; a padding query sees only itself (no empty softmax rows)
 
-    def once_view(self, index: int, write: Tensor) -> "_View":
-        return _View(self, self.once[index], None, write)
+    def once(self, index: int, rows: Optional[Tensor], write: Optional[Tensor]) -> "_View":
+        """The view of prelude/coda block ``index`` (its place in the P+R+C stack) for rows ``rows`` of the step."""
+        return _View(self, self.stores[index], None, rows, write)
 
-    def loop_view(self, block: int, iteration: int, write: Tensor) -> "_View":
+    def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> "_View":
+        """The view of recurrent block ``block`` at iteration ``iteration`` (its slot under the policy)."""
         slot = self.policy.slot(iteration)
         store = self.slots[block].get(slot)
         if store is None:
-            store = self.slots[block][slot] = _Store(*self._shape[:2], self.capacity, self._shape[3],
-                                                     self._device, self._dtype)
-        return _View(self, store, self.last[block] if self.last is not None else None, write)
+            store = self.slots[block][slot] = self._new_store()
+        return _View(self, store, self.last[block] if self.last is not None else None, rows, write)
 
     # -- accounting ------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        stores = [*self.once, *(s for slots in self.slots for s in slots.values()), *(self.last or [])]
+        stores = [*self.stores.values(), *(s for slots in self.slots for s in slots.values()), *(self.last or [])]
         return sum(s.nbytes() for s in stores)
 
     def entries_per_token_by_shape(self, loops: int) -> int:
@@ -135,20 +152,26 @@ class LoopKVCache:
 class _View:
     """What one attention layer sees: store the new keys/values (where allowed), return all readable ones."""
 
-    def __init__(self, cache: LoopKVCache, store: _Store, fallback: Optional[_Store], write: Tensor) -> None:
-        self.cache, self.store, self.fallback, self.write = cache, store, fallback, write
+    def __init__(self, cache: LoopKVCache, store: _Store, fallback: Optional[_Store], rows: Optional[Tensor],
+                 write: Optional[Tensor]) -> None:
+        self.cache, self.store, self.fallback, self.rows, self.write = cache, store, fallback, rows, write
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c = self.cache
-        self.store.write(c.rows, c.cols, k, v, self.write)
+        c, sub = self.cache, self.rows
+        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
+        cols = c.cols if sub is None else c.cols[sub]
+        mask = c.mask if sub is None else c.mask[sub]
+        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        self.store.write(r, cols, k, v, self.write)
         if self.fallback is not None:
-            self.fallback.write(c.rows, c.cols, k, v, self.write)
+            self.fallback.write(r, cols, k, v, self.write)
         L = c.length
-        keys, values = self.store.k[:, :, :L], self.store.v[:, :, :L]
-        if self.fallback is not None:
-            missing = (c.present[:, :L] & ~self.store.filled[:, :L])
-            if bool(missing.any()):
-                use = missing[:, None, :, None]
-                keys = torch.where(use, self.fallback.k[:, :, :L], keys)
-                values = torch.where(use, self.fallback.v[:, :, :L], values)
-        return keys, values, c.mask
+        if batch_rows is None:
+            take, cols_of = (lambda x: x[:, :, :L]), (lambda x: x[:, :L])
+        else:
+            take, cols_of = (lambda x: x[batch_rows, :, :L]), (lambda x: x[batch_rows, :L])
+        keys, values = take(self.store.k), take(self.store.v)
+        if self.fallback is not None:  # entries this slot lacks: the token's last computed iteration instead
+            use = (cols_of(c.present) & ~cols_of(self.store.filled))[:, None, :, None]
+            keys, values = torch.where(use, take(self.fallback.k), keys), torch.where(use, take(self.fallback.v), values)
+        return keys, values, mask

@@ -29,6 +29,8 @@ from torch import Tensor
 from parcae.model import LoopedLM
 from parcae.model.state import positional_noise
 
+from parcae.model.loop import Uniform, pick, put
+
 from .cache import KVPolicy, LoopKVCache
 from .exits import ExitRule
 
@@ -70,9 +72,65 @@ class Generation:
 
 @dataclass
 class _Forward:
-    logits: Optional[Tensor]  # [B, S, V] fp32
+    logits: Optional[Tensor]  # [B, S, V] fp32 (zeros in rows that were not computed)
     depth: Tensor             # [B, S] loops whose state produced the output
     state: Optional[Tensor]   # [B, S, d] the state read out (looped models)
+
+
+class _ExitSchedule:
+    """The adaptive step's policy, handed to the model's loop (:mod:`parcae.model.loop`): after each iteration the
+    exit rule decides per token; a token's output is its state (and logits) at its exit. Under ``latest`` / ``ring``
+    an exited token stops computing and a row with no token left computing leaves the batch (one device read per
+    iteration says which rows stay); under ``full`` every token computes all iterations (no read at all)."""
+
+    def __init__(self, engine: "Engine", real: Tensor) -> None:
+        self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
+        self.vocab_size, self.counter = engine.config.vocab_size, engine._iterations
+        self.keep_computing = engine.policy.kind == "full"
+        self.deciding = real.clone()      # output not yet fixed
+        self.computing = real.clone()     # still iterating (storing their keys/values)
+        self.active: Optional[Tensor] = None   # rows still computing (None: all)
+        self.finished = False
+        self.depth = torch.full(real.shape, self.iterations, dtype=torch.long, device=real.device)
+        self.tracker = self.h_out = self.logits_out = None
+
+    def rows(self, t: int) -> Optional[Tensor]:
+        return self.active
+
+    def writes(self, t: int) -> Tensor:
+        return pick(self.computing, self.active)
+
+    def done(self, t: int, h_before: Tensor, h: Tensor, rows: Optional[Tensor], read_out) -> None:
+        if self.tracker is None:  # t = 0, every row: h_before is h₀
+            self.tracker, self.h_out = self.rule.start(h_before, self.vocab_size), h_before
+        self.counter += pick(self.computing, rows).sum()
+        deciding = pick(self.deciding, rows)
+        logits = read_out(h, deciding) if self.rule.needs_logits else None
+        converged, _ = self.tracker.update(h, logits, rows)
+        last = t + 1 == self.iterations
+        stop = deciding if last else deciding & converged & (t + 1 >= self.min_loops)
+        self.h_out = put(self.h_out, rows, torch.where(stop[..., None], h, pick(self.h_out, rows)))
+        self.depth = put(self.depth, rows, torch.where(stop, t + 1, pick(self.depth, rows)))
+        if logits is not None:
+            if self.logits_out is None:
+                self.logits_out = torch.zeros(*self.deciding.shape, logits.shape[-1], device=logits.device)
+            self.logits_out = put(self.logits_out, rows,
+                                  torch.where(stop[..., None], logits, pick(self.logits_out, rows)))
+        self.deciding = put(self.deciding, rows, deciding & ~stop)
+        if self.keep_computing or last or t + 1 < self.min_loops:
+            return
+        computing = pick(self.computing, rows) & ~stop
+        self.computing = put(self.computing, rows, computing)
+        still = computing.any(-1).tolist()  # the one device read of this iteration
+        if all(still):
+            return
+        keep = [i for i, s in enumerate(still) if s]
+        self.finished = not keep
+        index = torch.tensor(keep, dtype=torch.long, device=h.device)
+        self.active = index if rows is None else rows.index_select(0, index)
+
+    def output(self, h: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        return self.h_out, self.logits_out
 
 
 class Engine:
@@ -103,8 +161,13 @@ class Engine:
         self.min_loops = min_loops
         if self.exit is not None and self.max_loops < self.min_loops:
             raise ValueError(f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
-        self.iterations_run = 0   # (token, iteration) pairs computed by the recurrent blocks, for accounting
         self.device = next(model.parameters()).device
+        # (token, iteration) pairs computed by the recurrent blocks, for accounting; kept on the device
+        self._iterations = torch.zeros((), dtype=torch.long, device=self.device)
+
+    @property
+    def iterations_run(self) -> int:
+        return int(self._iterations)
 
     @property
     def adaptive(self) -> bool:
@@ -122,73 +185,41 @@ class Engine:
     @torch.no_grad()
     def forward(self, cache: LoopKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
                 sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor] = None,
-                need_logits: bool = True) -> _Forward:
-        """Run tokens [B, S] (at columns cols, positions positions; ``real`` False for padding) through the model,
-        storing their keys/values; ``adaptive`` applies the exit rule per token, else a fixed depth."""
-        m, cfg = self.model, self.config
+                need_logits: bool = True, rows: Optional[Sequence[int]] = None,
+                max_col: Optional[int] = None) -> _Forward:
+        """Run tokens [B, S] (at columns cols, positions positions; ``real`` False for padding) through the model's
+        cached step, storing their keys/values; ``adaptive`` applies the exit rule per token, else a fixed depth.
+
+        ``rows`` (host-side row numbers) restricts the step to those rows: the others cost nothing and get zero
+        logits. ``max_col`` (the largest column, if the caller knows it) spares a device read."""
         B, S = tokens.shape
-        cache.begin(cols, real)
-        rope = m._rope(int(positions.max()) + 1)[positions]        # [B, S, hd/2, 2]
-        ve = m.value_embeddings_of(tokens)
-        x = m.wte(tokens)
-        for i, block in enumerate(m.prelude):
-            x = block(x, rope, ve.get(block.index), cache.once_view(i, real))
-        if not cfg.looped:
-            for j, block in enumerate(m.recurrent):
-                x = block(x, rope, ve.get(block.index), cache.once_view(cfg.n_prelude + j, real))
-            logits = self._coda(cache, x, rope, ve, real, cfg.n_prelude + cfg.n_recurrent, need_logits)
-            return _Forward(logits, torch.ones(B, S, dtype=torch.long, device=tokens.device), None)
-
-        e = m.prelude_norm(x) if m.prelude_norm is not None else x
-        drive = m.injection.input_term(e)
-        if initial_state is not None:
-            h = initial_state.to(e.dtype)
-        elif cfg.state_init == "zero":
-            h = torch.zeros_like(e)
+        index = None
+        if rows is not None and len(rows) < B:
+            index = torch.tensor(list(rows), dtype=torch.long, device=tokens.device)
+            tokens, cols, positions, real, sequences, initial_state = (
+                pick(x, index) for x in (tokens, cols, positions, real, sequences, initial_state))
+        if tokens.shape[0] == 0:
+            return _Forward(torch.zeros(B, S, self.config.padded_vocab_size, device=tokens.device) if need_logits
+                            else None, torch.zeros(B, S, dtype=torch.long, device=tokens.device), None)
+        cache.begin(cols, real, index, max_col)
+        if adaptive and self.config.looped:
+            schedule = _ExitSchedule(self, real)
         else:
-            h = positional_noise(self.seed, sequences, positions, cfg.d_model, cfg.state_std, e.dtype)
-        T = self.prefill_loops  # an adaptive engine prefills at max_loops
-        running = real.clone()      # still computing iterations (their keys/values are stored)
-        deciding = real.clone()     # output not yet fixed
-        depth = torch.full((B, S), T, dtype=torch.long, device=tokens.device)
-        h_out, logits_out = h, None
-        tracker = self.exit.start(h, cfg.vocab_size) if adaptive else None
-        for t in range(T):
-            u = m.injection(h, drive)
-            for r, block in enumerate(m.recurrent):
-                u = block(u, rope, ve.get(block.index), cache.loop_view(r, t, running))
-            h = torch.where(running[..., None], u, h)
-            self.iterations_run += int(running.sum())
-            if tracker is None or not bool(deciding.any()):
-                if not bool(running.any()):
-                    break
-                continue
-            logits = self._coda(cache, m.readout(h) if m.readout is not None else h, rope, ve, deciding,
-                                cfg.n_prelude, True) if self.exit.needs_logits else None
-            converged, _ = tracker.update(h, logits)
-            stop = deciding & ((converged & (t + 1 >= self.min_loops)) | (t + 1 == T))
-            if bool(stop.any()):
-                h_out = torch.where(stop[..., None], h, h_out)
-                depth = torch.where(stop, t + 1, depth)
-                if logits is not None:
-                    logits_out = logits if logits_out is None else torch.where(stop[..., None], logits, logits_out)
-                deciding = deciding & ~stop
-                if self.policy.kind != "full":
-                    running = running & ~stop
-            if not bool(running.any()):
-                break
-        if tracker is None:
-            h_out = h
-        if tracker is None or not self.exit.needs_logits:
-            x = m.readout(h_out) if m.readout is not None else h_out
-            logits_out = self._coda(cache, x, rope, ve, real, cfg.n_prelude, need_logits)
-        return _Forward(logits_out, depth, h_out)
-
-    def _coda(self, cache: LoopKVCache, x: Tensor, rope: Tensor, ve: dict, write: Tensor, first: int,
-              need_logits: bool) -> Optional[Tensor]:
-        for k, block in enumerate(self.model.coda):
-            x = block(x, rope, ve.get(block.index), cache.once_view(first + k, write))
-        return self.model.lm_head(x) if need_logits else None
+            schedule = Uniform(self.prefill_loops if self.config.looped else 1, real)
+            self._iterations += real.sum() * schedule.iterations if self.config.looped else 0
+        out = self.model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
+                              initial_state=initial_state, state_seed=self.seed, sequences=sequences,
+                              need_logits=need_logits)
+        depth = schedule.depth if isinstance(schedule, _ExitSchedule) else \
+            torch.full(tokens.shape, schedule.iterations, dtype=torch.long, device=tokens.device)
+        logits, state = out.logits, out.state
+        if index is not None:  # back to the whole batch
+            depth = torch.zeros(B, S, dtype=torch.long, device=depth.device).index_copy(0, index, depth)
+            logits = None if logits is None else \
+                torch.zeros(B, *logits.shape[1:], device=logits.device).index_copy(0, index, logits)
+            state = None if state is None else \
+                torch.zeros(B, *state.shape[1:], dtype=state.dtype, device=state.device).index_copy(0, index, state)
+        return _Forward(logits, depth, state)
 
     # -- generation ------------------------------------------------------------------------------------------
     def check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -216,7 +247,9 @@ class Engine:
         its token limit (``limits[i]``, default ``max_new_tokens``). ``sequences`` names each row's sequence for its
         initial-state noise and sampling stream (default 0 for every row, so a row gives the same tokens alone or
         in any batch). ``sampling`` may be one setting or one per row. Rows the caller adds to ``halt`` (e.g. on a
-        stop string) end after the current step."""
+        stop string) end after the current step. A finished row costs nothing in later steps, and a step reads
+        back from the device once at a fixed depth (the sampled ids), at most once per iteration with an exit rule.
+        """
         if padding not in ("left", "right"):
             raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
         self.check_request(prompts, max_new_tokens)
@@ -224,58 +257,72 @@ class Engine:
             return
         dev = self.device
         B, W = len(prompts), max(len(p) for p in prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=dev)
-        seq_ids = torch.tensor(list(sequences) if sequences is not None else [0] * B, device=dev, dtype=torch.long)
-        if len(seq_ids) != B:
-            raise ValueError(f"{len(seq_ids)} sequence ids for {B} prompts")
-        tokens = torch.zeros(B, W, dtype=torch.long, device=dev)
-        real = torch.zeros(B, W, dtype=torch.bool, device=dev)
-        for b, p in enumerate(prompts):
-            start = W - len(p) if padding == "left" else 0
-            tokens[b, start:start + len(p)] = torch.tensor(list(p), device=dev)
-            real[b, start:start + len(p)] = True
-        positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        cols = torch.arange(W, device=dev).expand(B, W)
-        last_col = (W - 1 if padding == "left" else lengths - 1) * torch.ones(B, dtype=torch.long, device=dev)
-        cache = self.new_cache(B, W + max_new_tokens)
-        prefill = real & (cols != last_col[:, None])
-        prev_state = None
-        if bool(prefill.any()):
-            out = self.forward(cache, tokens, cols, positions, prefill, seq_ids, adaptive=False, need_logits=False)
-            if self.continuous:
-                prev_state = out.state.gather(1, (last_col - 1).clamp(min=0)[:, None, None].expand(
-                    B, 1, self.config.d_model))
-                prev_state = torch.where((lengths > 1)[:, None, None], prev_state, self._noise(seq_ids, lengths - 1))
-        col, pos = last_col.clone(), lengths - 1
-        step_tokens = tokens.gather(1, last_col[:, None])
-        limit = torch.tensor(list(limits) if limits is not None else [max_new_tokens] * B, device=dev)
-        if len(limit) != B or bool((limit < 0).any()) or bool((limit > max_new_tokens).any()):
+        lengths = [len(p) for p in prompts]
+        seq_list = list(sequences) if sequences is not None else [0] * B
+        if len(seq_list) != B:
+            raise ValueError(f"{len(seq_list)} sequence ids for {B} prompts")
+        limit = list(limits) if limits is not None else [max_new_tokens] * B
+        if len(limit) != B or any(not 0 <= n <= max_new_tokens for n in limit):
             raise ValueError(f"limits must give each of the {B} rows a count in [0, max_new_tokens]")
-        alive = limit > 0
+        tokens = torch.zeros(B, W, dtype=torch.long)
+        real = torch.zeros(B, W, dtype=torch.bool)
+        starts = [W - n if padding == "left" else 0 for n in lengths]
+        for b, p in enumerate(prompts):
+            tokens[b, starts[b]:starts[b] + lengths[b]] = torch.tensor(list(p))
+            real[b, starts[b]:starts[b] + lengths[b]] = True
+        last_col = [starts[b] + lengths[b] - 1 for b in range(B)]
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        cols = torch.arange(W).expand(B, W)
+        prefill = real & (cols != torch.tensor(last_col)[:, None])
+        tokens, real, positions, cols, prefill = (x.to(dev) for x in (tokens, real, positions, cols, prefill))
+        seq_ids = torch.tensor(seq_list, device=dev, dtype=torch.long)
+        cache = self.new_cache(B, W + max_new_tokens)
+        prev_state = None
+        prefilled = [b for b in range(B) if lengths[b] > 1]
+        if prefilled:
+            out = self.forward(cache, tokens, cols, positions, prefill, seq_ids, adaptive=False, need_logits=False,
+                               rows=prefilled, max_col=W - 1)
+            if self.continuous:
+                before_last = torch.tensor([max(c - 1, 0) for c in last_col], device=dev)
+                prev_state = out.state.gather(1, before_last[:, None, None].expand(B, 1, self.config.d_model))
+                first = torch.tensor([n == 1 for n in lengths], device=dev)
+                prev_state = torch.where(first[:, None, None], self._noise(seq_ids, torch.tensor(lengths, device=dev) - 1),
+                                         prev_state)
+        col_host = list(last_col)
+        col, pos = torch.tensor(last_col, device=dev), torch.tensor(lengths, device=dev) - 1
+        step_tokens = tokens.gather(1, col[:, None])
+        alive = [n > 0 for n in limit]
         per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         generators = [torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + int(q))
-                      for s, q in zip(per_row, seq_ids)]
-        stop_tensor = torch.tensor(list(stop_ids), device=dev, dtype=torch.long)  # once, not per token
+                      for s, q in zip(per_row, seq_list)]
+        stops = set(int(t) for t in stop_ids)
         for i in range(max_new_tokens):
-            out = self.forward(cache, step_tokens, col[:, None], pos[:, None], alive[:, None], seq_ids,
-                               adaptive=self.adaptive, initial_state=prev_state)
+            rows = [b for b in range(B) if alive[b]]
+            live = torch.tensor(alive, device=dev)[:, None]
+            out = self.forward(cache, step_tokens, col[:, None], pos[:, None], live, seq_ids,
+                               adaptive=self.adaptive, initial_state=prev_state, rows=rows,
+                               max_col=max(col_host[b] for b in rows))
             if isinstance(sampling, Sampling):
                 nxt = sample(out.logits[:, -1], sampling, generators, self.config.vocab_size, alive)
             else:
                 nxt = torch.stack([sample(out.logits[b:b + 1, -1], per_row[b], generators[b:b + 1],
                                           self.config.vocab_size, alive[b:b + 1])[0] for b in range(B)])
-            stopped = torch.isin(nxt, stop_tensor) & alive
-            finished = stopped | (alive & (i + 1 >= limit))
-            yield StepEvent(i, nxt.tolist(), out.depth[:, -1].tolist(), alive.tolist(),
-                            (finished | ~alive).tolist(), out.logits[:, -1])
-            alive = alive & ~finished
-            if halt:
-                alive[list(halt)] = False
-            if not bool(alive.any()):
+            if self.adaptive:  # the ids and the depths in one read
+                ids, depths = torch.stack([nxt, out.depth[:, -1]]).tolist()
+            else:
+                ids, depths = nxt.tolist(), [self.loops if self.config.looped else 1] * B
+            finished = [alive[b] and (ids[b] in stops or i + 1 >= limit[b]) for b in range(B)]
+            yield StepEvent(i, ids, depths, list(alive), [f or not a for f, a in zip(finished, alive)],
+                            out.logits[:, -1])
+            alive = [a and not f for a, f in zip(alive, finished)]
+            for b in halt or ():
+                alive[b] = False
+            if not any(alive):
                 return
             if self.continuous:
                 prev_state = out.state
             step_tokens, col, pos = nxt[:, None], col + 1, pos + 1
+            col_host = [c + 1 for c in col_host]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), padding: str = "left",
@@ -311,18 +358,19 @@ class Engine:
             real[b, : len(r)] = True
         seq_ids = torch.tensor(list(sequences) if sequences is not None else [0] * B, device=dev, dtype=torch.long)
         cache = self.new_cache(B, W)
-        inputs, targets = real[:, :-1], tokens[:, 1:]
+        targets = tokens[:, 1:]
         if not self.adaptive and not self.continuous:
             cols = torch.arange(W - 1, device=dev).expand(B, W - 1)
-            out = self.forward(cache, tokens[:, :-1], cols, cols, inputs & real[:, 1:], seq_ids, adaptive=False)
+            out = self.forward(cache, tokens[:, :-1], cols, cols, real[:, :-1] & real[:, 1:], seq_ids, adaptive=False,
+                               max_col=W - 2)
             logits, depth = out.logits, out.depth
         else:
             logits, depth, prev = [], [], None
             for c in range(W - 1):
-                live = real[:, c + 1]
+                live = [b for b in range(B) if len(rows[b]) > c + 1]
                 col = torch.full((B, 1), c, device=dev, dtype=torch.long)
-                out = self.forward(cache, tokens[:, c:c + 1], col, col, live[:, None], seq_ids, adaptive=self.adaptive,
-                                   initial_state=prev)
+                out = self.forward(cache, tokens[:, c:c + 1], col, col, real[:, c + 1:c + 2], seq_ids,
+                                   adaptive=self.adaptive, initial_state=prev, rows=live, max_col=c)
                 logits.append(out.logits)
                 depth.append(out.depth)
                 prev = out.state if self.continuous else None
@@ -334,9 +382,10 @@ class Engine:
 
 
 def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Generator], vocab_size: int,
-           alive: Optional[Tensor] = None) -> Tensor:
+           alive: Optional[Sequence[bool]] = None) -> Tensor:
     """Next token per row from logits [B, V]: greedy at temperature 0, else temperature / top-k / top-p sampling,
-    each row from its own generator (so a row's draws do not depend on the other rows)."""
+    each row from its own generator (so a row's draws do not depend on the other rows). ``alive`` (host-side, one
+    bool per row) skips the rows that draw nothing."""
     logits = logits[:, :vocab_size].float()
     if sampling.temperature == 0:
         return logits.argmax(-1)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parcae.model.loop import pick, put
+
 AUTO_THRESHOLDS = {"latent-diff": 0.03, "kl": 1e-3, "entropy-diff": 1e-3, "argmax-stability": 5}
 NEEDS_LOGITS = {"latent-diff": False, "kl": True, "entropy-diff": True, "argmax-stability": True}
 
@@ -66,7 +68,8 @@ class ExitRule:
 
 
 class ExitTracker:
-    """The running quantities of one rule over one loop (per token, shape [B, S])."""
+    """The running quantities of one rule over one loop (per token, shape [B, S]); an update may cover only some
+    rows (the ones still looping)."""
 
     def __init__(self, rule: ExitRule, h0: Tensor, vocab_size: int) -> None:
         self.rule = rule
@@ -78,26 +81,30 @@ class ExitTracker:
         self.prev_argmax = torch.full(shape, -1, dtype=torch.long, device=h0.device)
         self.stable = torch.zeros(shape, dtype=torch.long, device=h0.device)
 
-    def update(self, h: Tensor, logits: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """(converged [B, S] bool, rule value [B, S]) after one more iteration."""
+    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(converged [b, S] bool, rule value [b, S]) after one more iteration of rows ``rows`` (None: all)."""
         name, thr = self.rule.name, self.rule.threshold
         if name == "latent-diff":
-            value = (h - self.prev_h).float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-12)
-            self.prev_h = h
+            value = (h - pick(self.prev_h, rows)).float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-12)
+            self.prev_h = put(self.prev_h, rows, h)
             return value < thr, value
         log_probs = F.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
         if name == "kl":
-            prev = self.prev_log_probs if self.prev_log_probs is not None else \
-                torch.full_like(log_probs, -math.log(self.vocab_size))
+            if self.prev_log_probs is None:  # p_{-1}: uniform
+                self.prev_log_probs = torch.full((*self.prev_entropy.shape, self.vocab_size), -math.log(self.vocab_size),
+                                                 device=log_probs.device)
+            prev = pick(self.prev_log_probs, rows)
             value = (prev.exp() * (prev - log_probs)).sum(-1)
-            self.prev_log_probs = log_probs
+            self.prev_log_probs = put(self.prev_log_probs, rows, log_probs)
             return value < thr, value
         if name == "entropy-diff":
             entropy = -(log_probs.exp() * log_probs).sum(-1)
-            value = (entropy - self.prev_entropy).abs()
-            self.prev_entropy = entropy
+            value = (entropy - pick(self.prev_entropy, rows)).abs()
+            self.prev_entropy = put(self.prev_entropy, rows, entropy)
             return value < thr, value
         argmax = log_probs.argmax(-1)
-        self.stable = torch.where(argmax == self.prev_argmax, self.stable + 1, torch.zeros_like(self.stable))
-        self.prev_argmax = argmax
-        return self.stable >= thr, self.stable.float()
+        stable = torch.where(argmax == pick(self.prev_argmax, rows), pick(self.stable, rows) + 1,
+                             torch.zeros_like(argmax))
+        self.stable, self.prev_argmax = put(self.stable, rows, stable), put(self.prev_argmax, rows, argmax)
+        return stable >= thr, stable.float()
+

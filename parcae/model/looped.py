@@ -10,6 +10,11 @@ Training runs T_i = n_i + k_i iterations for sequence i: n_i without gradient, t
 proportional cost: each iteration computes only the sequences still looping (cost ∝ Σ T_i), which is
 exactly running every sequence alone (the official code instead runs all to the batch maximum and masks).
 
+One forward for everything: ``forward`` (training, eval) and the inference engine both call ``step``. A cached
+step adds the tokens' positions, a cache the attention layers store into and read from, and a schedule saying
+which rows run each iteration (a generated token leaves the loop when its exit rule fires); see
+:mod:`parcae.model.loop` for both interfaces.
+
 Sharded training (FSDP) rule: a sharded block all-gathers its parameters on every call and reduce-scatters
 its gradients in backward, so every rank must call the recurrent blocks the same number of times per step,
 whatever depths its own rows drew. ``LoopedLM.depth_sync`` (set by the trainer, plain ``None`` otherwise)
@@ -37,6 +42,7 @@ from .depth import Depths
 from .init import initialize
 from .injection import make_injection
 from .layers import Block, RMSNorm, rope_table
+from .loop import LoopRecorder, PerSequence, Schedule, pick
 from .state import positional_noise
 
 IGNORE_INDEX = -100  # label value excluded from the loss
@@ -47,6 +53,7 @@ class LoopOutput:
     logits: Tensor                       # fp32 [B, S, padded_vocab]
     loss: Optional[Tensor] = None        # mean cross-entropy over labels != IGNORE_INDEX
     telemetry: Optional[dict] = None     # see LoopedLM.forward(telemetry=True)
+    state: Optional[Tensor] = None       # [B, S, d] the state h read out (looped models; LoopedLM.step)
 
 
 class LoopedLM(nn.Module):
@@ -95,35 +102,71 @@ class LoopedLM(nn.Module):
                 and relative to ‖h_T‖) and the depths run.
         """
         B, S = self._check_input(input_ids)
-        rope = self._rope(S)
+        if self.injection is None and (depths is not None or loops not in (None, 1)):
+            raise ValueError(f"{self.config.name} is a fixed-depth model (injection='none'); it has no loops "
+                             f"to set (got loops={loops})")
+        depths = self._resolve_depths(B, loops, depths) if self.injection is not None else None
+        out = self.step(input_ids, depths=depths, initial_state=initial_state, state_seed=state_seed,
+                        telemetry=telemetry)
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten().long(), ignore_index=IGNORE_INDEX)
+        return out
+
+    def step(self, input_ids: Tensor, *, depths: Optional[Depths] = None, schedule: Optional[Schedule] = None,
+             positions: Optional[Tensor] = None, cache=None, real: Optional[Tensor] = None,
+             initial_state: Optional[Tensor] = None, state_seed: Optional[int | list[int]] = None,
+             sequences: Optional[Tensor] = None, need_logits: bool = True, telemetry: bool = False) -> LoopOutput:
+        """The one forward: the full sequence (training, eval) or a chunk of it against a cache (generation).
+
+        Args:
+            depths: per-sequence iteration counts (the forward's); or ``schedule``: who runs each iteration
+                (see :mod:`parcae.model.loop`; the engine's exit rules are one).
+            positions: [B, S] position of each token in its sequence (default 0..S−1), for RoPE and h₀.
+            cache: where attention stores and reads keys/values (see :mod:`parcae.model.loop`); None: causal
+                attention within ``input_ids`` only.
+            real: [B, S] tokens that store keys/values (the others are padding).
+            sequences: [B] sequence identity of each row for the eval h₀ noise (default 0..B−1).
+        Returns logits (None unless ``need_logits``) and, for looped models, the state read out.
+        """
+        B, S = input_ids.shape
+        rope = self._rope(S) if positions is None else self._rope_at(positions, cache)
         value_embeddings = self.value_embeddings_of(input_ids)  # once, not per loop
+        once = (lambda block: None) if cache is None else (lambda block: cache.once(block.index, None, real))
         x = self.wte(input_ids)
         for block in self.prelude:
-            x = block(x, rope, value_embeddings.get(block.index))
-        stats = None
+            x = block(x, rope, value_embeddings.get(block.index), once(block))
         if self.injection is None:  # fixed-depth GPT: the same stack, run once
-            if depths is not None or loops not in (None, 1):
-                raise ValueError(f"{self.config.name} is a fixed-depth model (injection='none'); it has no loops "
-                                 f"to set (got loops={loops})")
             for block in self.recurrent:
-                x = block(x, rope, value_embeddings.get(block.index))
-        else:
-            e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            depths = self._resolve_depths(B, loops, depths)
-            h = self._initial_state(e, initial_state, state_seed)
+                x = block(x, rope, value_embeddings.get(block.index), once(block))
+            return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits))
+        e = self.prelude_norm(x) if self.prelude_norm is not None else x
+        h = self._initial_state(e, initial_state, state_seed, sequences, positions)
+        stats = None
+        if schedule is None:
+            if cache is not None:
+                raise ValueError("a cached step needs a schedule (parcae.model.loop), not per-sequence depths")
+            depths = depths if depths is not None else self._resolve_depths(B, None, None)
             h, stats = self.loop(h, e, depths, rope, value_embeddings, telemetry)
-            x = self.readout(h) if self.readout is not None else h
-        for block in self.coda:
-            x = block(x, rope, value_embeddings.get(block.index))
-        logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().long(), ignore_index=IGNORE_INDEX)
-        return LoopOutput(logits, loss, stats)
+        else:
+            h = self._iterate(h, self.injection.input_term(e), schedule, rope, value_embeddings, cache)
+            h, logits = schedule.output(h)
+            if logits is not None:  # the exit checks already read these states out
+                return LoopOutput(logits, state=h)
+        return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits), None, stats, h)
 
     def value_embeddings_of(self, input_ids: Tensor) -> dict[int, Tensor]:
         """{stack index: value embedding [B, S, kv_heads·head_dim]} for the blocks that have one."""
         return {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+
+    def read_out(self, h: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor], cache=None,
+                 rows: Optional[Tensor] = None, write: Optional[Tensor] = None, need_logits: bool = True
+                 ) -> Optional[Tensor]:
+        """logits = embedᵀ N_f(Coda(C h)) for the state h of rows ``rows`` (None: all)."""
+        x = h if self.readout is None else self.readout(h)
+        for block in self.coda:
+            view = None if cache is None else cache.once(block.index, rows, write)
+            x = block(x, rope, value_embeddings.get(block.index), view)
+        return self.lm_head(x) if need_logits else None
 
     def lm_head(self, x: Tensor) -> Tensor:
         """fp32 logits from the coda output: final norm, then the tied embedding."""
@@ -133,50 +176,45 @@ class LoopedLM(nn.Module):
              telemetry: bool = False) -> tuple[Tensor, Optional[dict]]:
         """h ← R(Ā h + B̄ e): ``depths.no_grad[i]`` iterations without gradient, then ``depths.grad[i]`` with it."""
         drive = self.injection.input_term(e)  # B̄ e is the same on every iteration
-        record = _LoopRecorder(h, depths) if telemetry else None
+        record = LoopRecorder(h, depths) if telemetry else None
         phases = [depths.no_grad, depths.grad] if torch.is_grad_enabled() else [depths.total]
         iterations = [int(c.max()) if c.numel() else 0 for c in phases]
         if self.depth_sync is not None:  # same number of block calls on every rank (module docstring)
             iterations = [int(n) for n in self.depth_sync(iterations)]
+        schedules = [PerSequence(c, n, h.device, record) for c, n in zip(phases, iterations)]
         if torch.is_grad_enabled():
             with torch.no_grad():
-                h = self._iterate(h, drive, depths.no_grad, iterations[0], rope, value_embeddings, record)
-            h = self._iterate(h, drive, depths.grad, iterations[1], rope, value_embeddings, record)
+                h = self._iterate(h, drive, schedules[0], rope, value_embeddings)
+            h = self._iterate(h, drive, schedules[1], rope, value_embeddings)
         else:  # nothing to backpropagate: the split is irrelevant
-            h = self._iterate(h, drive, depths.total, iterations[0], rope, value_embeddings, record)
+            h = self._iterate(h, drive, schedules[0], rope, value_embeddings)
         return h, (record.summary(self.injection) if record else None)
 
-    def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor]) -> Tensor:
-        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks."""
+    def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor],
+                       caches: Optional[list] = None) -> Tensor:
+        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks (block r reading/writing ``caches[r]``)."""
         u = self.injection(h, drive)
-        for block in self.recurrent:
-            u = block(u, rope, value_embeddings.get(block.index))
+        for r, block in enumerate(self.recurrent):
+            u = block(u, rope, value_embeddings.get(block.index), caches[r] if caches else None)
         return u
 
-    def _iterate(self, h: Tensor, drive: Tensor, counts: Tensor, iterations: int, rope: Tensor,
-                 value_embeddings: dict[int, Tensor], record: Optional["_LoopRecorder"]) -> Tensor:
-        """Run sequence i for counts[i] iterations, computing only the sequences still looping.
-
-        ``iterations`` >= counts.max(); iterations past it call the blocks on zero rows (sharded training).
-        """
-        B = h.shape[0]
+    def _iterate(self, h: Tensor, drive: Tensor, schedule: Schedule, rope: Tensor,
+                 value_embeddings: dict[int, Tensor], cache=None) -> Tensor:
+        """Run the iterations of ``schedule``, computing only the rows it names for each (cost ∝ Σ depths)."""
         step = self.recurrent_step
         if self.checkpoint_iterations and torch.is_grad_enabled():
             step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
-        for t in range(iterations):
-            active = (counts > t).nonzero().flatten()
-            if active.numel() == B:
-                h_new = step(h, drive, rope, value_embeddings)
-                if record is not None:
-                    record.update(h, h_new, active)
-                h = h_new
-            else:
-                idx = active.to(h.device, non_blocking=True)
-                sub_ve = {i: v.index_select(0, idx) for i, v in value_embeddings.items()}
-                h_sub = step(h.index_select(0, idx), drive.index_select(0, idx), rope, sub_ve)
-                if record is not None and active.numel():
-                    record.update(h.index_select(0, idx), h_sub, active)
-                h = h.index_copy(0, idx, h_sub)
+        for t in range(schedule.iterations):
+            if schedule.finished:
+                break
+            rows, write = schedule.rows(t), schedule.writes(t)
+            h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() == 4 else rope
+            ve_in = value_embeddings if rows is None else {i: v.index_select(0, rows) for i, v in value_embeddings.items()}
+            caches = None if cache is None else [cache.loop(r, t, rows, write) for r in range(len(self.recurrent))]
+            h_out = step(h_in, drive_in, rope_in, ve_in, caches) if caches else step(h_in, drive_in, rope_in, ve_in)
+            schedule.done(t, h_in, h_out, rows,
+                          lambda x, w: self.read_out(x, rope_in, ve_in, cache, rows, w))
+            h = h_out if rows is None else h.index_copy(0, rows, h_out)
         return h
 
     # ----------------------------------------------------------------------------------------------
@@ -194,6 +232,11 @@ class LoopedLM(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {V}) of model {self.config.name!r}")
         return input_ids.shape
+
+    def _rope_at(self, positions: Tensor, cache) -> Tensor:
+        """[B, S, hd/2, 2] RoPE rows of each token's position; a cache's capacity bounds them (no device read)."""
+        length = cache.capacity if cache is not None else int(positions.max()) + 1
+        return self._rope(length)[positions]
 
     def _rope(self, seq_len: int) -> Tensor:
         if seq_len > self.rope.shape[0]:
@@ -214,7 +257,8 @@ class LoopedLM(nn.Module):
             raise ValueError(f"loops must be an integer >= 1, got {loops!r}")
         return Depths.split(loops, self.config.backprop_depth, batch_size)
 
-    def _initial_state(self, e: Tensor, initial_state: Optional[Tensor], state_seed) -> Tensor:
+    def _initial_state(self, e: Tensor, initial_state: Optional[Tensor], state_seed,
+                       sequences: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
         if initial_state is not None:
             if initial_state.shape != e.shape:
                 raise ValueError(f"initial_state must have shape {tuple(e.shape)}, got {tuple(initial_state.shape)}")
@@ -222,9 +266,9 @@ class LoopedLM(nn.Module):
         if self.config.state_init == "zero":
             return torch.zeros_like(e)
         std = self.config.state_std
-        if not self.training:
-            # Evaluation: noise is a function of (seed, sequence, position) only, so a token gets the same h₀
-            # whether it is computed alone, with its prefix (the KV-cached generator) or beside other rows.
+        if not self.training or positions is not None:
+            # Evaluation (and every cached step): noise is a function of (seed, sequence, position) only, so a
+            # token gets the same h₀ whether it is computed alone, with its prefix (the KV-cached generator) or beside other rows.
             # An int seed numbers the rows 0..B-1 as sequences; a list gives each row its own identity.
             B, S = e.shape[:2]
             if isinstance(state_seed, (list, tuple)):
@@ -232,8 +276,10 @@ class LoopedLM(nn.Module):
                     raise ValueError(f"state_seed has {len(state_seed)} seeds for a batch of {B} sequences")
                 seed, sequences = 0, torch.tensor([int(s) for s in state_seed], device=e.device)
             else:
-                seed, sequences = (0 if state_seed is None else int(state_seed)), torch.arange(B, device=e.device)
-            positions = torch.arange(S, device=e.device).expand(B, S)
+                seed = 0 if state_seed is None else int(state_seed)
+                sequences = torch.arange(B, device=e.device) if sequences is None else sequences
+            if positions is None:
+                positions = torch.arange(S, device=e.device).expand(B, S)
             return positional_noise(seed, sequences, positions, e.shape[-1], std, e.dtype)  # like-init: truncated normal with the embedding std, cut at ±3σ
         h = torch.empty(e.shape, device=e.device, dtype=torch.float32)
         if isinstance(state_seed, (list, tuple)):  # one seed per sequence: noise independent of batch layout
@@ -257,44 +303,3 @@ class LoopedLM(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
         return counts
-
-
-class _LoopRecorder:
-    """Cheap loop telemetry, accumulated on the device: ‖h_t‖ per iteration and each sequence's last step."""
-
-    def __init__(self, h0: Tensor, depths: Depths) -> None:
-        self.depths = depths
-        B, T = len(depths), int(depths.total.max())
-        self.done = torch.zeros(B, dtype=torch.long)  # iterations completed per sequence (CPU)
-        self.norm_sum = torch.zeros(T + 1, device=h0.device)
-        self.norm_count = torch.zeros(T + 1, device=h0.device)
-        self.norm_sum[0] = h0.detach().float().norm(dim=-1).mean()
-        self.norm_count[0] = 1
-        self.last_residual = torch.zeros(B, device=h0.device)
-        self.last_norm = torch.zeros(B, device=h0.device)
-
-    @torch.no_grad()
-    def update(self, h_old: Tensor, h_new: Tensor, active: Tensor) -> None:
-        idx = active.to(h_new.device)
-        norms = h_new.float().norm(dim=-1).mean(-1)                   # per sequence, mean over tokens
-        residuals = (h_new.float() - h_old.float()).norm(dim=-1).mean(-1)
-        self.done[active] += 1
-        step = self.done[active].to(h_new.device)
-        self.norm_sum.index_add_(0, step, norms)
-        self.norm_count.index_add_(0, step, torch.ones_like(norms))
-        self.last_norm.index_copy_(0, idx, norms)
-        self.last_residual.index_copy_(0, idx, residuals)
-
-    def summary(self, injection) -> dict:
-        return {
-            "spectral_radius": injection.spectral_radius(),
-            "mean_decay": injection.mean_decay(),
-            "state_norm": self.norm_sum / self.norm_count.clamp(min=1),   # [T_max + 1], index 0 is h₀
-            "final_state_norm": self.last_norm.mean(),                    # ‖h_T‖
-            "residual": self.last_residual.mean(),                        # ‖h_T − h_{T−1}‖
-            "rel_residual": (self.last_residual / self.last_norm.clamp(min=1e-12)).mean(),
-            "depth": self.depths.total.clone(),
-            "no_grad_iterations": self.depths.no_grad.clone(),
-            "grad_iterations": self.depths.grad.clone(),
-        }
-
