@@ -190,9 +190,12 @@ class Engine:
         """Run tokens [B, S] (at columns cols, positions positions; ``real`` False for padding) through the model's
         cached step, storing their keys/values; ``adaptive`` applies the exit rule per token, else a fixed depth.
 
-        ``rows`` (host-side row numbers) restricts the step to those rows: the others cost nothing and get zero
-        logits. ``max_col`` (the largest column, if the caller knows it) spares a device read."""
+        Only rows with a real token are computed; the others cost nothing and get zero logits and depth. ``rows``
+        (host-side row numbers, if the caller knows them) names those rows without reading ``real`` back from the
+        device; ``max_col`` (the largest column) likewise spares a read."""
         B, S = tokens.shape
+        if rows is None:
+            rows = [b for b, any_real in enumerate(real.any(1).tolist()) if any_real]
         index = None
         if rows is not None and len(rows) < B:
             index = torch.tensor(list(rows), dtype=torch.long, device=tokens.device)
@@ -279,9 +282,10 @@ class Engine:
         cache = self.new_cache(B, W + max_new_tokens)
         prev_state = None
         prefilled = [b for b in range(B) if lengths[b] > 1]
-        if prefilled:
-            out = self.forward(cache, tokens, cols, positions, prefill, seq_ids, adaptive=False, need_logits=False,
-                               rows=prefilled, max_col=W - 1)
+        if prefilled:  # every token but each prompt's last, in one chunk (the columns before the last last one)
+            width = max(last_col)
+            out = self.forward(cache, tokens[:, :width], cols[:, :width], positions[:, :width], prefill[:, :width],
+                               seq_ids, adaptive=False, need_logits=False, rows=prefilled, max_col=width - 1)
             if self.continuous:
                 before_last = torch.tensor([max(c - 1, 0) for c in last_col], device=dev)
                 prev_state = out.state.gather(1, before_last[:, None, None].expand(B, 1, self.config.d_model))

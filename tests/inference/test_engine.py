@@ -260,3 +260,113 @@ def test_bad_requests_are_refused_with_a_message():
         with pytest.raises(ValueError, match=message):
             make()
     assert KVPolicy.parse("ring:4").slots == 4
+
+
+# -- cost: exited and idle rows compute nothing; few device reads ------------------------------------------------
+class TokenCounter:
+    """Counts the (row, token) pairs entering a module: the compute spent there, seen from outside the engine."""
+
+    def __init__(self, module):
+        self.count = 0
+        module.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        self.count += args[0].shape[0] * args[0].shape[1]
+
+
+class ScriptedExit:
+    """An exit rule that forces the depths: row r of the n-th adaptive step exits after depth(n, r) iterations."""
+
+    name = "scripted"
+
+    def __init__(self, depth, needs_logits=False):
+        self.depth, self.needs_logits, self.steps = depth, needs_logits, 0
+
+    def start(self, h0, vocab_size):
+        n, self.steps = self.steps, self.steps + 1
+        return ScriptedTracker(torch.tensor([self.depth(n, r) for r in range(h0.shape[0])])[:, None].expand(h0.shape[:-1]))
+
+
+class ScriptedTracker:
+    def __init__(self, target):
+        self.target, self.done = target, torch.zeros_like(target)
+
+    def update(self, h, logits, rows=None):
+        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
+        done = pick(self.done) + 1
+        self.done = done if rows is None else self.done.index_copy(0, rows, done)
+        return done >= pick(self.target), done.float()
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("needs_logits", [False, True])
+def test_exited_rows_cost_nothing_the_recurrent_compute_is_the_sum_of_the_depths(batch, needs_logits):
+    model = tiny_model("parcae", seed=13)
+    T, n_new = 8, 10
+    rule = ScriptedExit(lambda n, r: 1 + (3 * n + 5 * r) % T, needs_logits)
+    engine = Engine(model, exit=rule, max_loops=T, kv_policy="latest")
+    prompts = [[0, 3 + b, 40 + 2 * b][: 2 + b % 2] for b in range(batch)]
+    recurrent, coda = TokenCounter(model.recurrent[0]), TokenCounter(model.coda[0])
+    generations = engine.generate(prompts, n_new, sequences=list(range(batch)))
+    assert [g.depths for g in generations] == [[rule.depth(n, r) for n in range(n_new)] for r in range(batch)]
+    depths = [d for g in generations for d in g.depths]
+    prefill = batch * (max(map(len, prompts)) - 1)  # one chunk of the prompts but their last tokens, padding included
+    assert recurrent.count == prefill * engine.prefill_loops + sum(depths)
+    # The output-based check (coda + head) runs on the rows still looping, once per iteration they run.
+    assert coda.count == prefill + (sum(depths) if needs_logits else batch * n_new)
+
+
+@pytest.mark.parametrize("exit", [None, "latent-diff:0.15"])
+def test_rows_without_a_real_token_cost_nothing_and_do_not_change_the_others(exit):
+    model = tiny_model("parcae", seed=14)
+    kw = dict(exit=exit, max_loops=6, kv_policy="latest") if exit else dict(loops=3)
+    tokens = torch.tensor([[0, 5, 9], [0, 0, 0], [0, 7, 2], [0, 0, 0]])
+    real = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    cols = torch.arange(3).expand(4, 3)
+    engine = Engine(model, **kw)
+    recurrent = TokenCounter(model.recurrent[0])
+    out = engine.forward(engine.new_cache(4, 8), tokens, cols, cols, real, torch.arange(4), adaptive=exit is not None)
+    computed = recurrent.count
+    alone = Engine(model, **kw)
+    ref = alone.forward(alone.new_cache(2, 8), tokens[[0, 2]], cols[:2], cols[:2], real[[0, 2]],
+                        torch.tensor([0, 2]), adaptive=exit is not None)
+    assert computed == recurrent.count - computed                # the idle rows entered no block at all
+    torch.testing.assert_close(out.logits[[0, 2]][real[[0, 2]]], ref.logits[real[[0, 2]]], atol=1e-5, rtol=0)
+    assert out.depth[[1, 3]].eq(0).all()
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts the calls from parcae's code that read a tensor back to the host (a device sync on an accelerator)."""
+    import sys
+
+    calls = {"n": 0}
+    for name in HOST_READS:
+        def counting(self, *args, _real=getattr(torch.Tensor, name), **kwargs):
+            if "/parcae/" in sys._getframe(1).f_code.co_filename:
+                calls["n"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return calls
+
+
+def test_fixed_depth_reads_the_device_once_per_generated_token(host_reads):
+    model = tiny_model("parcae", seed=15)
+    engine = Engine(model, loops=4)
+    events = list(engine.stream([[0, 1, 2, 3], [0, 5], [0, 9, 9]], 12, Sampling(temperature=0.7, seed=1),
+                                stop_ids=[7], sequences=[0, 1, 2]))
+    assert host_reads["n"] == len(events)  # the sampled ids, nothing else
+
+
+@pytest.mark.parametrize("policy", ["latest", "full"])
+def test_adaptive_depth_reads_the_device_at_most_once_per_iteration(host_reads, policy):
+    model = tiny_model("parcae", seed=15)
+    engine = Engine(model, exit="kl:0.02", max_loops=8, kv_policy=policy)
+    events = list(engine.stream([[0, 1, 2, 3], [0, 5], [0, 9, 9]], 12, sequences=[0, 1, 2]))
+    reads, iterations = host_reads["n"], sum(max(e.depths) for e in events)
+    assert reads <= iterations + len(events)   # one per iteration run, plus the sampled ids (with their depths)
+    if policy == "full":                       # nothing leaves the batch early: no per-iteration read at all
+        assert reads == len(events)
