@@ -8,8 +8,8 @@ See docs/inference.md for the design, the exit rules and the KV policies.
 """
 
 from .cache import KVPolicy, LoopKVCache
-from .engine import Engine, Generation, Sampling, StepEvent, sample
+from .engine import Engine, Generation, Sampling, StepEvent, generator_seed, sample
 from .exits import AUTO_THRESHOLDS, ExitRule
 
 __all__ = ["AUTO_THRESHOLDS", "Engine", "ExitRule", "Generation", "KVPolicy", "LoopKVCache", "Sampling", "StepEvent",
-           "sample"]
+           "generator_seed", "sample"]

@@ -135,6 +135,15 @@ class LoopKVCache:
             store = self.slots[block][slot] = self._new_store()
         return _View(self, store, self.last[block] if self.last is not None else None, rows, write)
 
+    def release(self, row: int) -> None:
+        """Forget every entry of one row, so the row can hold a new sequence from column 0 (continuous batching:
+        a finished request's slot is reused by the next one's prefill)."""
+        self.present[row] = False
+        for store in (*self.stores.values(), *(s for slots in self.slots for s in slots.values()), *(self.last or [])):
+            store.filled[row] = False
+        used = self.present.any(0).nonzero()  # one device read per finished request: attention spans only these
+        self.length = int(used.max()) + 1 if len(used) else 0
+
     # -- accounting ------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         stores = [*self.stores.values(), *(s for slots in self.slots for s in slots.values()), *(self.last or [])]

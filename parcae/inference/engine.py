@@ -297,7 +297,7 @@ class Engine:
         step_tokens = tokens.gather(1, col[:, None])
         alive = [n > 0 for n in limit]
         per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
-        generators = [torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + int(q))
+        generators = [torch.Generator(device=dev).manual_seed(generator_seed(s.seed, int(q)))
                       for s, q in zip(per_row, seq_list)]
         stops = set(int(t) for t in stop_ids)
         for i in range(max_new_tokens):
@@ -383,6 +383,12 @@ class Engine:
         nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
         n = [len(r) - 1 for r in rows]
         return [nll[b, : n[b]].tolist() for b in range(B)], [depth[b, : n[b]].tolist() for b in range(B)]
+
+
+def generator_seed(seed: int, sequence: int) -> int:
+    """The seed of one row's sampling generator: (seed, sequence) mixed into torch's range [0, 2**64), so no seed
+    overflows (``manual_seed`` refuses 2**64 and above) and small seeds keep the numbers they always gave."""
+    return (int(seed) * 1_000_003 + int(sequence)) % 2**64
 
 
 def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Generator], vocab_size: int,

@@ -1,17 +1,18 @@
-"""``parcae serve``: an OpenAI-compatible text-completions server (LitServe) over the KV-cached engine.
+"""``parcae serve``: an OpenAI-style text-completions server with continuous batching over the KV-cached engine.
 
     parcae serve --ckpt_path checkpoints/mini_demo/last.ckpt --port 8000
     curl localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32, "temperature": 0.8, "stream": true}'
 
 ``POST /v1/completions`` takes OpenAI's text-completion fields (``prompt``, ``max_tokens``, ``temperature``,
-``top_p``, ``stop``, ``stream``, ``seed``) plus the depth options of ``parcae generate`` as extra fields
-(``loops``, ``exit``, ``min_loops``, ``max_loops``, ``kv_policy``, ``continuous``, ``top_k``). Each choice also reports
-the loops used per token (``loops``, ``mean_loops``). Requests that arrive together (up to ``--max_batch_size``
-within ``--batch_timeout`` seconds) are generated as one batch; requests with different depth options in one
-batch are run group by group. A bad request gets a 4xx with the reason and the server keeps serving.
+``top_p``, ``stop``, ``stream``, ``seed``, ``logprobs``) plus the depth options of ``parcae generate`` as extra
+fields (``loops``, ``exit``, ``min_loops``, ``max_loops``, ``kv_policy``, ``continuous``, ``top_k``). Each choice
+also reports the loops used per token (``loops``, ``mean_loops``). ``GET /health`` answers once the model is loaded;
+``GET /scheduler`` shows the scheduler's counters (rows running, queued, cancelled, ...).
 
-LitServe's ready OpenAI spec serves chat completions; a base model continues text, so this module has its own
-small spec for ``/v1/completions``.
+One process: uvicorn serves a FastAPI app whose handlers validate each request alone (a 400 with the reason) and
+hand it to :class:`parcae.inference.scheduler.Scheduler`, whose thread runs the model; tokens come back through
+an asyncio queue per request. A client that disconnects has its row cancelled. SIGTERM or Ctrl-C stops the
+server within a few seconds (requests still running are cut). docs/inference.md says why this is not LitServe.
 """
 
 from __future__ import annotations
@@ -19,27 +20,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
+import socket
 import sys
 import time
 import uuid
-from collections import deque
+from contextlib import asynccontextmanager
 from typing import Optional, Union
 
-import litserve as ls
-from fastapi import HTTPException
-from fastapi.responses import StreamingResponse
-from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from parcae.data.tokenizer import encode_prompt
 
 from .engine import Engine, Sampling
+from .scheduler import Job, Scheduler, TokenEvent
+
+MAX_LOGPROBS = 20       # top-N log-probabilities a request may ask for
+SEED_LIMIT = 2**64      # request seeds are unsigned 64-bit integers (torch's generator range)
 
 
 class CompletionRequest(BaseModel):
+    """The request body. Strict types: ``true`` or ``"4"`` is not a number; unknown fields are refused."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    prompt: Union[str, list[str]]
     model: Optional[str] = None
-    prompt: Union[str, list[str]] = ""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -47,6 +52,8 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     seed: Optional[int] = None
     n: int = 1
+    logprobs: Optional[int] = None
+    user: Optional[str] = None
     # parcae extras: depth and sampling options of `parcae generate`
     top_k: Optional[int] = None
     loops: Optional[int] = None
@@ -57,214 +64,280 @@ class CompletionRequest(BaseModel):
     continuous: bool = False
 
 
-def depth_key(r: CompletionRequest) -> tuple:
-    return (r.loops, r.exit, r.min_loops, r.max_loops, r.kv_policy, r.continuous)
+class BadRequest(ValueError):
+    """A request the server refuses (HTTP 400, the message is the reason)."""
 
 
-class CompletionsSpec(LitSpec):
-    """/v1/completions: validates the request (400 with the reason), queues it, streams or collects the answer."""
+class Limits:
+    """What one request may ask for, checked against the model before it is queued."""
 
-    def __init__(self, validate) -> None:
-        super().__init__()
-        self.api_path = "/v1/completions"
-        self.validate = validate  # request -> None or raises ValueError
-        self.add_endpoint(self.api_path, self.completions, ["POST"])
+    def __init__(self, model, tok, max_request_loops: int) -> None:
+        self.model, self.tok, self.max_request_loops = model, tok, max_request_loops
 
-    @property
-    def stream(self) -> bool:
-        return True
+    def job(self, r: CompletionRequest) -> tuple[Job, list[str]]:
+        """(the job, its stop strings) or BadRequest with the reason. Each request is checked alone."""
+        if isinstance(r.prompt, list):
+            if len(r.prompt) != 1:
+                raise BadRequest("send one prompt per request (batching happens across requests)")
+            r.prompt = r.prompt[0]
+        if r.n != 1:
+            raise BadRequest(f"n must be 1, got {r.n}")
+        if r.max_tokens < 0:
+            raise BadRequest(f"max_tokens must be >= 0, got {r.max_tokens}")
+        if r.seed is not None and not 0 <= r.seed < SEED_LIMIT:
+            raise BadRequest(f"seed must be an integer in [0, 2**64), got {r.seed}")
+        if r.logprobs is not None and not 0 <= r.logprobs <= MAX_LOGPROBS:
+            raise BadRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {r.logprobs}")
+        if not 0 < r.top_p <= 1:
+            raise BadRequest(f"top_p must be in (0, 1], got {r.top_p}")
+        sampling = Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p if r.top_p < 1 else None)
+        depth = dict(loops=r.loops, exit=r.exit, min_loops=r.min_loops, max_loops=r.max_loops,
+                     kv_policy=r.kv_policy, continuous=r.continuous)
+        engine = Engine(self.model, **depth)
+        cap = self.max_request_loops
+        if max(engine.loops, engine.max_loops) > cap:
+            if r.loops is not None or r.max_loops is not None:
+                raise BadRequest(f"at most {cap} loops per token on this server (--max_request_loops); "
+                                 f"asked for {max(x for x in (r.loops, r.max_loops) if x is not None)}")
+            depth["max_loops"] = cap  # an exit rule's default ceiling, lowered to the server's cap
+            engine = Engine(self.model, **depth)
+        ids = encode_prompt(self.tok, r.prompt)
+        engine.check_request([ids], r.max_tokens)
+        # an unseeded sampled request draws its own seed (reported in the answer), so repeats differ
+        seed = r.seed if r.seed is not None else secrets.randbits(63)
+        stops = [s for s in ([r.stop] if isinstance(r.stop, str) else (r.stop or [])) if s]
+        return Job(ids, r.max_tokens, depth, sampling, seed, r.logprobs or 0), stops
 
-    def decode_request(self, request, context_kwargs=None):
-        return request
 
-    def encode_response(self, output, context_kwargs=None):
-        yield from output
+class TextStream:
+    """Text of a growing token list, given out in pieces: a piece never ends inside a multi-byte character, and
+    the text ends before the first stop string."""
 
-    async def completions(self, request: CompletionRequest):
-        if isinstance(request.prompt, list):
-            if len(request.prompt) != 1:
-                raise HTTPException(400, "send one prompt per request (batching happens across requests)")
-            request.prompt = request.prompt[0]
-        if request.n != 1:
-            raise HTTPException(400, "n must be 1")
+    def __init__(self, tok, stops: list[str]) -> None:
+        self.tok, self.stops, self.ids, self.shown = tok, stops, [], ""
+        self.stopped = False
+
+    def add(self, token: Optional[int], last: bool) -> str:
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        if text.endswith("\ufffd") and not (last or self.stopped):
+            return ""  # half a multi-byte character: wait for the rest
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
+def _logprobs_entry(tok, event: TokenEvent, offset: int) -> dict:
+    name = lambda i: tok.decode([i], skip_special_tokens=False)  # noqa: E731
+    return {"tokens": [name(event.token)], "token_ids": [event.token], "token_logprobs": [event.logprob],
+            "top_logprobs": [{name(i): lp for i, lp in event.top}], "text_offset": [offset]}
+
+
+def _merge_logprobs(parts: list[dict]) -> Optional[dict]:
+    if not parts:
+        return None
+    return {k: [v for p in parts for v in p[k]] for k in parts[0]}
+
+
+def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
+              prefill_chunk: int = 256):
+    """The FastAPI app over one model (loaded by the caller) and one scheduler thread."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    eos = tok.token_to_id("<|eos|>")
+    limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence)
+    scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=[eos], prefill_chunk=prefill_chunk)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="parcae", lifespan=lifespan)
+    app.state.scheduler, app.state.limits = scheduler, limits
+
+    def refuse(message: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 400}}, 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, err: RequestValidationError):
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+            problems.append(f"{where}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and
+                                                      "input" in e and not isinstance(e["input"], dict) else ""))
+        return refuse("; ".join(problems))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/scheduler")
+    async def scheduler_state():
+        return scheduler.stats()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model.config.name, "object": "model", "owned_by": "parcae"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
         try:
-            self.validate(request)
-        except ValueError as err:
-            raise HTTPException(400, str(err)) from None
-        uid = uuid.uuid4()
-        q, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(response_queue=q, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), request))
-        pieces = self.data_streamer(q, event, send_status=True)
-        ident, created = f"cmpl-{uid.hex[:12]}", int(time.time())
-        head = {"id": ident, "object": "text_completion", "created": created, "model": request.model or "parcae"}
+            job, stops = limits.job(body)
+        except ValueError as err:  # BadRequest and the engine's own checks (exit rule, KV policy, length ...)
+            return refuse(str(err))
+        ident, created = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": body.model or model.config.name}
+        if body.temperature > 0:
+            head["seed"] = job.seed
+        prompt_tokens = len(job.prompt)
 
-        async def chunks():
-            async for raw, status in pieces:
-                if status == LitAPIStatus.ERROR:
-                    raise raw if isinstance(raw, HTTPException) else HTTPException(500, "generation failed")
-                if status == LitAPIStatus.FINISH_STREAMING:
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+        if job.max_new_tokens == 0:  # nothing to generate: answered at once, like any finished request
+            choice = {"text": "", "index": 0, "logprobs": _merge_logprobs([]), "finish_reason": "length",
+                      "loops": [], "mean_loops": None}
+            if body.stream:
+                async def empty():
+                    yield f"data: {json.dumps({**head, 'choices': [choice], 'usage': usage(0)})}\n\n"
+                    yield "data: [DONE]\n\n"
+                return StreamingResponse(empty(), media_type="text/event-stream")
+            return {**head, "choices": [choice], "usage": usage(0)}
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        ticket = scheduler.submit(job, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        text = TextStream(tok, stops)
+
+        async def pieces():
+            """(text piece, event, finish_reason, tokens so far) per token until the row ends."""
+            n = 0
+            while True:
+                ev: TokenEvent = await events.get()
+                if ev.finish == "error":
+                    raise RuntimeError(ev.error)
+                if ev.token is not None:
+                    n += 1
+                offset = len(text.shown)
+                piece = text.add(ev.token, ev.finish is not None)
+                finish = "stop" if text.stopped else ev.finish
+                if text.stopped and ev.finish is None:
+                    scheduler.cancel(ticket)   # a stop string: the row leaves at the next step
+                yield piece, ev, offset, finish, n
+                if finish is not None:
                     return
-                if raw:
-                    yield json.loads(raw)
 
-        if request.stream:
+        def logprobs_of(ev: TokenEvent, offset: int) -> Optional[dict]:
+            return _logprobs_entry(tok, ev, offset) if job.logprobs and ev.token is not None else None
+
+        if body.stream:
             async def sse():
                 try:
-                    async for c in chunks():
-                        choice = {"text": c["text"], "index": 0, "logprobs": None, "finish_reason": c["finish_reason"],
-                                  "loops": c["loops"]}
-                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-                except HTTPException as err:
-                    yield f"data: {json.dumps({'error': {'message': err.detail, 'code': err.status_code}})}\n\n"
+                    async for piece, ev, offset, finish, n in pieces():
+                        choice = {"text": piece, "index": 0, "logprobs": logprobs_of(ev, offset),
+                                  "finish_reason": finish, "loops": [ev.depth] if ev.token is not None else []}
+                        chunk = {**head, "choices": [choice]}
+                        if finish is not None:
+                            chunk["usage"] = usage(n)
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                except RuntimeError as err:
+                    yield f"data: {json.dumps({'error': {'message': str(err), 'code': 500}})}\n\n"
+                finally:  # the client went away (the stream is cancelled) or the row ended: stop its row
+                    scheduler.cancel(ticket)
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text, loops, finish, usage = [], [], None, {}
-        async for c in chunks():
-            text.append(c["text"])
-            loops += c["loops"]
-            finish = c["finish_reason"] or finish
-            usage = c["usage"] or usage
-        choice = {"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": finish, "loops": loops,
-                  "mean_loops": sum(loops) / len(loops) if loops else None}
-        return {**head, "choices": [choice], "usage": usage}
+
+        async def collect():
+            out, loops, lps, finish, n = [], [], [], None, 0
+            async for piece, ev, offset, finish, n in pieces():
+                out.append(piece)
+                if ev.token is not None:
+                    loops.append(ev.depth)
+                    if job.logprobs:
+                        lps.append(logprobs_of(ev, offset))
+            return "".join(out), loops, lps, finish, n
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():  # watch the connection while the row runs: a client that left is cancelled
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    return JSONResponse({}, 499)
+            text_out, loops, lps, finish, n = task.result()
+        except RuntimeError as err:
+            return JSONResponse({"error": {"message": str(err), "type": "server_error", "code": 500}}, 500)
+        finally:
+            scheduler.cancel(ticket)
+        choice = {"text": text_out, "index": 0, "logprobs": _merge_logprobs(lps), "finish_reason": finish,
+                  "loops": loops, "mean_loops": sum(loops) / len(loops) if loops else None}
+        return {**head, "choices": [choice], "usage": usage(n)}
+
+    return app
 
 
-class CompletionsAPI(ls.LitAPI):
-    def __init__(self, ckpt_path: str, tokenizer: Optional[str] = None, device: Optional[str] = None, **kwargs):
-        super().__init__(**kwargs)
-        self.ckpt_path, self.tokenizer_path, self.device_name = ckpt_path, tokenizer, device
-
-    def setup(self, device) -> None:
-        from parcae.data import load_tokenizer
-        from parcae.runs.checkpoint import load_checkpoint
-
-        self.model, tok_path = load_checkpoint(self.ckpt_path, self.device_name or device, self.tokenizer_path)
-        self.tok = load_tokenizer(str(tok_path))
-        self.eos = self.tok.token_to_id("<|eos|>")
-
-    def decode_request(self, request: CompletionRequest):
-        return request
-
-    def batch(self, inputs):
-        return list(inputs)
-
-    def unbatch(self, output):
-        yield from output
-
-    def predict(self, requests: list):
-        """One list per step with an entry per request ("" where that request has nothing new)."""
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(depth_key(r), []).append(i)
-        for rows in groups.values():
-            yield from self._generate_group(requests, rows)
-
-    def _generate_group(self, requests: list, rows: list[int]):
-        first = requests[rows[0]]
-        engine = Engine(self.model, loops=first.loops, exit=first.exit, min_loops=first.min_loops,
-                        max_loops=first.max_loops, kv_policy=first.kv_policy, continuous=first.continuous)
-        reqs = [requests[i] for i in rows]
-        prompts = [encode_prompt(self.tok, r.prompt) for r in reqs]
-        sampling = [Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p if r.top_p < 1 else None,
-                             seed=r.seed or 0) for r in reqs]
-        stops = [[r.stop] if isinstance(r.stop, str) else list(r.stop or []) for r in reqs]
-        generated = [[] for _ in reqs]
-        shown = ["" for _ in reqs]
-        halt: set[int] = set()
-        for event in engine.stream(prompts, max(r.max_tokens for r in reqs), sampling, [self.eos],
-                                   limits=[r.max_tokens for r in reqs], halt=halt):
-            out = ["" for _ in requests]
-            for j, r in enumerate(reqs):
-                if not event.active[j]:
-                    continue
-                generated[j].append(event.tokens[j])
-                text = self.tok.decode(generated[j], skip_special_tokens=True)
-                finish = None
-                cut = min((text.find(s) for s in stops[j] if s and s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    halt.add(j)
-                elif event.finished[j]:
-                    finish = "stop" if event.tokens[j] == self.eos else "length"
-                if text.endswith("\ufffd") and finish is None:
-                    delta = ""  # half a multi-byte character: wait for the rest
-                else:
-                    delta, shown[j] = text[len(shown[j]):], text
-                usage = None
-                if finish is not None:
-                    usage = {"prompt_tokens": len(prompts[j]), "completion_tokens": len(generated[j]),
-                             "total_tokens": len(prompts[j]) + len(generated[j])}
-                out[rows[j]] = {"text": delta, "loops": [event.depths[j]], "finish_reason": finish, "usage": usage}
-            yield out
-
-    def encode_response(self, output):
-        yield from output
-
-
-class RequestValidator:
-    """Checks a request against the model in the server process, before it can reach (and fail) a batch.
-
-    Picklable (LitServe ships the spec to its workers): the model and tokenizer load on first use."""
-
-    def __init__(self, ckpt_path: str, tokenizer: Optional[str]) -> None:
-        self.ckpt_path, self.tokenizer = ckpt_path, tokenizer
-        self._loaded = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_loaded": None}
-
-    def load(self):
-        if self._loaded is None:
-            from parcae.data import load_tokenizer
-            from parcae.runs.checkpoint import load_checkpoint
-
-            model, tok_path = load_checkpoint(self.ckpt_path, "cpu", self.tokenizer)
-            self._loaded = model, load_tokenizer(str(tok_path))
-        return self._loaded
-
-    def __call__(self, r: CompletionRequest) -> None:
-        model, tok = self.load()
-        if r.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {r.max_tokens}")
-        if not 0 < r.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {r.top_p}")
-        Sampling(temperature=r.temperature, top_k=r.top_k)
-        engine = Engine(model, loops=r.loops, exit=r.exit, min_loops=r.min_loops, max_loops=r.max_loops,
-                        kv_policy=r.kv_policy, continuous=r.continuous)
-        ids = encode_prompt(tok, r.prompt)
-        engine.check_request([ids], r.max_tokens)
-
-
-def build_server(ckpt_path: str, tokenizer: Optional[str] = None, device: Optional[str] = None,
-                 max_batch_size: int = 8, batch_timeout: float = 0.05) -> ls.LitServer:
-    validator = RequestValidator(ckpt_path, tokenizer)
-    validator.load()  # fail now on a bad checkpoint, with one line
-    spec = CompletionsSpec(validator)
-    api = CompletionsAPI(ckpt_path, tokenizer, device, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
-                         spec=spec)
-    return ls.LitServer(api, accelerator="cpu" if device in (None, "cpu") else "auto", devices=1,
-                        workers_per_device=1, timeout=600)
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now so a taken port is a one-line error (SO_REUSEADDR: a restart right after a
+    stop does not wait for old connections to time out)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae serve", description="OpenAI-compatible /v1/completions over LitServe.")
+    p = argparse.ArgumentParser(prog="parcae serve",
+                                description="OpenAI-style /v1/completions with continuous batching.")
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None)
-    p.add_argument("--max_batch_size", type=int, default=8, help="requests generated together")
-    p.add_argument("--batch_timeout", type=float, default=0.05, help="seconds to wait to fill a batch")
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together (more wait in a queue)")
+    p.add_argument("--max_request_loops", type=int, default=None,
+                   help="most loops per token a request may ask for (loops / max_loops); default 4 x mu_rec")
+    p.add_argument("--prefill_chunk", type=int, default=256,
+                   help="prompt tokens prefilled per step, so a long prompt does not stall the running requests")
     args = p.parse_args(argv)
     try:
-        if args.max_batch_size < 1:
-            raise ValueError(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
-        server = build_server(args.ckpt_path, args.tokenizer, args.device, args.max_batch_size, args.batch_timeout)
-    except (FileNotFoundError, ValueError) as err:
+        for flag in ("max_batch_size", "max_request_loops", "prefill_chunk"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {value}")
+        from parcae.data import load_tokenizer
+        from parcae.runs.checkpoint import load_checkpoint
+
+        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        tok = load_tokenizer(str(tok_path))
+        sock = listening_socket(args.host, args.port)
+    except (OSError, ValueError) as err:
         sys.exit(f"parcae serve: error: {err}")
-    print(f"[serve] POST http://{args.host}:{args.port}/v1/completions", flush=True)
-    server.run(host=args.host, port=args.port, generate_client_file=False)
+    import uvicorn
+
+    app = build_app(model, tok, max_batch_size=args.max_batch_size, max_request_loops=args.max_request_loops,
+                    prefill_chunk=args.prefill_chunk)
+    cap = app.state.limits.max_request_loops
+    print(f"[serve] POST http://{args.host}:{args.port}/v1/completions ({args.max_batch_size} rows at a time, "
+          f"at most {cap} loops per token)", flush=True)
+    # On SIGTERM/SIGINT uvicorn stops accepting, gives running requests 2 s, then re-raises the signal.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        sys.exit("parcae serve: interrupted")
 
 
 if __name__ == "__main__":
