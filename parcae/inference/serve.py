@@ -28,7 +28,9 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parcae.data.tokenizer import encode_prompt
 
@@ -62,6 +64,19 @@ class CompletionRequest(BaseModel):
     max_loops: Optional[int] = None
     kv_policy: str = "full"
     continuous: bool = False
+
+
+def describe(err: ValidationError) -> str:
+    """A body that does not parse, in one line: each field and what is wrong with it."""
+    problems = []
+    for e in err.errors():
+        if e["type"] == "json_invalid":
+            problems.append(f"the body is not valid JSON ({e['ctx']['error']})" if "ctx" in e else "the body is not JSON")
+            continue
+        where = ".".join(str(x) for x in e["loc"]) or "body"
+        shown = "" if e["type"] == "missing" or isinstance(e.get("input"), dict) else f" (got {e['input']!r})"
+        problems.append(f"{where}: {e['msg']}{shown}")
+    return "; ".join(problems)
 
 
 class BadRequest(ValueError):
@@ -102,6 +117,10 @@ class Limits:
             depth["max_loops"] = cap  # an exit rule's default ceiling, lowered to the server's cap
             engine = Engine(self.model, **depth)
         ids = encode_prompt(self.tok, r.prompt)
+        context = self.model.config.block_size
+        if len(ids) + r.max_tokens > context:
+            raise BadRequest(f"the prompt is {len(ids)} tokens; with max_tokens={r.max_tokens} that exceeds the "
+                             f"model's context of {context} tokens (shorten the prompt or ask for fewer tokens)")
         engine.check_request([ids], r.max_tokens)
         # an unseeded sampled request draws its own seed (reported in the answer), so repeats differ
         seed = r.seed if r.seed is not None else secrets.randbits(63)
@@ -145,10 +164,6 @@ def _merge_logprobs(parts: list[dict]) -> Optional[dict]:
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
               prefill_chunk: int = 256):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     eos = tok.token_to_id("<|eos|>")
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence)
     scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=[eos], prefill_chunk=prefill_chunk)
@@ -165,15 +180,6 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
     def refuse(message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 400}}, 400)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request, err: RequestValidationError):
-        problems = []
-        for e in err.errors():
-            where = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
-            problems.append(f"{where}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and
-                                                      "input" in e and not isinstance(e["input"], dict) else ""))
-        return refuse("; ".join(problems))
-
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -187,7 +193,11 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
         return {"object": "list", "data": [{"id": model.config.name, "object": "model", "owned_by": "parcae"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        try:  # the body is JSON whatever the Content-Type says (curl -d sends a form type)
+            body = CompletionRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            return refuse(describe(err))
         try:
             job, stops = limits.job(body)
         except ValueError as err:  # BadRequest and the engine's own checks (exit rule, KV policy, length ...)

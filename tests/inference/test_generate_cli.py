@@ -15,13 +15,13 @@ from parcae.data import load_tokenizer
 from parcae.model import LoopedLM, ModelConfig
 
 
-def make_run(root, name, **arch):
+def make_run(root, name, block_size=48, **arch):
     """A run directory as `parcae fit` leaves it: <run>/last.ckpt (Lightning layout) + config.yaml + data folder."""
     data = root / "data"
     data.mkdir(exist_ok=True)
     shutil.copy(SHAKESPEARE_TOKENIZER, data / "tokenizer.json")
     cfg = ModelConfig(name=name, vocab_size=load_tokenizer(str(SHAKESPEARE_TOKENIZER)).get_vocab_size(),
-                      block_size=48, d_model=32, n_heads=2, d_ff=64, n_prelude=1, n_recurrent=1, n_coda=1,
+                      block_size=block_size, d_model=32, n_heads=2, d_ff=64, n_prelude=1, n_recurrent=1, n_coda=1,
                       mean_recurrence=3, backprop_depth=2, **arch)
     torch.manual_seed(0)
     model = perturb_weights(LoopedLM(cfg))
