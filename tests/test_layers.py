@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "parcae": 0, "parcae.errors": 0, "parcae.validation": 0, "parcae.options": 0,
     "parcae.model": 1,
+    "parcae.hf": 1,  # self-contained transformers classes: imports nothing from parcae (tests/hf checks)
     "parcae.data": 2, "data_prep": 2,
     "parcae.runs": 3,
     "parcae.inference": 4,

@@ -3,6 +3,8 @@
     parcae import SandyResearch/parcae-140m                       # Hub id -> checkpoints/parcae-140m/
     parcae import path/to/release --run_name mine --runs_dir runs # a local folder in the official layout
     parcae export --format official checkpoints/parcae-140m out/parcae-140m
+    parcae export --format hf checkpoints/parcae-140m out/parcae-140m-hf   # transformers / lm-eval / vLLM folder
+    parcae import out/parcae-140m-hf --run_name back                       # an HF folder we wrote, read back
 
 See docs/released_models.md for the walk-through (loop sweep, CORE, generation) on the released models.
 """
@@ -20,6 +22,7 @@ import torch
 
 from .release import (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError, is_hub_id, official_config_json,
                       official_model, resolve_source, resolve_tokenizer, unrepresentable)
+from .hf_folder import WEIGHTS_FILE, export_hf, is_hf_folder, read_hf_folder, weights_sha256
 from .runs import CHECKPOINT, find_checkpoint, write_atomically, write_run
 
 EXPORT_WEIGHTS = "model.pt"  # what official save_pretrained writes
@@ -77,6 +80,8 @@ def import_release(source: str, run_name: Optional[str] = None, runs_dir: str | 
     run_dir = Path(runs_dir) / (run_name or _default_run_name(source))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):  # fail before any download
         raise InteropError(f"{run_dir} already exists and is not empty; choose another --run_name (or delete it)")
+    if is_hf_folder(source):  # our Hugging Face layout (parcae export --format hf)
+        return _import_hf_folder(Path(source), run_dir, tokenizer, quiet)
     hub = not Path(source).exists() and is_hub_id(source)
     folder = resolve_source(source)
     tokenizer_files = resolve_tokenizer(folder, tokenizer, hub)
@@ -94,12 +99,25 @@ def import_release(source: str, run_name: Optional[str] = None, runs_dir: str | 
     return run_dir
 
 
-def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Path:
-    """Write a run's checkpoint in the official layout to the new folder ``out``; returns ``out``."""
-    from parcae.runs.checkpoint import load_checkpoint
-    from parcae.model import to_official
+def _import_hf_folder(root: Path, run_dir: Path, tokenizer: Optional[str], quiet: bool) -> Path:
+    model, tokenizer_files, config = read_hf_folder(root)
+    if tokenizer is not None:
+        tokenizer_files = resolve_tokenizer(None, tokenizer, hub=False)
+    _check_tokenizer(tokenizer_files, model.config.vocab_size)
+    provenance = {"source": str(root), "hub": False, "folder": str(root.resolve()), "format": "hf",
+                  "num_loops": config.get("num_loops"), "files": weights_sha256(root),
+                  "tokenizer_source": str(tokenizer_files[TOKENIZER_FILE])}
+    write_run(model, run_dir, tokenizer_files, provenance, checkpoint_extra={"imported": {"source": str(root),
+                                                                                          "format": "hf"}})
+    if not quiet:
+        print("\n".join(summary_lines(model, run_dir.resolve())), flush=True)
+    return run_dir
 
-    out = Path(out)
+
+def _load_run(run: str | Path, out: Path):
+    """(model, tokenizer.json path, checkpoint path) of a run to export; refuses a non-empty ``out`` first."""
+    from parcae.runs.checkpoint import load_checkpoint
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading a large checkpoint
         raise InteropError(f"{out} already exists and is not empty; choose another output folder (or delete it)")
     ckpt_path = find_checkpoint(run)
@@ -107,6 +125,28 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
         model, tokenizer = load_checkpoint(ckpt_path)
     except (FileNotFoundError, ValueError) as err:
         raise InteropError(str(err).splitlines()[0]) from None
+    return model, tokenizer, ckpt_path
+
+
+def export_hf_run(run: str | Path, out: str | Path, num_loops: Optional[int] = None, quiet: bool = False) -> Path:
+    """Write a run's checkpoint as a Hugging Face folder (transformers, lm-eval, PEFT, vLLM); returns ``out``."""
+    out = Path(out)
+    model, tokenizer, _ = _load_run(run, out)
+    export_hf(model, tokenizer, out, num_loops)
+    if not quiet:
+        print(f"written: {out} (config.json [model_type parcae], {WEIGHTS_FILE}, configuration_parcae.py, "
+              f"modeling_parcae.py, generation_config.json, tokenizer); load it with "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) — docs/ecosystem.md",
+              flush=True)
+    return out
+
+
+def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Path:
+    """Write a run's checkpoint in the official layout to the new folder ``out``; returns ``out``."""
+    from parcae.model import to_official
+
+    out = Path(out)
+    model, tokenizer, ckpt_path = _load_run(run, out)
     problem = unrepresentable(model.config)
     if problem:
         raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
@@ -154,12 +194,20 @@ def import_main(argv: Optional[list[str]] = None) -> None:
 
 def export_main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae export", description="Write a run's model in another layout.")
-    p.add_argument("--format", choices=["official"], default="official",
-                   help="official: the parcae_lm save_pretrained layout (config.json, model.pt, tokenizer)")
+    p.add_argument("--format", choices=["official", "hf"], default="official",
+                   help="official: the parcae_lm save_pretrained layout (config.json, model.pt, tokenizer); hf: a "
+                        "transformers folder (AutoModelForCausalLM with trust_remote_code, lm-eval, vLLM)")
+    p.add_argument("--num_loops", type=int, default=None,
+                   help="with --format hf: the loop count a forward runs by default (default: μ_rec)")
     p.add_argument("run", help="run directory (uses last.ckpt, else the newest step=*.ckpt) or a .ckpt file")
     p.add_argument("out", help="output folder (must not exist or be empty)")
     args = p.parse_args(argv)
     try:
-        export_official(args.run, args.out)
+        if args.format == "hf":
+            export_hf_run(args.run, args.out, args.num_loops)
+        elif args.num_loops is not None:
+            raise InteropError("--num_loops applies to --format hf only")
+        else:
+            export_official(args.run, args.out)
     except InteropError as err:
         sys.exit(f"parcae export: error: {err}")

@@ -1,0 +1,191 @@
+"""``parcae export --format hf`` against parcae itself: the folder loads with transformers' Auto classes (with and
+without parcae installed), its logits equal parcae's forward at T ∈ {1, μ_rec, 2·μ_rec}, greedy ``generate`` equals
+parcae's engine token for token, and a left-padded batch equals each prompt alone."""
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import parcae.hf  # noqa: E402,F401  (registers the Auto classes)
+from hf_runs import ARCHS, export, make_run  # noqa: E402
+from parcae.data.tokenizer import encode_prompt, load_tokenizer  # noqa: E402
+from parcae.hf import ParcaeForCausalLM  # noqa: E402
+from parcae.inference import Engine  # noqa: E402
+from parcae.runs.checkpoint import load_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["The fox", "A", "Once upon a time there"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{arch: (run directory, exported folder)}."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (name, arch) in enumerate(ARCHS.items()):
+        run = make_run(root, name, seed=i, **arch)
+        out[name] = (run, export(run, root / f"{name}-hf"))
+    return out
+
+
+def _parcae(run):
+    model, tok_path = load_checkpoint(run / "last.ckpt")
+    return model, load_tokenizer(str(tok_path))
+
+
+def test_the_folder_holds_config_weights_code_tokenizer_and_generation_config(folders):
+    run, folder = folders["parcae"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_parcae.py", "modeling_parcae.py",
+            "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "parcae" and config["architectures"] == ["ParcaeForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parcae.ParcaeForCausalLM"
+    assert config["num_loops"] == 3  # μ_rec by default
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
+    for name in ("configuration_parcae.py", "modeling_parcae.py"):  # verbatim copies of the package's files
+        assert (folder / name).read_text() == open(f"{parcae.hf.__path__[0]}/{name}").read()
+
+
+@pytest.mark.parametrize("name", ["configuration_parcae.py", "modeling_parcae.py"])
+def test_the_remote_code_imports_nothing_from_parcae(name):
+    tree = ast.parse(open(f"{parcae.hf.__path__[0]}/{name}").read())
+    imported = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])]
+    assert imported and not [m for m in imported if m and m.split(".")[0] == "parcae"]
+
+
+def test_the_tokenizer_frames_text_as_parcae_does(folders):
+    run, folder = folders["parcae"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    _, ours = _parcae(run)
+    for text in PROMPTS:
+        assert tok(text)["input_ids"] == encode_prompt(ours, text)  # <|bos|> first, no <|eos|>
+    assert (tok.bos_token, tok.eos_token) == ("<|bos|>", "<|eos|>") and tok.pad_token is not None
+    assert tok.decode(tok("The fox")["input_ids"], skip_special_tokens=True) == "The fox"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_logits_equal_parcae_forward_at_1_mu_and_2mu_loops(folders, arch):
+    run, folder = folders[arch]
+    ours, _ = _parcae(run)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(model, ParcaeForCausalLM) and not model.training
+    ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    mu = ours.config.mean_recurrence
+    depths = [1, mu, 2 * mu] if ours.config.looped else [None]
+    with torch.no_grad():
+        for loops in depths:
+            # parcae's forward numbers its rows 0..B-1 for the initial state; HF rows are each sequence 0
+            expected = ours(ids, state_seed=[0, 0], **({"loops": loops} if loops else {})).logits[..., :512]
+            got = model(ids, num_loops=loops, use_cache=False).logits
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if ours.config.looped:  # the default loop count is config.num_loops (= μ_rec)
+        torch.testing.assert_close(model(ids).logits, ours(ids, state_seed=[0, 0]).logits[..., :512], rtol=0, atol=1e-5)
+
+
+def _hf_generate(model, tok, prompts, new, **kwargs):
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=new, do_sample=False, **kwargs)[:, enc["input_ids"].shape[1]:]
+    rows = []
+    for row in out.tolist():
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["parcae", "rdm", "gpt"])
+def test_greedy_generate_equals_parcae_generate_alone_and_in_a_left_padded_batch(folders, arch):
+    run, folder = folders[arch]
+    ours, ours_tok = _parcae(run)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    loops = 2 * ours.config.mean_recurrence if ours.config.looped else None
+    engine = Engine(ours, loops=loops)  # parcae generate's engine (sequence 0, greedy)
+    kwargs = {"num_loops": loops} if loops else {}
+    eos = ours_tok.token_to_id("<|eos|>")
+    for prompt in PROMPTS:
+        expected = engine.generate([encode_prompt(ours_tok, prompt)], 12, stop_ids=[eos])[0].tokens
+        alone = _hf_generate(model, tok, [prompt], 12, **kwargs)[0]
+        assert alone == expected, prompt
+    batch = _hf_generate(model, tok, PROMPTS, 12, **kwargs)
+    assert batch == [_hf_generate(model, tok, [p], 12, **kwargs)[0] for p in PROMPTS]
+
+
+def test_greedy_generate_equals_the_parcae_generate_command(folders, capsys):
+    from parcae.cli import main
+
+    run, folder = folders["parcae"]
+    main(["generate", "--ckpt_path", str(run / "last.ckpt"), "--prompt", "The fox", "--loops", "6",
+          "--max_new_tokens", "10", "--temperature", "0"])
+    printed = capsys.readouterr().out.strip()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    enc = tok(["The fox"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=10, num_loops=6)
+    assert printed == tok.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_num_loops_is_a_config_field_set_at_export(folders, tmp_path):
+    run, _ = folders["parcae"]
+    folder = export(run, tmp_path / "deep", "--num_loops", "5")
+    assert AutoConfig.from_pretrained(folder).num_loops == 5
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ours, _ = _parcae(run)
+    ids = torch.tensor([[0, 5, 9, 200, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(ids, loops=5).logits[..., :512], rtol=0, atol=1e-5)
+        assert not torch.allclose(model(ids, num_loops=1).logits, model(ids).logits)
+
+
+def test_cached_steps_equal_the_full_forward_and_a_cache_keeps_its_loop_count(folders):
+    run, folder = folders["parcae"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids, num_loops=4).logits
+        out = model(ids[:, :5], num_loops=4, use_cache=True)
+        cache = out.past_key_values
+        assert len(cache.layers) == 1 + 4 * 2 + 1  # prelude, (iteration, recurrent block), coda
+        steps = [out.logits]
+        for t in range(5, 8):
+            out = model(ids[:, t:t + 1], past_key_values=cache, num_loops=4, use_cache=True)
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="num_loops=4"):
+            model(ids[:, :1], past_key_values=cache, num_loops=2, use_cache=True)
+
+
+def test_the_folder_loads_as_remote_code_without_parcae(folders, tmp_path):
+    """A fresh interpreter where ``import parcae`` fails: trust_remote_code gives the same logits."""
+    run, folder = folders["parcae"]
+    script = f"""
+import sys
+sys.modules["parcae"] = None  # any import of parcae now raises
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.tensor([tok("The fox jumps")["input_ids"]])
+torch.save(model(ids, num_loops=6).logits, {str(tmp_path / "logits.pt")!r})
+print(ids.tolist())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    ours, _ = _parcae(run)
+    got = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(got, ours(ids, loops=6).logits[..., :512], rtol=0, atol=1e-5)
