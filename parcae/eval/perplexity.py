@@ -97,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="adaptive depth through the generation engine: latent-diff, kl, entropy-diff, argmax-stability")
     p.add_argument("--min_loops", type=int, default=1)
     p.add_argument("--max_loops", type=int, default=None)
-    p.add_argument("--kv_policy", default="full", metavar="full|latest|ring:K")
+    p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K")
     p.add_argument("--continuous", action="store_true", help="warm-start each token from the previous final state")
     args = p.parse_args(argv)
     if args.exit is not None:

@@ -7,14 +7,22 @@ exactly what they would see alone.
 
 A token that exits the loop early never computes the keys/values of its later iterations. Which entry a later
 token reads instead is the KV policy (the idea comes from Huginn's cache, seal-rg/recurrent-pretraining,
-``recpre/raven_modeling_minimal.py``, ``HuginnDynamicCache``):
+``recpre/raven_modeling_minimal.py``, ``HuginnDynamicCache``, whose "steps" number every recurrent *block* call,
+so Huginn's counts are R times ours):
 
 * ``full``    every token runs all ``max_loops`` iterations (only its output is taken at the exit), so every entry
-              exists: the exact reference, no compute saved.
+              exists: the exact reference, no compute saved. Huginn's ``full``.
 * ``latest``  a token stops computing at its exit; for an iteration it never ran, later tokens read its last
-              computed iteration of the same recurrent block.
-* ``ring:K``  K slots per recurrent block, shared by iterations t ≡ s (mod K) (Huginn's ``compress-s{K}``): memory is
-              K·R entries per token whatever the depth; exact for depths <= K.
+              computed iteration of the same recurrent block. Huginn's ``latest-m4`` (m4: its R = 4 blocks).
+* ``ring:K``  K slots per recurrent block, shared by iterations t ≡ s (mod K); a slot a token never reached reads
+              its last computed iteration. Memory is at most K·R entries per token whatever the depth; exact for
+              depths <= K. Huginn's ``compress-s{K·R}`` (its slot count is in block calls, not iterations).
+
+Memory: each recurrent block keeps one [slots, B, kv_heads, capacity, head_dim] tensor that grows a slot when a
+token first reaches a new iteration (``latest``: the deepest iteration any token ran; ``ring:K``: at most K), so
+no policy allocates a slot nobody used, and ``latest`` never holds more than ``full``. The last computed entry a
+fallback needs is already in the token's own slot: the read for iteration slot s takes slot min(s, n − 1) of a
+token that ran n iterations, one gather.
 
     cache = LoopKVCache(model.config, batch_size=2, capacity=128, policy=KVPolicy.parse("ring:4"), adaptive=True)
 """
@@ -55,24 +63,34 @@ class KVPolicy:
 
 
 class _Store:
-    """Keys and values [B, kv_heads, capacity, head_dim] and which (row, column) entries were written."""
+    """Keys and values [slots, B, kv_heads, capacity, head_dim]; a prelude/coda block has one slot, a recurrent
+    block one per iteration slot, added on first use."""
 
-    def __init__(self, B: int, kv_heads: int, capacity: int, head_dim: int, device, dtype) -> None:
-        self.k = torch.zeros(B, kv_heads, capacity, head_dim, device=device, dtype=dtype)
+    def __init__(self, shape: tuple, device, dtype, slots: int = 1) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.k = torch.zeros(slots, *shape, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.filled = torch.zeros(B, capacity, dtype=torch.bool, device=device)
 
-    def write(self, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+    def ensure(self, slot: int) -> None:
+        missing = slot + 1 - self.k.shape[0]
+        if missing > 0:
+            extra = torch.zeros(missing, *self.shape, device=self.device, dtype=self.dtype)
+            self.k, self.v = torch.cat([self.k, extra]), torch.cat([self.v, extra])
+
+    def write(self, slot: int, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
         """k, v [n, S, kv_heads, hd] of rows rows [n, 1] into columns cols [n, S] where mask [n, S] (None: all)."""
+        self.ensure(slot)
+        K, V = self.k[slot], self.v[slot]
         if mask is None:
-            self.k[rows, :, cols] = k.to(self.k.dtype)
-            self.v[rows, :, cols] = v.to(self.v.dtype)
-            self.filled[rows, cols] = True
+            K[rows, :, cols], V[rows, :, cols] = k.to(K.dtype), v.to(V.dtype)
             return
         m = mask[..., None, None]
-        self.k[rows, :, cols] = torch.where(m, k.to(self.k.dtype), self.k[rows, :, cols])
-        self.v[rows, :, cols] = torch.where(m, v.to(self.v.dtype), self.v[rows, :, cols])
-        self.filled[rows, cols] |= mask
+        K[rows, :, cols] = torch.where(m, k.to(K.dtype), K[rows, :, cols])
+        V[rows, :, cols] = torch.where(m, v.to(V.dtype), V[rows, :, cols])
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[0]
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
@@ -86,23 +104,20 @@ class LoopKVCache:
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int, policy: KVPolicy, adaptive: bool,
                  device=None, dtype=torch.float32) -> None:
         self.config, self.policy, self.B, self.capacity = config, policy, batch_size, capacity
-        self._shape = (batch_size, config.kv_heads, capacity, config.head_dim)
-        self._device, self._dtype = device, dtype
+        shape = (batch_size, config.kv_heads, capacity, config.head_dim)
         P, R, C = config.n_prelude, config.n_recurrent, config.n_coda
         once = [*range(P), *range(P + R, P + R + C)] + ([] if config.looped else list(range(P, P + R)))
-        self.stores = {index: self._new_store() for index in once}      # by block index: prelude, (GPT middle), coda
-        self.slots: list[dict[int, _Store]] = [{} for _ in range(R if config.looped else 0)]
-        # A token's last computed iteration per recurrent block, read where a slot lacks it (latest / ring).
-        self.last = [self._new_store() for _ in self.slots] if adaptive and policy.kind != "full" else None
+        self.stores = {index: _Store(shape, device, dtype) for index in once}   # by block index
+        self.recurrent = [_Store(shape, device, dtype, slots=0) for _ in range(R if config.looped else 0)]
+        # Iterations each token computed, where an exited token's later iterations are read from its last one.
+        self.computed = torch.zeros(batch_size, capacity, dtype=torch.long, device=device) \
+            if adaptive and policy.kind != "full" else None
         self.present = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.all_rows = torch.arange(batch_size, device=device)
         self.step_rows: Optional[Tensor] = None  # rows of the batch in the current step (None: all)
         self.cols: Optional[Tensor] = None
         self.mask: Optional[Tensor] = None
         self.length = 0  # columns in use (max over rows)
-
-    def _new_store(self) -> _Store:
-        return _Store(*self._shape, self._device, self._dtype)
 
     # -- one step --------------------------------------------------------------------------------------------
     def begin(self, cols: Tensor, real: Tensor, rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
@@ -125,15 +140,13 @@ class LoopKVCache:
 
     def once(self, index: int, rows: Optional[Tensor], write: Optional[Tensor]) -> "_View":
         """The view of prelude/coda block ``index`` (its place in the P+R+C stack) for rows ``rows`` of the step."""
-        return _View(self, self.stores[index], None, rows, write)
+        return _View(self, self.stores[index], 0, None, False, rows, write)
 
     def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> "_View":
         """The view of recurrent block ``block`` at iteration ``iteration`` (its slot under the policy)."""
-        slot = self.policy.slot(iteration)
-        store = self.slots[block].get(slot)
-        if store is None:
-            store = self.slots[block][slot] = self._new_store()
-        return _View(self, store, self.last[block] if self.last is not None else None, rows, write)
+        fallback = self.computed is not None
+        count = iteration + 1 if fallback and block == 0 else None  # the first block of an iteration counts it
+        return _View(self, self.recurrent[block], self.policy.slot(iteration), count, fallback, rows, write)
 
     def release(self, row: int) -> None:
         """Forget every entry of one row, so the row can hold a new sequence from column 0 (continuous batching:
@@ -145,42 +158,54 @@ class LoopKVCache:
         self.length = int(used.max()) + 1 if len(used) else 0
 
     # -- accounting ------------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        stores = [*self.stores.values(), *(s for slots in self.slots for s in slots.values()), *(self.last or [])]
-        return sum(s.nbytes() for s in stores)
+    @property
+    def slots(self) -> list[int]:
+        """Iteration slots allocated per recurrent block."""
+        return [s.slots for s in self.recurrent]
 
-    def entries_per_token_by_shape(self, loops: int) -> int:
-        """KV entries (key + value vectors of one block) per token the model's shape calls for at ``loops``."""
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in [*self.stores.values(), *self.recurrent])
+
+    def entries_per_token_by_shape(self, deepest: int) -> int:
+        """KV entries (key + value vectors of one block) per token slot that the model's shape and the policy call
+        for when the deepest token ran ``deepest`` iterations."""
         c = self.config
         if not c.looped:
             return c.n_layers
-        per_loop = min(loops, self.policy.slots) if self.policy.kind == "ring" else loops
-        return c.n_prelude + c.n_coda + per_loop * c.n_recurrent + (c.n_recurrent if self.last is not None else 0)
+        per_loop = min(deepest, self.policy.slots) if self.policy.kind == "ring" else deepest
+        return c.n_prelude + c.n_coda + per_loop * c.n_recurrent
 
 
 class _View:
     """What one attention layer sees: store the new keys/values (where allowed), return all readable ones."""
 
-    def __init__(self, cache: LoopKVCache, store: _Store, fallback: Optional[_Store], rows: Optional[Tensor],
-                 write: Optional[Tensor]) -> None:
-        self.cache, self.store, self.fallback, self.rows, self.write = cache, store, fallback, rows, write
+    def __init__(self, cache: LoopKVCache, store: _Store, slot: int, count: Optional[int], fallback: bool,
+                 rows: Optional[Tensor], write: Optional[Tensor]) -> None:
+        self.cache, self.store, self.slot, self.count, self.rows, self.write = cache, store, slot, count, rows, write
+        self.fallback = fallback  # a token that never ran this slot's iteration is read from its last one
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c, sub = self.cache, self.rows
+        c, sub, slot = self.cache, self.rows, self.slot
         batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
         cols = c.cols if sub is None else c.cols[sub]
         mask = c.mask if sub is None else c.mask[sub]
         r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
-        self.store.write(r, cols, k, v, self.write)
-        if self.fallback is not None:
-            self.fallback.write(r, cols, k, v, self.write)
+        self.store.write(slot, r, cols, k, v, self.write)
+        if self.count is not None:  # iterations computed by the tokens written here
+            counted = c.computed[r, cols]
+            c.computed[r, cols] = counted.fill_(self.count) if self.write is None else \
+                torch.where(self.write, self.count, counted)
         L = c.length
-        if batch_rows is None:
-            take, cols_of = (lambda x: x[:, :, :L]), (lambda x: x[:, :L])
-        else:
-            take, cols_of = (lambda x: x[batch_rows, :, :L]), (lambda x: x[batch_rows, :L])
-        keys, values = take(self.store.k), take(self.store.v)
-        if self.fallback is not None:  # entries this slot lacks: the token's last computed iteration instead
-            use = (cols_of(c.present) & ~cols_of(self.store.filled))[:, None, :, None]
-            keys, values = torch.where(use, take(self.fallback.k), keys), torch.where(use, take(self.fallback.v), values)
-        return keys, values, mask
+        if not self.fallback:
+            keys, values = self.store.k[slot, :, :, :L], self.store.v[slot, :, :, :L]
+            if batch_rows is not None:
+                keys, values = keys[batch_rows], values[batch_rows]
+            return keys, values, mask
+        # A token that ran n iterations is read from slot min(slot, n − 1): its own entry, or its last one.
+        computed = c.computed[:, :L] if batch_rows is None else c.computed[batch_rows, :L]
+        pick = (computed - 1).clamp(0, slot)[None, :, None, :, None]                        # [1, b, 1, L, 1]
+        keys, values = self.store.k[: slot + 1, :, :, :L], self.store.v[: slot + 1, :, :, :L]
+        if batch_rows is not None:
+            keys, values = keys[:, batch_rows], values[:, batch_rows]
+        index = pick.expand(1, *keys.shape[1:])
+        return keys.gather(0, index)[0], values.gather(0, index)[0], mask

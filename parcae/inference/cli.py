@@ -31,9 +31,9 @@ def add_depth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
                    help="adaptive depth: latent-diff (auto 0.03), kl (1e-3), entropy-diff (1e-3), argmax-stability (5)")
     p.add_argument("--min_loops", type=int, default=1, help="with --exit: never exit before this many iterations")
-    p.add_argument("--max_loops", type=int, default=None, help="with --exit: stop here at the latest (default 4·μ_rec)")
-    p.add_argument("--kv_policy", default="full", metavar="full|latest|ring:K",
-                   help="what later tokens read for iterations an exited token skipped (default full)")
+    p.add_argument("--max_loops", type=int, default=None, help="with --exit: stop here at the latest (default μ_rec)")
+    p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K",
+                   help="what later tokens read for iterations an exited token skipped (default latest with --exit)")
     p.add_argument("--continuous", action="store_true",
                    help="warm start: each token's initial state is the previous token's final state")
 

@@ -135,12 +135,18 @@ class _ExitSchedule:
 
 class Engine:
     def __init__(self, model: LoopedLM, *, loops: Optional[int] = None, exit: Optional[str | ExitRule] = None,
-                 min_loops: int = 1, max_loops: Optional[int] = None, kv_policy: str | KVPolicy = "full",
+                 min_loops: int = 1, max_loops: Optional[int] = None, kv_policy: Optional[str | KVPolicy] = None,
                  continuous: bool = False, seed: int = 0) -> None:
+        """Fixed depth (``loops``, default μ_rec) or an exit rule. The defaults are the ones that save compute:
+        with an exit rule, ``max_loops`` = μ_rec (Huginn also caps at μ), KV policy ``latest`` (an exited token
+        stops computing) and the prompt runs at min(μ_rec, max_loops) (at ``max_loops`` under ``full``, where
+        every entry must exist)."""
         cfg = model.config
         self.model, self.config, self.seed, self.continuous = model, cfg, seed, continuous
-        self.policy = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.parse(kv_policy)
         self.exit = ExitRule.parse(exit) if isinstance(exit, str) else exit
+        if kv_policy is None:
+            kv_policy = "latest" if self.exit is not None else "full"
+        self.policy = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.parse(kv_policy)
         if not cfg.looped:
             if self.exit is not None:
                 raise ValueError(f"--exit {self.exit.name}: {cfg.name} is a fixed-depth model (injection='none'); "
@@ -157,7 +163,7 @@ class Engine:
         if self.exit is None and max_loops is not None and loops is None:
             loops = max_loops
         self.loops = loops if loops is not None else cfg.mean_recurrence
-        self.max_loops = max_loops if max_loops is not None else (4 * cfg.mean_recurrence if self.exit else self.loops)
+        self.max_loops = max_loops if max_loops is not None else (cfg.mean_recurrence if self.exit else self.loops)
         self.min_loops = min_loops
         if self.exit is not None and self.max_loops < self.min_loops:
             raise ValueError(f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
@@ -175,7 +181,10 @@ class Engine:
 
     @property
     def prefill_loops(self) -> int:
-        return self.max_loops if self.adaptive else self.loops
+        """The depth of the prompt chunk (every prompt token but the last)."""
+        if not self.adaptive:
+            return self.loops
+        return self.max_loops if self.policy.kind == "full" else min(self.config.mean_recurrence, self.max_loops)
 
     def new_cache(self, batch_size: int, capacity: int) -> LoopKVCache:
         dtype = next(self.model.parameters()).dtype

@@ -62,7 +62,7 @@ class CompletionRequest(BaseModel):
     exit: Optional[str] = Field(default=None, description="RULE[:THRESHOLD], e.g. kl:1e-3")
     min_loops: int = 1
     max_loops: Optional[int] = None
-    kv_policy: str = "full"
+    kv_policy: Optional[str] = None  # the engine's default (latest with an exit rule)
     continuous: bool = False
 
 

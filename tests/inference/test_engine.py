@@ -172,13 +172,13 @@ def test_full_policy_computes_every_iteration_and_latest_only_the_ones_run():
     full = Engine(model, exit="latent-diff:0.15", max_loops=T, kv_policy="full")
     latest = Engine(model, exit="latent-diff:0.15", max_loops=T, kv_policy="latest")
     g_full, g_latest = full.generate([prompt], n_new)[0], latest.generate([prompt], n_new)[0]
-    prefill = (len(prompt) - 1) * T
+    prefill = len(prompt) - 1
+    assert full.prefill_loops == T and latest.prefill_loops == model.config.mean_recurrence
     # full: every token runs max_loops (the last generated token is never fed back)
-    assert full.iterations_run == prefill + n_new * T
+    assert full.iterations_run == prefill * T + n_new * T
     # latest: a token computes exactly the iterations its exit allowed, never one it skipped
-    assert latest.iterations_run == prefill + sum(g_latest.depths)
+    assert latest.iterations_run == prefill * latest.prefill_loops + sum(g_latest.depths)
     assert min(g_latest.depths) < T  # the rule did fire, so something was skipped
-    assert g_full.depths[0] == g_latest.depths[0]  # same context so far: same first decision
 
 
 def test_latest_and_ring_equal_full_when_nothing_is_skipped():
@@ -199,11 +199,11 @@ def test_ring_keeps_k_slots_per_recurrent_block_whatever_the_depth():
     tokens = torch.tensor([[0, 1, 2]])
     cols = torch.arange(3)[None]
     engine.forward(cache, tokens, cols, cols, torch.ones(1, 3, dtype=torch.bool), torch.tensor([0]), adaptive=False)
-    assert [sorted(s) for s in cache.slots] == [[0, 1, 2], [0, 1, 2]]
+    assert cache.slots == [3, 3]
     full_cache = Engine(model, loops=10).new_cache(1, 16)
     Engine(model, loops=10).forward(full_cache, tokens, cols, cols, torch.ones(1, 3, dtype=torch.bool),
                                     torch.tensor([0]), adaptive=False)
-    assert [len(s) for s in full_cache.slots] == [10, 10]
+    assert full_cache.slots == [10, 10]
     assert cache.nbytes() < full_cache.nbytes()
 
 
@@ -370,3 +370,118 @@ def test_adaptive_depth_reads_the_device_at_most_once_per_iteration(host_reads, 
     assert reads <= iterations + len(events)   # one per iteration run, plus the sampled ids (with their depths)
     if policy == "full":                       # nothing leaves the batch early: no per-iteration read at all
         assert reads == len(events)
+
+
+# -- the approximate KV policies against an independent reference ---------------------------------------------------
+def source_iteration(policy, ran, t):
+    """Which iteration's keys/values of an earlier token that ran ``ran`` iterations a later token reads at
+    iteration t, written from the policies' definitions: full reads t (every token ran every iteration); latest reads
+    t if the token ran it, else its last one; ring:K reads what slot t mod K holds, the token's last iteration
+    congruent to t, or, if it never ran one, its last iteration."""
+    if policy == "full":
+        return t
+    if policy == "latest":
+        return t if t < ran else ran - 1
+    K = int(policy.split(":")[1])
+    congruent = [u for u in range(ran) if u % K == t % K]
+    return congruent[-1] if congruent else ran - 1
+
+
+class ReferenceView:
+    """One token's attention layer, reading from every earlier token the entry the policy names (no cache tensors)."""
+
+    def __init__(self, entries, key, j, t, policy, ran):
+        self.entries, self.key, self.j, self.t, self.policy, self.ran = entries, key, j, t, policy, ran
+
+    def update(self, k, v):
+        self.entries[(self.key, self.j, self.t)] = (k[:, 0], v[:, 0])
+        looped = self.key[0] == "loop"
+        kv = [self.entries[(self.key, i, 0 if not looped else self.t if i == self.j else
+                            source_iteration(self.policy, self.ran[i], self.t))] for i in range(self.j + 1)]
+        keys = torch.stack([a for a, _ in kv], 1).transpose(1, 2)      # [1, kv_heads, j + 1, hd]
+        values = torch.stack([b for _, b in kv], 1).transpose(1, 2)
+        return keys, values, torch.ones(1, 1, 1, self.j + 1, dtype=torch.bool)
+
+
+def reference_logits(model, ids, depths, ran, policy, sequence=0):
+    """Logits of each token of ``ids`` recomputed one token at a time with the model's blocks: token j exits after
+    depths[j] iterations (its output) and computes ran[j] of them (its keys/values)."""
+    entries, out = {}, []
+    with torch.no_grad():
+        for j, token in enumerate(ids):
+            x_ids = torch.tensor([[token]])
+            rope, ve = model.rope[j:j + 1], model.value_embeddings_of(x_ids)
+            view = lambda key, t=0: ReferenceView(entries, key, j, t, policy, ran)  # noqa: E731
+            x = model.wte(x_ids)
+            for block in model.prelude:
+                x = block(x, rope, ve.get(block.index), view(("once", block.index)))
+            drive = model.injection.input_term(model.prelude_norm(x))
+            h = positional_noise(0, torch.tensor([sequence]), torch.tensor([[j]]), model.config.d_model,
+                                 model.config.state_std)
+            for t in range(ran[j]):
+                h_next = model.injection(h, drive)
+                for r, block in enumerate(model.recurrent):
+                    h_next = block(h_next, rope, ve.get(block.index), view(("loop", r), t))
+                h = h_next
+                if t + 1 == depths[j]:
+                    exit_state = h
+            y = model.readout(exit_state)
+            for block in model.coda:
+                y = block(y, rope, ve.get(block.index), view(("once", block.index)))
+            out.append(model.lm_head(y)[0, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("policy", ["full", "latest", "ring:3"])
+def test_kv_policies_read_what_their_definition_says_when_tokens_exit_at_different_depths(policy):
+    model = tiny_model("parcae", seed=16)
+    T, n_new = 8, 9
+    # row r's n-th token exits after script(n, r) iterations: 1..8, so tokens exit at different depths, reach
+    # iterations other tokens skipped, and wrap the ring of 3 slots.
+    script = lambda n, r: [3, 1, 7, 2, 8, 5, 1, 4, 6][(n + 4 * r) % 9]  # noqa: E731
+    engine = Engine(model, exit=ScriptedExit(script), max_loops=T, kv_policy=policy)
+    prompts = [[0, 12, 7, 30], [0, 55]]
+    events = list(engine.stream(prompts, n_new, sequences=[0, 1], padding="right"))
+    for r, prompt in enumerate(prompts):
+        generated = [e.tokens[r] for e in events]
+        ids = prompt + generated[:-1]
+        P = engine.prefill_loops
+        depths = [P] * (len(prompt) - 1) + [script(n, r) for n in range(n_new)]
+        assert [e.depths[r] for e in events] == depths[len(prompt) - 1:]
+        ran = depths if policy != "full" else [P] * (len(prompt) - 1) + [T] * n_new
+        reference = reference_logits(model, ids, depths, ran, policy, sequence=r)[len(prompt) - 1:]
+        cached = torch.stack([e.logits[r] for e in events])
+        assert (cached - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["full", "latest", "ring:3"])
+def test_cache_memory_is_what_the_policy_uses(policy):
+    """Bytes against the count from the shape, at several depth mixes; latest never holds more than full."""
+    model = tiny_model("parcae", seed=17)
+    c, T = model.config, 8
+    entry_bytes = 2 * c.kv_heads * c.head_dim * 4  # a key and a value, fp32
+    sizes = {}
+    for mix in ([1, 1, 2, 1], [2, 5, 3, 1], [8, 1, 1, 1], [3, 3, 3, 3]):
+        for kind in (policy, "full"):
+            engine = Engine(model, exit=ScriptedExit(lambda n, r: mix[(n + r) % 4]), max_loops=T, kv_policy=kind)
+            cache = engine.new_cache(2, 6)
+            tokens, cols = torch.tensor([[0, 4, 9], [0, 8, 8]]), torch.arange(3).expand(2, 3)
+            for col in range(3):  # one token per step, as generation runs
+                engine.forward(cache, tokens[:, col:col + 1], cols[:, col:col + 1], cols[:, col:col + 1],
+                               torch.ones(2, 1, dtype=torch.bool), torch.tensor([0, 1]), adaptive=True)
+            deepest = T if kind == "full" else max(mix[(n + r) % 4] for n in range(3) for r in range(2))
+            assert cache.nbytes() == 2 * 6 * cache.entries_per_token_by_shape(deepest) * entry_bytes
+            sizes[kind] = cache.nbytes()
+            if kind == "ring:3":  # at most K slots per recurrent block whatever the depth
+                assert cache.slots == [min(deepest, 3)] * c.n_recurrent
+        assert sizes[policy] <= sizes["full"]
+
+
+def test_an_exit_rule_alone_is_set_up_to_save_compute():
+    model = tiny_model("parcae", seed=18)
+    engine = Engine(model, exit="kl")
+    mu = model.config.mean_recurrence
+    assert (engine.max_loops, str(engine.policy), engine.prefill_loops) == (mu, "latest", mu)
+    assert Engine(model, exit="kl", max_loops=4 * mu).prefill_loops == mu                     # never 4·μ unasked
+    assert Engine(model, exit="kl", max_loops=4 * mu, kv_policy="full").prefill_loops == 4 * mu  # full needs all
+    assert str(Engine(model).policy) == "full" and Engine(model).loops == mu
