@@ -151,9 +151,9 @@ class LoopKVCache:
     def release(self, row: int) -> None:
         """Forget every entry of one row, so the row can hold a new sequence from column 0 (continuous batching:
         a finished request's slot is reused by the next one's prefill)."""
-        self.present[row] = False
-        for store in (*self.stores.values(), *(s for slots in self.slots for s in slots.values()), *(self.last or [])):
-            store.filled[row] = False
+        self.present[row] = False  # nothing attends to an absent column; a new token there overwrites its entries
+        if self.computed is not None:
+            self.computed[row] = 0
         used = self.present.any(0).nonzero()  # one device read per finished request: attention spans only these
         self.length = int(used.max()) + 1 if len(used) else 0
 
