@@ -25,7 +25,7 @@ import torch
 
 from parcae.errors import UsageError
 from parcae.runs import rundir
-from parcae.training.module import NonFiniteLossError
+from parcae.training.module import NonFiniteLossError, loop_rows
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 
 # The verbs outside LightningCLI's fit/validate/test/predict: name -> (module:function taking the remaining
@@ -67,24 +67,37 @@ CLIError = UsageError  # the name older code and tests use
 
 
 class ParcaeCLI(RecipeCLI):
-    """``parcae fit/validate/test/predict``: the recipe CLI plus the report of a test-time loop sweep."""
+    """``parcae fit/validate/test/predict``: the recipe CLI; ``test --loops`` is the module's ``test_loops``
+    argument, and a test sweep's metrics (returned by ``Trainer.test``) are reported as a table and files."""
 
-    def before_predict(self) -> None:
-        from parcae.inference.cli import predict_with_engine
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        # LightningCLI builds one parser per subcommand here; test's --loops exists only on test's parser.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            parser.add_argument("--loops", type=Optional[str], default=None,
+                                help="Loop counts to evaluate: comma-separated counts and ranges, e.g. 1,2,4,8,16 "
+                                     "or 1-16 (default: μ_rec and model.eval_loops).")
+            parser.link_arguments("loops", "model.test_loops")  # an argument of the module, not a side channel
+        return parser
 
-        self.model.generate_fn = predict_with_engine  # predict decodes with the KV-cached engine (parcae.inference)
+    def test(self, **kwargs) -> list[dict]:
+        """Run ``Trainer.test`` and report its per-loop results: table, test_loops.json/.csv/.png, fitted law."""
+        from parcae.options import loop_cost_note
 
-    def after_test(self) -> None:
         module = self.model
-        rows = getattr(module, "test_results", None)
-        if not rows or not self.trainer.is_global_zero:
-            return
-        from parcae.experiments.test_report import write_test_report
+        note = loop_cost_note(module.test_loops, module.arch.mean_recurrence) if module.test_loops else None
+        if note:
+            print(f"[parcae] {note}", flush=True)
+        metrics = self.trainer.test(**kwargs)
+        rows = loop_rows(metrics[0]) if metrics else []
+        if rows and self.trainer.is_global_zero:
+            from parcae.experiments.test_report import write_test_report
 
-        step = module.checkpoint_step if module.checkpoint_step is not None else self.trainer.global_step
-        write_test_report(rows, self.results_dir, module.arch.name, module.arch.mean_recurrence,
-                          module.arch.looped, step, split=getattr(self.datamodule, "test_split", "val"),
-                          checkpoint=self._cfg().get("ckpt_path"))
+            step = module.checkpoint_step if module.checkpoint_step is not None else self.trainer.global_step
+            write_test_report(rows, self.results_dir, module.arch.name, module.arch.mean_recurrence,
+                              module.arch.looped, step, split=getattr(self.datamodule, "test_split", "val"),
+                              checkpoint=kwargs.get("ckpt_path"))
+        return metrics
 
 
 def _with_run_config(argv: list[str]) -> list[str]:

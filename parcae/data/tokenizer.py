@@ -4,6 +4,17 @@ A parcae tokenizer is a HuggingFace ``tokenizers`` ``tokenizer.json`` (byte-leve
 special tokens ``<|bos|>``, ``<|eos|>``, ``<|pad|>`` at ids 0, 1, 2. Documents are framed as ``<|bos|> ... <|eos|>``,
 so those two are required; ``<|pad|>`` is never read (nothing is padded) and may be missing, as in tokenizers
 that come with imported models.
+
+This module is the one owner of that framing for every verb: :func:`bos_id` / :func:`eos_id` (never the literal
+strings elsewhere), :func:`encode_prompt` (a text as the start of a document: what generation continues and
+what every scorer — perplexity, CORE, lm-eval contexts — conditions on), :func:`encode_text` (a text inside a
+document: a continuation), :func:`stop_ids` (where generation ends) and :class:`TextStream` (generated ids to
+text as it becomes final, for streaming).
+
+    tok = load_tokenizer("data/shakespeare/tokenizer.json")
+    ids = encode_prompt(tok, "ROMEO:")            # [bos, ...]
+    stream = TextStream(tok)
+    for token in generated: print(stream.push(token), end="")
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -51,9 +63,44 @@ def check_tokenizer_fits(tok: Tokenizer, path: str | Path, model_vocab_size: int
                         f"{model_vocab_size:,}; use the tokenizer the model was trained with")
 
 
+def bos_id(tok: Tokenizer) -> int:
+    """The id that starts every document (and every prompt)."""
+    return tok.token_to_id(BOS)
+
+
+def eos_id(tok: Tokenizer) -> int:
+    """The id that ends every document."""
+    return tok.token_to_id(EOS)
+
+
+def stop_ids(tok: Tokenizer) -> list[int]:
+    """Where generation stops: the end of the document."""
+    return [eos_id(tok)]
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """A text's tokens as they appear inside a document (no special tokens added)."""
+    return tok.encode(text, add_special_tokens=False).ids
+
+
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
     """A text as the model sees the start of a document: ``<|bos|>`` then its tokens (no end of text)."""
-    return [tok.token_to_id(BOS), *tok.encode(text, add_special_tokens=False).ids]
+    return [bos_id(tok), *encode_text(tok, text)]
+
+
+class TextStream:
+    """Generated token ids in, text out as soon as it is final: a character whose UTF-8 bytes span several
+    byte-level tokens is held back until its last byte arrives (tokenizers' ``DecodeStream``); special tokens
+    are dropped. ``text`` is everything emitted so far."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self._tok, self._stream, self.text = tok, DecodeStream(skip_special_tokens=True), ""
+
+    def push(self, token_id: int) -> str:
+        """The new final text after ``token_id`` ("" while a character is incomplete)."""
+        piece = self._stream.step(self._tok, int(token_id)) or ""
+        self.text += piece
+        return piece
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 
 from parcae.data.tokenizer import encode_prompt
-from parcae.errors import UsageError
 
 from .engine import Engine, Sampling
 
@@ -161,16 +160,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.show_depth:
         print(depth_summary(all_depths), file=sys.stderr)
 
-
-def predict_with_engine(net, ids: torch.Tensor, g: dict) -> list[int]:
-    """``parcae predict``'s generation (ids [1, S] with BOS first): the same engine as ``parcae generate``."""
-    engine = Engine(net, loops=g.get("loops") if net.config.looped else None, seed=g.get("seed", 0))
-    prompt = ids[0].tolist()
-    room = net.config.block_size - len(prompt)
-    if room < 0:
-        raise UsageError(f"the prompt has {len(prompt)} tokens, more than the model's context of "
-                         f"{net.config.block_size}")
-    sampling = Sampling(temperature=g.get("temperature", 1.0), top_k=g.get("top_k") or None, seed=g.get("seed", 0))
-    stop = [g["stop_id"]] if g.get("stop_id") is not None else []
-    out = engine.generate([prompt], min(g.get("max_new_tokens", 100), room), sampling, stop)[0]
-    return prompt + out.tokens

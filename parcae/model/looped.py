@@ -45,7 +45,7 @@ from .layers import Block, RMSNorm, rope_table
 from .loop import LoopRecorder, PerSequence, Schedule, pick
 from .state import positional_noise
 
-IGNORE_INDEX = -100  # label value excluded from the loss
+from .loss import IGNORE_INDEX  # label value excluded from the loss (owned by the scoring rule, loss.py)
 
 
 @dataclass

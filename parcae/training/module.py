@@ -1,6 +1,12 @@
 """One LightningModule for every model family (Parcae, RDM, GPT): training, validation at several loop
 counts, test-time loop sweeps and generation.
 
+Evaluation and generation are calls: the loop counts of a test sweep are the ``test_loops`` argument (``parcae test
+--loops`` fills it), ``Trainer.test`` returns the logged per-loop metrics (:func:`loop_rows` turns them back into
+rows), and ``predict_step`` decodes a :class:`GenerationRequest` with the inference engine
+(:class:`parcae.inference.Engine`). Every loss the module reports for evaluation is
+:func:`parcae.model.loss.token_nll` (padded vocabulary excluded), the same number ``parcae perplexity`` reports.
+
 Training step: per-sequence depths from the seeded :class:`~parcae.model.DepthSampler` (seeded by the
 micro-step, so a resumed run draws the same depths) and like-init noise seeded per sequence; loss, perplexity,
 loop telemetry. A step whose gradient is not finite is skipped (gradients dropped, counted); after
@@ -14,21 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from parcae.errors import ConfigError
+from parcae.errors import ConfigError, UsageError
+from parcae.inference import Engine, Sampling
 from parcae.model import DepthSampler, LoopedLM, ModelConfig, parse_loops
+from parcae.model.loss import token_nll
 
 from .optim import (LRSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, update_muon_schedules)
 
 LN2 = math.log(2.0)
 _STATE_SEED_BASE = 1_000_003  # like-init noise seed = base · (micro_step + 1) + global sequence index
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(30) so an untrained model's report stays a number."""
+    return math.exp(min(loss, 30.0))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +59,8 @@ class LoopedLMModule(L.LightningModule):
     def __init__(self, arch: ModelConfig = ModelConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                  schedule: ScheduleConfig = ScheduleConfig(), eval_loops: list[int] = [1, 2, 4, 8],
                  telemetry_every: int = 10, max_nonfinite_losses: int = 10, compile: bool = False,
-                 activation_checkpointing: bool = False, peak_tflops: Optional[float] = None) -> None:
+                 activation_checkpointing: bool = False, peak_tflops: Optional[float] = None,
+                 test_loops: Optional[str | list[int]] = None) -> None:
         """
         Args:
             arch: The model (see ``parcae.model.ModelConfig``): a preset name (``parcae-140m``), a preset with
@@ -61,6 +75,9 @@ class LoopedLMModule(L.LightningModule):
                 storing its activations (the official 1.3B setting).
             peak_tflops: Peak device TFLOP/s for MFU; default: the GPU's bf16/fp32 peak, or a measured fp32
                 matmul rate on CPU.
+            test_loops: Loop counts of a test sweep ("4,8,16", "1-16" or a list; default: μ_rec and the eval
+                loops). ``parcae test --loops`` sets it; a setting of the evaluation, not of the trained model, so
+                it is not saved with the checkpoint's hyperparameters.
         """
         super().__init__()
         self.arch, self.optim_config = _as(ModelConfig, arch), _as(OptimizerConfig, optimizer)
@@ -68,6 +85,10 @@ class LoopedLMModule(L.LightningModule):
         if telemetry_every < 1 or max_nonfinite_losses < 1:
             raise ConfigError("model.telemetry_every and model.max_nonfinite_losses must be >= 1")
         self.eval_loops = parse_loops(list(eval_loops)) if self.arch.looped else [1]
+        self.test_loops = parse_loops(test_loops)
+        if self.test_loops is not None and not self.arch.looped and self.test_loops != [1]:
+            raise UsageError(f"--loops {test_loops}: {self.arch.name} is a fixed-depth model (injection='none'); "
+                             "it has no loops to vary")
         self.telemetry_every, self.max_nonfinite_losses = telemetry_every, max_nonfinite_losses
         self.compile_blocks, self.peak_tflops = compile, peak_tflops
         self.save_hyperparameters({"arch": dataclasses.asdict(self.arch),
@@ -86,11 +107,8 @@ class LoopedLMModule(L.LightningModule):
         self.micro_step = 0           # training forwards so far (seeds depths and state noise)
         self.skipped_steps = 0        # optimizer steps dropped for non-finite gradients
         self.nonfinite_streak = 0
-        self.test_loops: Optional[list[int]] = None
         self.checkpoint_step: Optional[int] = None
         self.byte_lengths: Optional[torch.Tensor] = None
-        self.generation: dict[str, Any] = {}
-        self.generate_fn = None  # set by the command line: (net, ids, settings) -> token ids
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -231,7 +249,7 @@ class LoopedLMModule(L.LightningModule):
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            nats = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="sum")
+            nats = token_nll(out.logits, y, self.arch.vocab_size, reduction="sum")
             self.eval_sums[f"nats_{t}"].update(nats)
             self.eval_sums[f"tokens_{t}"].update(float(y.numel()))
             self.eval_sums[f"seconds_{t}"].update(seconds)
@@ -244,7 +262,7 @@ class LoopedLMModule(L.LightningModule):
             nats, tokens = self.eval_sums[f"nats_{t}"].compute(), self.eval_sums[f"tokens_{t}"].compute()
             nbytes, seconds = self.eval_sums[f"bytes_{t}"].compute(), self.eval_sums[f"seconds_{t}"].compute()
             loss = (nats / tokens).item()
-            row = {"loops": t, "loss": loss, "ppl": math.exp(min(loss, 30.0)),
+            row = {"loops": t, "loss": loss, "ppl": perplexity(loss),
                    "bpb": (nats / (LN2 * nbytes)).item() if self.byte_lengths is not None and nbytes > 0 else None,
                    "tokens_per_sec": (tokens * self.trainer.world_size / seconds).item() if seconds > 0 else None}
             rows.append(row)
@@ -278,38 +296,50 @@ class LoopedLMModule(L.LightningModule):
         self._evaluate(batch, self.test_loops or self.val_loops)
 
     def on_test_epoch_end(self) -> None:
-        loops = self.test_loops or self.val_loops
-        rows = self._results(loops)
+        rows = self._results(self.test_loops or self.val_loops)
         # Tags say which split was evaluated: test/ for a held-out test split, test_on_val/ when the shard
-        # folder has none and `parcae test` falls back to the validation split.
+        # folder has none and `parcae test` falls back to the validation split. Trainer.test returns them all
+        # (loop_rows reads them back into rows).
         split = getattr(getattr(self.trainer, "datamodule", None), "test_split", "val")
         prefix = "test" if split == "test" else "test_on_val"
         for row in rows:
             self.log(f"{prefix}/loss_T{row['loops']}", row["loss"])
             if row["bpb"] is not None:
                 self.log(f"{prefix}/bpb_T{row['loops']}", row["bpb"])
-        self.test_results = rows  # the caller (parcae test) reports them: table, files, fit and plot
+            if row["tokens_per_sec"] is not None:
+                self.log(f"{prefix}/tokens_per_sec_T{row['loops']}", row["tokens_per_sec"])
 
     # -- generation (parcae predict) -----------------------------------------------------------------------
-    def predict_step(self, batch, batch_idx: int) -> list[int]:
-        g = self.generation
-        ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.generate_fn is not None:  # the KV-cached engine (parcae.inference), handed in by `parcae predict`
-            return self.generate_fn(self.net, ids, g)
-        generator = torch.Generator(ids.device).manual_seed(g.get("seed", 0))
-        loops = g.get("loops") if self.arch.looped else None
-        for _ in range(g.get("max_new_tokens", 100)):
-            context = ids[:, -self.arch.block_size:]
-            logits = self.net(context, loops=loops).logits[:, -1] / max(g.get("temperature", 1.0), 1e-6)
-            if g.get("top_k"):
-                kth = torch.topk(logits, min(g["top_k"], logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            logits[:, self.arch.vocab_size:] = float("-inf")  # never sample padding rows
-            if g.get("temperature", 1.0) == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
-            ids = torch.cat([ids, nxt], dim=1)
-            if g.get("stop_id") is not None and nxt.item() == g["stop_id"]:
-                break
-        return ids[0].tolist()
+    def predict_step(self, request: "GenerationRequest", batch_idx: int) -> list[int]:
+        """The prompt's ids followed by the generated ones, decoded by the KV-cached engine (as ``parcae
+        generate`` decodes)."""
+        engine = Engine(self.net, loops=request.loops if self.arch.looped else None, seed=request.sampling.seed)
+        out = engine.generate([request.prompt], request.max_new_tokens, request.sampling, request.stop_ids)[0]
+        return list(request.prompt) + out.tokens
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One prompt to continue (``predict_step``'s batch): its token ids (BOS first) and how to decode it."""
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop_ids: list[int]
+    loops: Optional[int] = None  # loop iterations per token (None: μ_rec)
+
+
+_LOOP_TAG = re.compile(r"^(test|test_on_val)/(loss|bpb|tokens_per_sec)_T(\d+)$")
+
+
+def loop_rows(metrics: dict) -> list[dict]:
+    """The per-loop rows of a test sweep (loops, loss, ppl, bpb, tokens_per_sec) from the metrics
+    ``Trainer.test`` returns (the tags ``on_test_epoch_end`` logs), by loop count."""
+    rows: dict[int, dict] = {}
+    for tag, value in metrics.items():
+        match = _LOOP_TAG.match(tag)
+        if match:
+            rows.setdefault(int(match[3]), {"loops": int(match[3]), "loss": None, "ppl": None, "bpb": None,
+                                            "tokens_per_sec": None})[match[2]] = float(value)
+    for row in rows.values():
+        row["ppl"] = perplexity(row["loss"])
+    return [rows[t] for t in sorted(rows)]

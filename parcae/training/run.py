@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from parcae.data import open_shards
 from parcae.data.datamodule import TokenDataModule
 from parcae.errors import UsageError
-from parcae.model import PRESETS, ModelConfig, parse_loops
+from parcae.model import PRESETS, ModelConfig
 
 from parcae.runs import rundir
 from .callbacks import AtomicCheckpointIO, RunSummary, StepProgressBar, ThroughputCallback
@@ -39,46 +39,32 @@ EVAL_TRAINER_KEYS = ("accelerator", "precision", "limit_test_batches", "limit_va
 
 
 class ParcaeTrainer(Trainer):
-    """Trainer whose ``test`` takes ``--loops`` and whose ``predict`` generates text from ``--prompt``."""
-
-    def test(self, model=None, dataloaders=None, ckpt_path=None, verbose: bool = True, datamodule=None,
-             weights_only=None, loops: Optional[str] = None):
-        """Evaluate at each loop count: --loops 4,8,16 (or ranges, 1-16); default μ_rec and the eval loops.
-
-        Args:
-            loops: comma-separated loop counts and ranges, e.g. "1,2,4,8,16" or "1-16".
-        """
-        if loops is not None and model is not None:
-            parsed = parse_loops(loops)
-            if not model.arch.looped and parsed != [1]:
-                raise UsageError(f"--loops {loops}: {model.arch.name} is a fixed-depth model (injection='none'); "
-                                 "it has no loops to vary")
-            model.test_loops = parsed
-            note = loop_cost_note(parsed, model.arch.mean_recurrence)
-            if note:
-                print(f"[parcae] {note}", flush=True)
-        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+    """Trainer whose ``predict`` generates text from ``--prompt`` (``test``'s ``--loops`` is the module's
+    ``test_loops`` argument, see parcae.cli.ParcaeCLI)."""
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
                 weights_only=None, prompt: str = "", loops: Optional[int] = None, max_new_tokens: int = 200,
-                temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0):
+                temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0) -> list[str]:
         """Generate text after --prompt at --loops iterations (default μ_rec).
 
         Args:
             prompt: text to continue (a <|bos|> token is prepended).
             loops: loop iterations per generated token (default: the model's μ_rec).
-            max_new_tokens: tokens to generate.
+            max_new_tokens: tokens to generate (0: only the prompt).
             temperature: sampling temperature; 0 for greedy decoding.
             top_k: sample among the k most likely tokens (None: all).
             seed: sampling seed.
         """
-        from parcae.data.tokenizer import encode_prompt, load_tokenizer
+        from parcae.data.tokenizer import encode_prompt, load_tokenizer, stop_ids
+        from parcae.inference import Sampling
 
-        check_options(max_new_tokens=(max_new_tokens, 1), temperature=(temperature, 0, "0 is greedy decoding"),
+        from .module import GenerationRequest
+
+        check_options(max_new_tokens=(max_new_tokens, 0), temperature=(temperature, 0, "0 is greedy decoding"),
                       top_k=(top_k, 1, "omit it to sample from all tokens"), loops=(loops, 1))
-        if loops is not None and (loops < 1 or (not model.arch.looped and loops != 1)):
-            raise UsageError(f"--loops {loops}: must be >= 1" + ("" if model.arch.looped else
-                                                                f", and {model.arch.name} has no loops"))
+        if loops is not None and not model.arch.looped and loops != 1:
+            raise UsageError(f"--loops {loops}: {model.arch.name} is a fixed-depth model (injection='none'); it "
+                             "has no loops to set")
         note = loop_cost_note([loops], model.arch.mean_recurrence) if loops else None
         if note:
             print(f"[parcae] {note}", flush=True)
@@ -87,9 +73,12 @@ class ParcaeTrainer(Trainer):
                              "inside a run directory")
         tok = load_tokenizer(str(datamodule.tokenizer_path))
         ids = encode_prompt(tok, prompt)
-        model.generation = {"loops": loops, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                            "top_k": top_k, "seed": seed, "stop_id": tok.token_to_id("<|eos|>")}
-        loader = torch.utils.data.DataLoader([torch.tensor([ids])], batch_size=None)
+        if len(ids) > model.arch.block_size:
+            raise UsageError(f"--prompt has {len(ids)} tokens, more than the model's context of "
+                             f"{model.arch.block_size}")
+        request = GenerationRequest(ids, min(max_new_tokens, model.arch.block_size - len(ids)),
+                                    Sampling(temperature=temperature, top_k=top_k, seed=seed), stop_ids(tok), loops)
+        loader = torch.utils.data.DataLoader([request], batch_size=None)
         outputs = super().predict(model, loader, None, True, ckpt_path, weights_only)
         texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
         if self.is_global_zero:

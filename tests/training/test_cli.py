@@ -83,6 +83,22 @@ def test_predict_generates_from_a_prompt(trained_run, capsys):
     assert "alpha beta" in capsys.readouterr().out
 
 
+def test_predict_decodes_as_generate_does(trained_run, capsys):
+    """predict_step decodes with the engine: the same greedy text as `parcae generate` at the same loops, and
+    --max_new_tokens 0 (accepted by both) gives back the prompt alone."""
+    _, _, run_dir = trained_run
+    settings = ["--ckpt_path", str(run_dir / "last.ckpt"), "--prompt", "alpha beta", "--loops", "2",
+                "--temperature", "0"]
+    texts = {}
+    for verb in ("predict", "generate"):
+        main([verb, *settings, "--max_new_tokens", "6"])
+        texts[verb] = capsys.readouterr().out.strip().splitlines()[-1]
+    assert texts["predict"] == texts["generate"] and texts["predict"].startswith("alpha beta")
+    for verb in ("predict", "generate"):
+        main([verb, *settings, "--max_new_tokens", "0"])
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "alpha beta"
+
+
 def test_existing_run_dir_is_never_silently_reused(trained_run):
     root, recipe, run_dir = trained_run
     with pytest.raises(SystemExit, match="already holds checkpoints"):
