@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 import yaml
+
+from parcae.data.tokenizer import bos_id, encode_prompt
+from parcae.model.loss import real_logits, token_nll
 
 TASKS_FILE = Path(__file__).with_name("core_tasks.yaml")
 SEEDS = (1234, 2345, 3456)
@@ -125,10 +127,7 @@ class CoreScorer:
         self.max_seq_len = max_seq_len or getattr(getattr(model, "config", None), "block_size", 2048)
         self.batch_size = batch_size
         self.device = device or next(model.parameters()).device
-        self.bos = tokenizer.token_to_id("<|bos|>")
-
-    def _encode(self, text: str) -> list[int]:
-        return [self.bos, *self.tok.encode(text, add_special_tokens=False).ids]
+        self.pad = bos_id(tokenizer)  # right padding: any id will do, its positions are never read
 
     @torch.no_grad()
     def _run(self, sequences: list[list[int]], seeds: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -137,20 +136,20 @@ class CoreScorer:
         for i in range(0, len(sequences), self.batch_size):
             chunk = sequences[i:i + self.batch_size]
             width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), self.bos, dtype=torch.long)
+            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
             for row, s in enumerate(chunk):
                 ids[row, : len(s)] = torch.tensor(s)
             ids = ids.to(self.device)
             kwargs = {"state_seed": seeds[i:i + self.batch_size]}
             if getattr(getattr(self.model, "config", None), "looped", True):
                 kwargs["loops"] = self.loops
-            logits = self.model(ids, **kwargs).logits.float()
+            logits = self.model(ids, **kwargs).logits
             vocab = getattr(getattr(self.model, "config", None), "vocab_size", logits.shape[-1])
-            logits[..., vocab:] = float("-inf")  # padding rows of the embedding are never tokens
-            step_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            step_loss = token_nll(logits[:, :-1], ids[:, 1:], vocab)
+            greedy = real_logits(logits, vocab).argmax(-1)
             for row, s in enumerate(chunk):
                 losses.append(step_loss[row, : len(s) - 1].cpu())
-                preds.append(logits[row, : len(s) - 1].argmax(-1).cpu())
+                preds.append(greedy[row, : len(s) - 1].cpu())
         return losses, preds
 
     def evaluate_task(self, task: Task, data: list[dict], seed: int) -> float:
@@ -182,7 +181,7 @@ class CoreScorer:
             if task.shots > 0:
                 others = [i for i in range(len(data)) if i != idx]
                 shots = [data[i] for i in random.Random(seed + idx).sample(others, min(task.shots, len(others)))]
-            token_lists = [self._encode(p) for p in render(task, item, shots)]
+            token_lists = [encode_prompt(self.tok, p) for p in render(task, item, shots)]
             seqs, item_spans = spans(task, token_lists)
             for j, (seq, (s, e)) in enumerate(zip(seqs, item_spans)):
                 crop = max(0, len(seq) - self.max_seq_len)   # keep the end: crop the oldest context

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from parcae.data.tokenizer import encode_prompt
+from parcae.model.loss import IGNORE_INDEX, token_nll
 
 
 @torch.no_grad()
@@ -52,24 +54,20 @@ def text_nll(model, token_ids: Sequence[int], loops: Optional[int], window: int,
         chunk = jobs[i:i + batch_size]
         width = max(e - c for c, _, e in chunk)
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, (c, s, e) in enumerate(chunk):
             inputs[row, : e - c - 1] = ids[c: e - 1]
             targets[row, s - c - 1: e - c - 1] = ids[s:e]
         kwargs = {"loops": loops} if model.config.looped else {}
         logits = model(inputs.to(device), state_seed=[i + row for row in range(len(chunk))], **kwargs).logits
-        logits[..., model.config.vocab_size:] = float("-inf")
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum",
-                              ignore_index=-100)
-        total += nll.item()
-        count += int((targets != -100).sum())
+        total += token_nll(logits, targets.to(device), model.config.vocab_size, reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
     return total, count
 
 
 def text_perplexity(model, tokenizer, text: str, loops_list: Sequence[Optional[int]], window: Optional[int] = None,
                     context: int = 1) -> list[dict]:
-    bos = tokenizer.token_to_id("<|bos|>")
-    ids = [bos, *tokenizer.encode(text, add_special_tokens=False).ids]
+    ids = encode_prompt(tokenizer, text)
     words = len([w for w in re.split(r"\s+", text) if w])
     nbytes = len(text.encode("utf-8"))
     window = window or model.config.block_size
@@ -153,7 +151,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _main_elastic(args) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
     from parcae.data import load_tokenizer
-    from parcae.data.tokenizer import encode_prompt
     from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
     from parcae.runs.rundir import results_location
