@@ -28,9 +28,13 @@ from .engine import Engine, Sampling
 def add_depth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loops", type=int, default=None, help="fixed loop iterations per token (default: μ_rec)")
     p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
-                   help="adaptive depth: latent-diff (auto 0.03), kl (1e-3), entropy-diff (1e-3), argmax-stability (5)")
+                   help="adaptive depth: latent-diff (auto 0.03), cosine (1e-3), kl (1e-3), minp-kl (1e-5), "
+                        "entropy-diff (1e-3), argmax-stability (5)")
     p.add_argument("--min_loops", type=int, default=1, help="with --exit: never exit before this many iterations")
     p.add_argument("--max_loops", type=int, default=None, help="with --exit: stop here at the latest (default μ_rec)")
+    p.add_argument("--exit_every", type=int, default=1,
+                   help="with --exit: check the rule every N iterations from --min_loops on "
+                        "(Huginn's check_criterion_every_n_steps)")
     p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K",
                    help="what later tokens read for iterations an exited token skipped (default latest with --exit)")
     p.add_argument("--continuous", action="store_true",
@@ -47,7 +51,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_from_args(model, args) -> Engine:
     return Engine(model, loops=args.loops, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
-                  kv_policy=args.kv_policy, continuous=args.continuous, seed=args.seed)
+                  kv_policy=args.kv_policy, continuous=args.continuous, seed=args.seed, exit_every=args.exit_every)
 
 
 def sampling_from_args(args) -> Sampling:

@@ -78,13 +78,16 @@ class _Forward:
 
 
 class _ExitSchedule:
-    """The adaptive step's policy, handed to the model's loop (:mod:`parcae.model.loop`): after each iteration the
-    exit rule decides per token; a token's output is its state (and logits) at its exit. Under ``latest`` / ``ring``
-    an exited token stops computing and a row with no token left computing leaves the batch (one device read per
-    iteration says which rows stay); under ``full`` every token computes all iterations (no read at all)."""
+    """The adaptive step's policy, handed to the model's loop (:mod:`parcae.model.loop`): after the checked
+    iterations (min_loops, min_loops + exit_every, ...; Huginn's min_steps + 1 and check_criterion_every_n_steps) the
+    exit rule decides per token, and at max_loops every token stops; a token's output is its state (and logits) at
+    its exit. Under ``latest`` / ``ring`` an exited token stops computing and a row with no token left computing
+    leaves the batch (one device read per check says which rows stay); under ``full`` every token computes all
+    iterations (no read at all). Between checks nothing is read out: no coda, no head, no read."""
 
     def __init__(self, engine: "Engine", real: Tensor) -> None:
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
+        self.every = engine.exit_every
         self.vocab_size, self.counter = engine.config.vocab_size, engine._iterations
         self.keep_computing = engine.policy.kind == "full"
         self.deciding = real.clone()      # output not yet fixed
@@ -104,11 +107,13 @@ class _ExitSchedule:
         if self.tracker is None:  # t = 0, every row: h_before is h₀
             self.tracker, self.h_out = self.rule.start(h_before, self.vocab_size), h_before
         self.counter += pick(self.computing, rows).sum()
+        last, n = t + 1 == self.iterations, t + 1 - self.min_loops
+        if not last and (n < 0 or n % self.every):
+            return  # not a checked iteration
         deciding = pick(self.deciding, rows)
         logits = read_out(h, deciding) if self.rule.needs_logits else None
         converged, _ = self.tracker.update(h, logits, rows)
-        last = t + 1 == self.iterations
-        stop = deciding if last else deciding & converged & (t + 1 >= self.min_loops)
+        stop = deciding if last else deciding & converged
         self.h_out = put(self.h_out, rows, torch.where(stop[..., None], h, pick(self.h_out, rows)))
         self.depth = put(self.depth, rows, torch.where(stop, t + 1, pick(self.depth, rows)))
         if logits is not None:
@@ -117,7 +122,7 @@ class _ExitSchedule:
             self.logits_out = put(self.logits_out, rows,
                                   torch.where(stop[..., None], logits, pick(self.logits_out, rows)))
         self.deciding = put(self.deciding, rows, deciding & ~stop)
-        if self.keep_computing or last or t + 1 < self.min_loops:
+        if self.keep_computing or last:
             return
         computing = pick(self.computing, rows) & ~stop
         self.computing = put(self.computing, rows, computing)
@@ -136,7 +141,7 @@ class _ExitSchedule:
 class Engine:
     def __init__(self, model: LoopedLM, *, loops: Optional[int] = None, exit: Optional[str | ExitRule] = None,
                  min_loops: int = 1, max_loops: Optional[int] = None, kv_policy: Optional[str | KVPolicy] = None,
-                 continuous: bool = False, seed: int = 0) -> None:
+                 continuous: bool = False, seed: int = 0, exit_every: int = 1) -> None:
         """Fixed depth (``loops``, default μ_rec) or an exit rule. The defaults are the ones that save compute:
         with an exit rule, ``max_loops`` = μ_rec (Huginn also caps at μ), KV policy ``latest`` (an exited token
         stops computing) and the prompt runs at min(μ_rec, max_loops) (at ``max_loops`` under ``full``, where
@@ -155,7 +160,8 @@ class Engine:
                 raise ValueError(f"loops={loops}: {cfg.name} is a fixed-depth model; it has no loops to set")
             if continuous:
                 raise ValueError(f"continuous warm start needs a looped model; {cfg.name} has no recurrent state")
-        for name, value in (("loops", loops), ("min_loops", min_loops), ("max_loops", max_loops)):
+        for name, value in (("loops", loops), ("min_loops", min_loops), ("max_loops", max_loops),
+                            ("exit_every", exit_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.exit is not None and loops is not None:
@@ -164,7 +170,7 @@ class Engine:
             loops = max_loops
         self.loops = loops if loops is not None else cfg.mean_recurrence
         self.max_loops = max_loops if max_loops is not None else (cfg.mean_recurrence if self.exit else self.loops)
-        self.min_loops = min_loops
+        self.min_loops, self.exit_every = min_loops, exit_every
         if self.exit is not None and self.max_loops < self.min_loops:
             raise ValueError(f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
         self.device = next(model.parameters()).device

@@ -1,18 +1,24 @@
 """Adaptive-depth exit rules: when a token may stop looping.
 
-Each rule looks at the state after iteration t (and, for the output-based ones, at the next-token distribution
-read out from it) and says, per token, whether it has converged. The rules and their default ("auto")
-thresholds are the ones Huginn ships (seal-rg/recurrent-pretraining, ``recpre/raven_modeling_minimal.py``):
+Each rule looks at the state after a checked iteration (and, for the output-based ones, at the next-token
+distribution read out from it) and says, per token, whether it has converged. The rules and their default ("auto")
+thresholds are the ones Huginn ships (seal-rg/recurrent-pretraining, ``recpre/raven_modeling_minimal.py``, the
+``*ExitEvaluator`` classes):
 
-| rule               | value after iteration t                          | exit when   | auto  |
-|--------------------|--------------------------------------------------|-------------|-------|
-| `latent-diff`      | ‖h_t − h_{t−1}‖ / ‖h_t‖                          | < threshold | 0.03  |
-| `kl`               | KL(p_{t−1} ‖ p_t) of next-token distributions    | < threshold | 1e-3  |
-| `entropy-diff`     | |H(p_t) − H(p_{t−1})|                            | < threshold | 1e-3  |
-| `argmax-stability` | iterations the argmax has stayed the same        | >= N        | 5     |
+| rule               | value at a check (prev = the previous check's)     | exit when   | auto  |
+|--------------------|----------------------------------------------------|-------------|-------|
+| `latent-diff`      | ‖h − h_prev‖ / ‖h‖                                 | < threshold | 0.03  |
+| `cosine`           | 1 − cos(h, h_prev)                                 | < threshold | 1e-3  |
+| `kl`               | KL(p_prev ‖ p) of next-token distributions         | < threshold | 1e-3  |
+| `minp-kl`          | the same KL after min-p filtering both (below)     | < threshold | 1e-5  |
+| `entropy-diff`     | |H(p) − H(p_prev)|                                 | < threshold | 1e-3  |
+| `argmax-stability` | checks the argmax has stayed the same              | >= N        | 5     |
 
-h_{−1} is the initial state, p_{−1} the uniform distribution and H(p_{−1}) = +∞ (so entropy-diff never exits
-after the first iteration). ``--exit RULE:THRESHOLD`` overrides the threshold.
+Before the first check, h_prev is the initial state, p_prev the uniform distribution and H(p_prev) = +∞ (so
+entropy-diff never exits at the first check). min-p filtering (Huginn's ``MinKLExitEvaluator``): every probability
+below 0.1 × the largest becomes 1/V, then the distribution is renormalised. ``--exit RULE:THRESHOLD`` overrides the
+threshold. Checks happen after iterations min_loops, min_loops + N, min_loops + 2N, ... (``exit_every`` N, default 1),
+as Huginn's ``min_steps`` / ``check_criterion_every_n_steps`` place them; see the engine.
 
     rule = ExitRule.parse("kl:1e-4")
 """
@@ -29,8 +35,11 @@ from torch import Tensor
 
 from parcae.model.loop import pick, put
 
-AUTO_THRESHOLDS = {"latent-diff": 0.03, "kl": 1e-3, "entropy-diff": 1e-3, "argmax-stability": 5}
-NEEDS_LOGITS = {"latent-diff": False, "kl": True, "entropy-diff": True, "argmax-stability": True}
+AUTO_THRESHOLDS = {"latent-diff": 0.03, "cosine": 1e-3, "kl": 1e-3, "minp-kl": 1e-5, "entropy-diff": 1e-3,
+                   "argmax-stability": 5}
+NEEDS_LOGITS = {"latent-diff": False, "cosine": False, "kl": True, "minp-kl": True, "entropy-diff": True,
+                "argmax-stability": True}
+MIN_P = 0.1  # minp-kl: probabilities below MIN_P × the largest are flattened to 1/V
 
 
 @dataclass(frozen=True)
@@ -84,12 +93,20 @@ class ExitTracker:
     def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(converged [b, S] bool, rule value [b, S]) after one more iteration of rows ``rows`` (None: all)."""
         name, thr = self.rule.name, self.rule.threshold
-        if name == "latent-diff":
-            value = (h - pick(self.prev_h, rows)).float().norm(dim=-1) / h.float().norm(dim=-1).clamp(min=1e-12)
+        if name in ("latent-diff", "cosine"):
+            prev, now = pick(self.prev_h, rows).float(), h.float()
+            if name == "latent-diff":
+                value = (now - prev).norm(dim=-1) / now.norm(dim=-1).clamp(min=1e-12)
+            else:
+                value = 1 - F.cosine_similarity(now, prev, dim=-1, eps=1e-12)
             self.prev_h = put(self.prev_h, rows, h)
             return value < thr, value
         log_probs = F.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
-        if name == "kl":
+        if name == "minp-kl":
+            probs = log_probs.exp()
+            probs = torch.where(probs < MIN_P * probs.amax(-1, keepdim=True), 1.0 / self.vocab_size, probs)
+            log_probs = (probs / probs.sum(-1, keepdim=True)).log()
+        if name in ("kl", "minp-kl"):
             if self.prev_log_probs is None:  # p_{-1}: uniform
                 self.prev_log_probs = torch.full((*self.prev_entropy.shape, self.vocab_size), -math.log(self.vocab_size),
                                                  device=log_probs.device)

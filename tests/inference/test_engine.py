@@ -101,14 +101,22 @@ def states_and_logits_by_hand(model, token, T):
     return states, logits
 
 
-def rule_values_by_hand(rule, states, logits):
+def rule_values_by_hand(rule, states, logits, checks):
+    """The rule's value at each checked iteration (1-based), each compared with the previous check (Huginn's
+    evaluators: h₀, the uniform distribution, H = +∞ and no argmax before the first)."""
     V = logits[0].numel()
-    values, prev_lp, prev_H, prev_arg, stable = [], torch.full((V,), -math.log(V)), math.inf, None, 0
-    for t in range(1, len(states)):
-        lp = torch.log_softmax(logits[t - 1], -1)
+    values, prev_h, prev_lp, prev_H, prev_arg, stable = [], states[0], torch.full((V,), -math.log(V)), math.inf, None, 0
+    for t in checks:
+        h, lp = states[t], torch.log_softmax(logits[t - 1], -1)
         if rule == "latent-diff":
-            values.append(((states[t] - states[t - 1]).norm() / states[t].norm()).item())
-        elif rule == "kl":
+            values.append(((h - prev_h).norm() / h.norm()).item())
+        elif rule == "cosine":
+            values.append(1 - ((h * prev_h).sum() / h.norm() / prev_h.norm()).item())
+        elif rule in ("kl", "minp-kl"):
+            if rule == "minp-kl":  # probabilities under 0.1 × the largest flattened to 1/V, renormalised
+                p = lp.exp()
+                p = torch.where(p < 0.1 * p.max(), torch.tensor(1.0 / V), p)
+                lp = (p / p.sum()).log()
             values.append((prev_lp.exp() * (prev_lp - lp)).sum().item())
         elif rule == "entropy-diff":
             H = -(lp.exp() * lp).sum().item()
@@ -119,28 +127,33 @@ def rule_values_by_hand(rule, states, logits):
             stable = stable + 1 if arg == prev_arg else 0
             prev_arg = arg
             values.append(stable)
-        prev_lp = lp
+        prev_h, prev_lp = h, lp
     return values
 
 
-@pytest.mark.parametrize("rule", ["latent-diff", "kl", "entropy-diff", "argmax-stability"])
-def test_each_exit_rule_stops_at_the_first_iteration_meeting_its_criterion(rule):
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("rule", ["latent-diff", "cosine", "kl", "minp-kl", "entropy-diff", "argmax-stability"])
+def test_each_exit_rule_stops_at_the_first_check_meeting_its_criterion(rule, every):
     model = tiny_model("parcae", seed=3)
-    T = 12
+    T, min_loops = 12, 2
+    checks = list(range(min_loops, T + 1, every))   # iterations after which the rule is evaluated
     states, logits = states_and_logits_by_hand(model, 0, T)
-    values = rule_values_by_hand(rule, states, logits)
+    values = rule_values_by_hand(rule, states, logits, checks)
     if rule == "argmax-stability":
         threshold = 2
         met = [v >= threshold for v in values]
     else:  # a threshold inside the observed range, so the rule must pick the iteration itself
         threshold = sorted(values)[len(values) // 2] * 1.0001
         met = [v < threshold for v in values]
-    min_loops = 2
-    expected = next((t + 1 for t, ok in enumerate(met) if ok and t + 1 >= min_loops), T)
-    engine = Engine(model, exit=f"{rule}:{threshold}", min_loops=min_loops, max_loops=T, kv_policy="latest")
+    expected = next((t for t, ok in zip(checks, met) if ok), T)
+    engine = Engine(model, exit=f"{rule}:{threshold}", min_loops=min_loops, max_loops=T, exit_every=every)
+    coda = TokenCounter(model.coda[0])
     event = next(iter(engine.stream([[0]], 1)))
     assert event.depths == [expected]
     torch.testing.assert_close(event.logits[0, :96], logits[expected - 1], atol=1e-5, rtol=0)
+    # the coda runs once per check for the output rules (between checks nothing is read out), once otherwise
+    assert coda.count == (len([t for t in checks if t <= expected]) + (expected not in checks)
+                          if engine.exit.needs_logits else 1)
 
 
 def test_min_and_max_loops_bound_the_depth_and_equal_bounds_are_fixed_depth():
@@ -160,7 +173,8 @@ def test_exit_rule_parsing_and_auto_thresholds():
     assert ExitRule.parse("entropy-diff").threshold == 1e-3
     assert ExitRule.parse("argmax-stability").threshold == 5
     assert ExitRule.parse("kl:1e-4").threshold == 1e-4
-    for bad in ("cosine", "kl:0", "kl:-1", "kl:abc", "argmax-stability:2.5"):
+    assert ExitRule.parse("cosine").threshold == 1e-3 and ExitRule.parse("minp-kl").threshold == 1e-5
+    for bad in ("cos", "kl:0", "kl:-1", "kl:abc", "argmax-stability:2.5"):
         with pytest.raises(ValueError):
             ExitRule.parse(bad)
 

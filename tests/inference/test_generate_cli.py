@@ -77,7 +77,7 @@ def test_generate_prompts_file_writes_json_lines_with_depths(runs, tmp_path, cap
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--exit", "cosine"], "unknown exit rule"),
+    (["--exit", "cosines"], "unknown exit rule"),
     (["--kv_policy", "half"], "unknown KV policy"),
     (["--exit", "kl:0"], "must be > 0"),
     (["--exit", "kl", "--min_loops", "5", "--max_loops", "2"], "max_loops (2) must be >= min_loops (5)"),
