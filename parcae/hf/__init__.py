@@ -19,5 +19,9 @@ from .modeling_parcae import ParcaeForCausalLM, ParcaeModel
 
 AutoConfig.register(ParcaeConfig.model_type, ParcaeConfig, exist_ok=True)
 AutoModelForCausalLM.register(ParcaeConfig, ParcaeForCausalLM, exist_ok=True)
+# save_pretrained then writes auto_map and copies the two code files, so any folder saved from these classes (a
+# merged LoRA fine-tune, for one) loads elsewhere with trust_remote_code, as an exported folder does.
+ParcaeConfig.register_for_auto_class()
+ParcaeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["ParcaeConfig", "ParcaeForCausalLM", "ParcaeModel"]
