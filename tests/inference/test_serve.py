@@ -82,12 +82,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root, ckpt, *flags):
+def start_server(root, ckpt, *flags, command=("parcae.inference.serve",)):
+    """The server in a subprocess (``command``: the module run with -m and its first arguments; by default
+    `parcae serve`'s own module, which spares the CLI's imports)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     log = root / f"server-{port}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "parcae.inference.serve",  # = `parcae serve`
-                             "--ckpt_path", str(ckpt), "--port", str(port), *flags],
+    proc = subprocess.Popen([sys.executable, "-m", *command, "--ckpt_path", str(ckpt), "--port", str(port), *flags],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group: the test can check nothing is left
     deadline = time.time() + 120
@@ -187,6 +188,16 @@ def test_answers_equal_each_request_alone_streamed_or_not(server):
     assert "".join(e["choices"][0]["text"] for e in events) == answers[1][1]["choices"][0]["text"]
     assert [d for e in events for d in e["choices"][0]["loops"]] == answers[1][1]["choices"][0]["loops"]
     assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 9
+    # a stop string cuts the text before it, ends with finish_reason "stop", and its row leaves the batch
+    full = answers[0][1]["choices"][0]["text"]
+    cut = next(i for i in range(len(full) // 2, len(full)) if full[i] != " ")
+    before = get(port, "/scheduler")
+    status, body = post(port, {**payloads[0], "stop": [full[cut:cut + 2], "never appears"]})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == full[:full.index(full[cut:cut + 2])]
+    assert body["usage"]["completion_tokens"] < answers[0][1]["usage"]["completion_tokens"]
+    after = wait_for(port, lambda s: s["active"] == 0)
+    assert after["cancelled"] + after["finished"] == before["cancelled"] + before["finished"] + 1
 
 
 def test_each_request_is_checked_alone(server):
@@ -341,7 +352,7 @@ def test_sigterm_stops_the_server_and_frees_its_port(run):
     """SIGTERM to the server's pid (what a process manager sends) while a request streams: the process group
     is empty and the port free within seconds."""
     root, ckpt, _ = run
-    proc, port = start_server(root, ckpt)
+    proc, port = start_server(root, ckpt, command=("parcae", "serve"))   # the command a user runs
     try:
         conn, r = open_stream(port, LONG)
         next_event(r)
