@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parcae.data.tokenizer import encode_prompt
+from parcae.errors import UsageError
 
 from .engine import Engine, Sampling
 from .scheduler import Job, Scheduler, TokenEvent
@@ -128,9 +129,10 @@ class Limits:
         return Job(ids, r.max_tokens, depth, sampling, seed, r.logprobs or 0), stops
 
 
-class TextStream:
-    """Text of a growing token list, given out in pieces: a piece never ends inside a multi-byte character, and
-    the text ends before the first stop string."""
+class StopText:
+    """Text of a growing token list, given out in pieces that are final: a piece never ends inside a multi-byte
+    character, the text ends before the first stop string, and text that could be the start of a stop string is
+    held back until it is known not to be (so a stop string split over tokens never leaks into the answer)."""
 
     def __init__(self, tok, stops: list[str]) -> None:
         self.tok, self.stops, self.ids, self.shown = tok, stops, [], ""
@@ -143,8 +145,11 @@ class TextStream:
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
             text, self.stopped = text[:cut], True
-        if text.endswith("\ufffd") and not (last or self.stopped):
-            return ""  # half a multi-byte character: wait for the rest
+        elif not last:
+            if text.endswith("\ufffd"):
+                return ""  # half a multi-byte character: wait for the rest
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - hold]
         piece, self.shown = text[len(self.shown):], text
         return piece
 
@@ -224,7 +229,7 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         ticket = scheduler.submit(job, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        text = TextStream(tok, stops)
+        text = StopText(tok, stops)
 
         async def pieces():
             """(text piece, event, finish_reason, tokens so far) per token until the row ends."""
@@ -308,6 +313,44 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          tokenizer: Optional[str] = None, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
+          prefill_chunk: int = 256) -> None:
+    """OpenAI-style /v1/completions with continuous batching; each request carries its own depth options.
+
+    Args:
+        ckpt_path: the checkpoint to serve.
+        host: address to listen on.
+        port: port to listen on.
+        device: cpu, cuda, ...
+        tokenizer: tokenizer.json (default: the run's own or its data folder's).
+        max_batch_size: requests decoded together (more wait in a queue).
+        max_request_loops: most loops per token a request may ask for (loops / max_loops); default 4 x mu_rec.
+        prefill_chunk: prompt tokens prefilled per step, so a long prompt does not stall the running requests.
+    """
+    for flag, value in (("max_batch_size", max_batch_size), ("max_request_loops", max_request_loops),
+                        ("prefill_chunk", prefill_chunk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"--{flag} must be an integer >= 1, got {value!r}")
+    from parcae.data import load_tokenizer
+    from parcae.runs.checkpoint import load_checkpoint
+
+    try:
+        model, tok_path = load_checkpoint(ckpt_path, device, tokenizer)
+        sock = listening_socket(host, port)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    tok = load_tokenizer(str(tok_path))
+    import uvicorn
+
+    app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,
+                    prefill_chunk=prefill_chunk)
+    print(f"[serve] POST http://{host}:{port}/v1/completions ({max_batch_size} rows at a time, at most "
+          f"{app.state.limits.max_request_loops} loops per token)", flush=True)
+    # On SIGTERM/SIGINT uvicorn stops accepting, gives running requests 2 s, then re-raises the signal.
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="parcae serve",
                                 description="OpenAI-style /v1/completions with continuous batching.")
@@ -323,29 +366,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="prompt tokens prefilled per step, so a long prompt does not stall the running requests")
     args = p.parse_args(argv)
     try:
-        for flag in ("max_batch_size", "max_request_loops", "prefill_chunk"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {value}")
-        from parcae.data import load_tokenizer
-        from parcae.runs.checkpoint import load_checkpoint
-
-        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
-        tok = load_tokenizer(str(tok_path))
-        sock = listening_socket(args.host, args.port)
-    except (OSError, ValueError) as err:
+        serve(**vars(args))
+    except UsageError as err:
         sys.exit(f"parcae serve: error: {err}")
-    import uvicorn
-
-    app = build_app(model, tok, max_batch_size=args.max_batch_size, max_request_loops=args.max_request_loops,
-                    prefill_chunk=args.prefill_chunk)
-    cap = app.state.limits.max_request_loops
-    print(f"[serve] POST http://{args.host}:{args.port}/v1/completions ({args.max_batch_size} rows at a time, "
-          f"at most {cap} loops per token)", flush=True)
-    # On SIGTERM/SIGINT uvicorn stops accepting, gives running requests 2 s, then re-raises the signal.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    try:
-        server.run(sockets=[sock])
     except KeyboardInterrupt:
         sys.exit("parcae serve: interrupted")
 

@@ -188,16 +188,25 @@ def test_answers_equal_each_request_alone_streamed_or_not(server):
     assert "".join(e["choices"][0]["text"] for e in events) == answers[1][1]["choices"][0]["text"]
     assert [d for e in events for d in e["choices"][0]["loops"]] == answers[1][1]["choices"][0]["loops"]
     assert events[-1]["choices"][0]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 9
-    # a stop string cuts the text before it, ends with finish_reason "stop", and its row leaves the batch
-    full = answers[0][1]["choices"][0]["text"]
-    cut = next(i for i in range(len(full) // 2, len(full)) if full[i] != " ")
+    # a stop string split over two tokens: the text ends before it (its first part is never sent, streamed or
+    # not), finish_reason is "stop", and the row leaves the batch
+    status, with_lp = post(port, {**payloads[0], "logprobs": 1})
+    full, pieces = with_lp["choices"][0]["text"], with_lp["choices"][0]["logprobs"]["tokens"]
+    i = next(i for i in range(1, len(pieces)) if pieces[i - 1].strip() and pieces[i].strip()
+             and "\ufffd" not in pieces[i - 1] + pieces[i])
+    stop = pieces[i - 1][-1] + pieces[i][0]
+    expected = full[: full.index(stop)]
     before = get(port, "/scheduler")
-    status, body = post(port, {**payloads[0], "stop": [full[cut:cut + 2], "never appears"]})
+    status, body = post(port, {**payloads[0], "stop": [stop, "never appears"]})
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
-    assert body["choices"][0]["text"] == full[:full.index(full[cut:cut + 2])]
-    assert body["usage"]["completion_tokens"] < answers[0][1]["usage"]["completion_tokens"]
+    assert body["choices"][0]["text"] == expected and body["usage"]["completion_tokens"] <= i + 1
+    conn, r = open_stream(port, {**payloads[0], "stop": stop})
+    events = read_stream(r)
+    conn.close()
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
     after = wait_for(port, lambda s: s["active"] == 0)
-    assert after["cancelled"] + after["finished"] == before["cancelled"] + before["finished"] + 1
+    assert after["cancelled"] + after["finished"] == before["cancelled"] + before["finished"] + 2
 
 
 def test_each_request_is_checked_alone(server):
