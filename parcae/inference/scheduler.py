@@ -159,7 +159,12 @@ class Scheduler:
         with self._cond:
             active = sum(len(lane.live()) for lane in self._lanes.values())
             return {**self.counts, "active": active, "queued": len(self._queue), "lanes": len(self._lanes),
-                    "max_rows": self.max_rows}
+                    "max_rows": self.max_rows, "running": self.running}
+
+    @property
+    def running(self) -> bool:
+        """The scheduler's thread is alive (it was started and not closed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._run, name="parcae-scheduler", daemon=True)
@@ -181,7 +186,13 @@ class Scheduler:
                     self._cond.wait()
                 if self._closed:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # a fault outside any lane (a bug): end every row with it, keep serving
+                failed = [*(r for lane in self._lanes.values() for r in lane.live())]
+                self._lanes.clear()
+                for row in failed:
+                    self._end(row, TokenEvent(None, finish="error", error=f"{type(err).__name__}: {err}"), "failed")
         for row in [*self._queue, *(r for lane in self._lanes.values() for r in lane.live())]:
             self._end(row, TokenEvent(None, finish="cancelled"), "cancelled")
 

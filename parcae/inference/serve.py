@@ -187,6 +187,8 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
 
     @app.get("/health")
     async def health():
+        if not scheduler.running:
+            return JSONResponse({"status": "the scheduler is not running"}, 503)
         return {"status": "ok"}
 
     @app.get("/scheduler")

@@ -150,3 +150,20 @@ def test_a_reused_slot_forgets_its_previous_row_under_the_latest_policy(model):
     # the case that needs the fallback: a token runs deeper than an earlier one, whose missing iteration it reads
     assert any(depths[i] < max(depths[i + 1:]) for i in range(len(depths) - 1))
     assert [e.token for e in events[2]] == tokens and [e.depth for e in events[2]] == depths
+
+
+def test_the_thread_runs_jobs_and_close_cancels_what_is_left(model):
+    import queue
+
+    scheduler = Scheduler(model, max_rows=1).start()
+    done, left = queue.Queue(), queue.Queue()
+    scheduler.submit(Job([1, 2], 3), done.put)
+    got = [done.get(timeout=60) for _ in range(3)]
+    assert [e.token for e in got] == alone(model, Job([1, 2], 3))[0] and got[-1].finish == "length"
+    scheduler.submit(Job([1, 2], 25), left.put)
+    assert left.get(timeout=60).finish is None   # running
+    scheduler.close()
+    events = []
+    while not left.empty():
+        events.append(left.get())
+    assert events[-1].finish == "cancelled" and not scheduler.running
