@@ -242,7 +242,8 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
                     raise RuntimeError(ev.error)
                 if ev.token is not None:
                     n += 1
-                offset = len(text.shown)
+                # where this token's text starts in the answer (logprobs' text_offset)
+                offset = len(tok.decode(text.ids, skip_special_tokens=True)) if job.logprobs else 0
                 piece = text.add(ev.token, ev.finish is not None)
                 finish = "stop" if text.stopped else ev.finish
                 if text.stopped and ev.finish is None:

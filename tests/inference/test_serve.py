@@ -321,7 +321,9 @@ def test_logprobs_are_the_models(server):
                                                                                          abs=1e-4)
             assert lp["tokens"][i] == TOK.decode([token], skip_special_tokens=False)
             ids.append(token)
-    assert lp["text_offset"][0] == 0 and len(lp["text_offset"]) == 4
+    text = body["choices"][0]["text"]
+    assert lp["text_offset"] == [len(TOK.decode(lp["token_ids"][:i], skip_special_tokens=True)) for i in range(4)]
+    assert text.startswith("".join(lp["tokens"][:1])) and len(text) >= lp["text_offset"][-1]
 
 
 def wait_for(port, condition, seconds=30):
