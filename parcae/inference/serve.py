@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from parcae.data.tokenizer import encode_prompt
+from parcae.data.tokenizer import TextStream, encode_prompt, stop_ids
 from parcae.errors import UsageError
 
 from .engine import Engine, Sampling
@@ -130,24 +130,22 @@ class Limits:
 
 
 class StopText:
-    """Text of a growing token list, given out in pieces that are final: a piece never ends inside a multi-byte
-    character, the text ends before the first stop string, and text that could be the start of a stop string is
-    held back until it is known not to be (so a stop string split over tokens never leaks into the answer)."""
+    """The answer's text as it becomes final (:class:`parcae.data.tokenizer.TextStream`), cut before the first
+    stop string; text that could be the start of a stop string is held back until it is known not to be, so a
+    stop string split over tokens never leaks its first part into the answer."""
 
     def __init__(self, tok, stops: list[str]) -> None:
-        self.tok, self.stops, self.ids, self.shown = tok, stops, [], ""
-        self.stopped = False
+        self.stream, self.stops, self.shown, self.stopped = TextStream(tok), stops, "", False
 
     def add(self, token: Optional[int], last: bool) -> str:
+        """The next piece of the answer after ``token`` (``last``: the row has ended)."""
         if token is not None:
-            self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.stream.push(token)
+        text = self.stream.text
         cut = min((text.find(s) for s in self.stops if s in text), default=-1)
         if cut >= 0:
             text, self.stopped = text[:cut], True
         elif not last:
-            if text.endswith("\ufffd"):
-                return ""  # half a multi-byte character: wait for the rest
             hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             text = text[:len(text) - hold]
         piece, self.shown = text[len(self.shown):], text
@@ -169,9 +167,8 @@ def _merge_logprobs(parts: list[dict]) -> Optional[dict]:
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
               prefill_chunk: int = 256):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread."""
-    eos = tok.token_to_id("<|eos|>")
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence)
-    scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=[eos], prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=stop_ids(tok), prefill_chunk=prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -242,8 +239,7 @@ def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optiona
                     raise RuntimeError(ev.error)
                 if ev.token is not None:
                     n += 1
-                # where this token's text starts in the answer (logprobs' text_offset)
-                offset = len(tok.decode(text.ids, skip_special_tokens=True)) if job.logprobs else 0
+                offset = len(text.stream.text)  # where this token's text starts (logprobs' text_offset)
                 piece = text.add(ev.token, ev.finish is not None)
                 finish = "stop" if text.stopped else ev.finish
                 if text.stopped and ev.finish is None:

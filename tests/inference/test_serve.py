@@ -19,6 +19,7 @@ import torch
 
 from conftest import SHAKESPEARE_TOKENIZER
 from parcae.data import load_tokenizer
+from parcae.data.tokenizer import TextStream, encode_prompt, eos_id
 from parcae.inference import Engine, Sampling
 from test_generate_cli import make_run
 
@@ -135,11 +136,11 @@ def server(run):
 
 
 TOK = load_tokenizer(str(SHAKESPEARE_TOKENIZER))
-EOS = TOK.token_to_id("<|eos|>")
+EOS = eos_id(TOK)
 
 
 def ids_of(prompt):
-    return [TOK.token_to_id("<|bos|>"), *TOK.encode(prompt, add_special_tokens=False).ids]
+    return encode_prompt(TOK, prompt)
 
 
 def alone(model, payload):
@@ -322,8 +323,11 @@ def test_logprobs_are_the_models(server):
             assert lp["tokens"][i] == TOK.decode([token], skip_special_tokens=False)
             ids.append(token)
     text = body["choices"][0]["text"]
-    assert lp["text_offset"] == [len(TOK.decode(lp["token_ids"][:i], skip_special_tokens=True)) for i in range(4)]
-    assert text.startswith("".join(lp["tokens"][:1])) and len(text) >= lp["text_offset"][-1]
+    stream, offsets = TextStream(TOK), []
+    for token in lp["token_ids"]:
+        offsets.append(len(stream.text))
+        stream.push(token)
+    assert lp["text_offset"] == offsets and stream.text == text
 
 
 def wait_for(port, condition, seconds=30):
