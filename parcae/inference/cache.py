@@ -157,6 +157,12 @@ class LoopKVCache:
         used = self.present.any(0).nonzero()  # one device read per finished request: attention spans only these
         self.length = int(used.max()) + 1 if len(used) else 0
 
+    def forget(self, row: int, from_col: int) -> None:
+        """Drop one row's columns from ``from_col`` on (speculative decoding's rejected drafts); they are written anew."""
+        self.present[row, from_col:] = False
+        if self.computed is not None:
+            self.computed[row, from_col:] = 0
+
     # -- accounting ------------------------------------------------------------------------------------------
     @property
     def slots(self) -> list[int]:

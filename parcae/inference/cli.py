@@ -37,6 +37,8 @@ def add_depth_arguments(p: argparse.ArgumentParser) -> None:
                         "(Huginn's check_criterion_every_n_steps)")
     p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K",
                    help="what later tokens read for iterations an exited token skipped (default latest with --exit)")
+    p.add_argument("--speculate", default=None, metavar="DRAFT_LOOPS:K",
+                   help="self-speculative decoding: draft K tokens at DRAFT_LOOPS loops, verify them at --loops")
     p.add_argument("--continuous", action="store_true",
                    help="warm start: each token's initial state is the previous token's final state")
 
@@ -51,7 +53,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_from_args(model, args) -> Engine:
     return Engine(model, loops=args.loops, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
-                  kv_policy=args.kv_policy, continuous=args.continuous, seed=args.seed, exit_every=args.exit_every)
+                  kv_policy=args.kv_policy, continuous=args.continuous, seed=args.seed, exit_every=args.exit_every,
+                  speculate=args.speculate)
 
 
 def sampling_from_args(args) -> Sampling:
@@ -163,4 +166,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"written: {args.output}", file=sys.stderr)
     if args.show_depth:
         print(depth_summary(all_depths), file=sys.stderr)
+    if engine.speculate is not None:
+        s = engine.speculation
+        print(f"[speculate] draft {engine.speculate[0]} loops, {engine.speculate[1]} per round: accepted "
+              f"{s['accepted']}/{s['drafted']} drafts ({s['accepted'] / max(s['drafted'], 1):.0%}) in {s['rounds']} "
+              "rounds of the last batch", file=sys.stderr)
 

@@ -71,6 +71,20 @@ class Generation:
 
 
 @dataclass
+class _Start:
+    """A batch laid out in cache columns with its prompts prefilled: the first step reads ``tokens`` at ``cols``."""
+    B: int
+    cache: LoopKVCache
+    seq_ids: Tensor
+    sequences: list[int]
+    limits: list[int]
+    cols: list[int]          # column of each row's next input token
+    positions: list[int]     # its position in the row's sequence
+    tokens: Tensor           # [B, 1] the next input tokens (each prompt's last)
+    state: Optional[Tensor]  # [B, 1, d] warm-start state (continuous) or None
+
+
+@dataclass
 class _Forward:
     logits: Optional[Tensor]  # [B, S, V] fp32 (zeros in rows that were not computed)
     depth: Tensor             # [B, S] loops whose state produced the output
@@ -84,6 +98,8 @@ class _ExitSchedule:
     its exit. Under ``latest`` / ``ring`` an exited token stops computing and a row with no token left computing
     leaves the batch (one device read per check says which rows stay); under ``full`` every token computes all
     iterations (no read at all). Between checks nothing is read out: no coda, no head, no read."""
+
+    first = 0
 
     def __init__(self, engine: "Engine", real: Tensor) -> None:
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
@@ -141,11 +157,13 @@ class _ExitSchedule:
 class Engine:
     def __init__(self, model: LoopedLM, *, loops: Optional[int] = None, exit: Optional[str | ExitRule] = None,
                  min_loops: int = 1, max_loops: Optional[int] = None, kv_policy: Optional[str | KVPolicy] = None,
-                 continuous: bool = False, seed: int = 0, exit_every: int = 1) -> None:
+                 continuous: bool = False, seed: int = 0, exit_every: int = 1,
+                 speculate: Optional[str | tuple[int, int]] = None) -> None:
         """Fixed depth (``loops``, default μ_rec) or an exit rule. The defaults are the ones that save compute:
         with an exit rule, ``max_loops`` = μ_rec (Huginn also caps at μ), KV policy ``latest`` (an exited token
         stops computing) and the prompt runs at min(μ_rec, max_loops) (at ``max_loops`` under ``full``, where
-        every entry must exist)."""
+        every entry must exist). ``speculate`` = (draft loops, k) or "D:K": self-speculative decoding at the fixed
+        depth (see :mod:`parcae.inference.speculative`)."""
         cfg = model.config
         self.model, self.config, self.seed, self.continuous = model, cfg, seed, continuous
         self.exit = ExitRule.parse(exit) if isinstance(exit, str) else exit
@@ -173,6 +191,8 @@ class Engine:
         self.min_loops, self.exit_every = min_loops, exit_every
         if self.exit is not None and self.max_loops < self.min_loops:
             raise ValueError(f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
+        from .speculative import parse_speculate  # (it builds on this module)
+        self.speculate = parse_speculate(speculate, self) if speculate is not None else None
         self.device = next(model.parameters()).device
         # (token, iteration) pairs computed by the recurrent blocks, for accounting; kept on the device
         self._iterations = torch.zeros((), dtype=torch.long, device=self.device)
@@ -201,13 +221,14 @@ class Engine:
     def forward(self, cache: LoopKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
                 sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor] = None,
                 need_logits: bool = True, rows: Optional[Sequence[int]] = None,
-                max_col: Optional[int] = None) -> _Forward:
+                max_col: Optional[int] = None, loops: Optional[int] = None, first_loop: int = 0) -> _Forward:
         """Run tokens [B, S] (at columns cols, positions positions; ``real`` False for padding) through the model's
         cached step, storing their keys/values; ``adaptive`` applies the exit rule per token, else a fixed depth.
 
         Only rows with a real token are computed; the others cost nothing and get zero logits and depth. ``rows``
         (host-side row numbers, if the caller knows them) names those rows without reading ``real`` back from the
-        device; ``max_col`` (the largest column) likewise spares a read."""
+        device; ``max_col`` (the largest column) likewise spares a read. At a fixed depth, ``loops`` overrides the
+        engine's and ``first_loop`` > 0 continues tokens whose ``initial_state`` already ran that many iterations."""
         B, S = tokens.shape
         if rows is None:
             rows = [b for b, any_real in enumerate(real.any(1).tolist()) if any_real]
@@ -223,8 +244,8 @@ class Engine:
         if adaptive and self.config.looped:
             schedule = _ExitSchedule(self, real)
         else:
-            schedule = Uniform(self.prefill_loops if self.config.looped else 1, real)
-            self._iterations += real.sum() * schedule.iterations if self.config.looped else 0
+            schedule = Uniform((loops or self.prefill_loops) if self.config.looped else 1, real, first_loop)
+            self._iterations += real.sum() * (schedule.iterations - first_loop) if self.config.looped else 0
         out = self.model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
                               initial_state=initial_state, state_seed=self.seed, sequences=sequences,
                               need_logits=need_logits)
@@ -273,43 +294,17 @@ class Engine:
         self.check_request(prompts, max_new_tokens)
         if max_new_tokens == 0:
             return
+        if self.speculate is not None:
+            from .speculative import speculative_stream
+            yield from speculative_stream(self, prompts, max_new_tokens, sampling, stop_ids, padding, sequences,
+                                          limits, halt)
+            return
         dev = self.device
-        B, W = len(prompts), max(len(p) for p in prompts)
-        lengths = [len(p) for p in prompts]
-        seq_list = list(sequences) if sequences is not None else [0] * B
-        if len(seq_list) != B:
-            raise ValueError(f"{len(seq_list)} sequence ids for {B} prompts")
-        limit = list(limits) if limits is not None else [max_new_tokens] * B
-        if len(limit) != B or any(not 0 <= n <= max_new_tokens for n in limit):
-            raise ValueError(f"limits must give each of the {B} rows a count in [0, max_new_tokens]")
-        tokens = torch.zeros(B, W, dtype=torch.long)
-        real = torch.zeros(B, W, dtype=torch.bool)
-        starts = [W - n if padding == "left" else 0 for n in lengths]
-        for b, p in enumerate(prompts):
-            tokens[b, starts[b]:starts[b] + lengths[b]] = torch.tensor(list(p))
-            real[b, starts[b]:starts[b] + lengths[b]] = True
-        last_col = [starts[b] + lengths[b] - 1 for b in range(B)]
-        positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        cols = torch.arange(W).expand(B, W)
-        prefill = real & (cols != torch.tensor(last_col)[:, None])
-        tokens, real, positions, cols, prefill = (x.to(dev) for x in (tokens, real, positions, cols, prefill))
-        seq_ids = torch.tensor(seq_list, device=dev, dtype=torch.long)
-        cache = self.new_cache(B, W + max_new_tokens)
-        prev_state = None
-        prefilled = [b for b in range(B) if lengths[b] > 1]
-        if prefilled:  # every token but each prompt's last, in one chunk (the columns before the last last one)
-            width = max(last_col)
-            out = self.forward(cache, tokens[:, :width], cols[:, :width], positions[:, :width], prefill[:, :width],
-                               seq_ids, adaptive=False, need_logits=False, rows=prefilled, max_col=width - 1)
-            if self.continuous:
-                before_last = torch.tensor([max(c - 1, 0) for c in last_col], device=dev)
-                prev_state = out.state.gather(1, before_last[:, None, None].expand(B, 1, self.config.d_model))
-                first = torch.tensor([n == 1 for n in lengths], device=dev)
-                prev_state = torch.where(first[:, None, None], self._noise(seq_ids, torch.tensor(lengths, device=dev) - 1),
-                                         prev_state)
-        col_host = list(last_col)
-        col, pos = torch.tensor(last_col, device=dev), torch.tensor(lengths, device=dev) - 1
-        step_tokens = tokens.gather(1, col[:, None])
+        start = self.start(prompts, max_new_tokens, padding, sequences, limits)
+        B, cache, seq_ids, seq_list, limit = start.B, start.cache, start.seq_ids, start.sequences, start.limits
+        prev_state, col_host = start.state, list(start.cols)
+        col, pos = torch.tensor(start.cols, device=dev), torch.tensor(start.positions, device=dev)
+        step_tokens = start.tokens
         alive = [n > 0 for n in limit]
         per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
         generators = [torch.Generator(device=dev).manual_seed(generator_seed(s.seed, int(q)))
@@ -342,6 +337,47 @@ class Engine:
                 prev_state = out.state
             step_tokens, col, pos = nxt[:, None], col + 1, pos + 1
             col_host = [c + 1 for c in col_host]
+
+    def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, padding: str = "left",
+              sequences: Optional[Sequence[int]] = None, limits: Optional[Sequence[int]] = None,
+              extra_columns: int = 0) -> "_Start":
+        """Lay the prompts out in cache columns and prefill all but each one's last token (the first step's input)."""
+        dev = self.device
+        B, W = len(prompts), max(len(p) for p in prompts)
+        lengths = [len(p) for p in prompts]
+        seq_list = list(sequences) if sequences is not None else [0] * B
+        if len(seq_list) != B:
+            raise ValueError(f"{len(seq_list)} sequence ids for {B} prompts")
+        limit = list(limits) if limits is not None else [max_new_tokens] * B
+        if len(limit) != B or any(not 0 <= n <= max_new_tokens for n in limit):
+            raise ValueError(f"limits must give each of the {B} rows a count in [0, max_new_tokens]")
+        tokens = torch.zeros(B, W, dtype=torch.long)
+        real = torch.zeros(B, W, dtype=torch.bool)
+        starts = [W - n if padding == "left" else 0 for n in lengths]
+        for b, p in enumerate(prompts):
+            tokens[b, starts[b]:starts[b] + lengths[b]] = torch.tensor(list(p))
+            real[b, starts[b]:starts[b] + lengths[b]] = True
+        last_col = [starts[b] + lengths[b] - 1 for b in range(B)]
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        cols = torch.arange(W).expand(B, W)
+        prefill = real & (cols != torch.tensor(last_col)[:, None])
+        tokens, real, positions, cols, prefill = (x.to(dev) for x in (tokens, real, positions, cols, prefill))
+        seq_ids = torch.tensor(seq_list, device=dev, dtype=torch.long)
+        cache = self.new_cache(B, W + max_new_tokens + extra_columns)
+        prev_state = None
+        prefilled = [b for b in range(B) if lengths[b] > 1]
+        if prefilled:  # every token but each prompt's last, in one chunk (the columns before the last last one)
+            width = max(last_col)
+            out = self.forward(cache, tokens[:, :width], cols[:, :width], positions[:, :width], prefill[:, :width],
+                               seq_ids, adaptive=False, need_logits=False, rows=prefilled, max_col=width - 1)
+            if self.continuous:
+                before_last = torch.tensor([max(c - 1, 0) for c in last_col], device=dev)
+                prev_state = out.state.gather(1, before_last[:, None, None].expand(B, 1, self.config.d_model))
+                first = torch.tensor([n == 1 for n in lengths], device=dev)
+                prev_state = torch.where(first[:, None, None], self._noise(seq_ids, torch.tensor(lengths, device=dev) - 1),
+                                         prev_state)
+        step_tokens = tokens.gather(1, torch.tensor(last_col, device=dev)[:, None])
+        return _Start(B, cache, seq_ids, seq_list, limit, last_col, [n - 1 for n in lengths], step_tokens, prev_state)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: Sequence[int] = (), padding: str = "left",
@@ -411,10 +447,19 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
     """Next token per row from logits [B, V]: greedy at temperature 0, else temperature / top-k / top-p sampling,
     each row from its own generator (so a row's draws do not depend on the other rows). ``alive`` (host-side, one
     bool per row) skips the rows that draw nothing."""
-    logits = logits[:, :vocab_size].float()
     if sampling.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / sampling.temperature
+        return logits[:, :vocab_size].argmax(-1)
+    probs = sampling_probs(logits, sampling, vocab_size)
+    out = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    for b, g in enumerate(generators):
+        if alive is None or bool(alive[b]):
+            out[b] = torch.multinomial(probs[b], 1, generator=g)[0]
+    return out
+
+
+def sampling_probs(logits: Tensor, sampling: Sampling, vocab_size: int) -> Tensor:
+    """The distribution [B, V] a sampled token is drawn from: temperature, then top-k, then top-p (temperature > 0)."""
+    logits = logits[:, :vocab_size].float() / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -424,9 +469,4 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
         before = probs.cumsum(-1) - probs          # mass of the strictly more likely tokens
         drop = before >= sampling.top_p            # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, -1)
-    out = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    for b, g in enumerate(generators):
-        if alive is None or bool(alive[b]):
-            out[b] = torch.multinomial(probs[b], 1, generator=g)[0]
-    return out
+    return torch.softmax(logits, -1)

@@ -36,7 +36,8 @@ ReadOut = Callable[[Tensor, Optional[Tensor]], Tensor]
 
 
 class Schedule(Protocol):
-    iterations: int   # at most this many
+    first: int        # the first iteration to run (0, or later when the given state is already that deep)
+    iterations: int   # up to this many
     finished: bool    # True: no row runs any further iteration (the loop ends early)
 
     def rows(self, t: int) -> Optional[Tensor]: ...
@@ -53,8 +54,8 @@ class Uniform:
 
     finished = False
 
-    def __init__(self, iterations: int, write: Optional[Tensor] = None) -> None:
-        self.iterations, self.write = iterations, write
+    def __init__(self, iterations: int, write: Optional[Tensor] = None, first: int = 0) -> None:
+        self.iterations, self.write, self.first = iterations, write, first
 
     def rows(self, t: int) -> Optional[Tensor]:
         return None
@@ -74,6 +75,7 @@ class PerSequence:
     may ask for more: the extra iterations call the blocks on zero rows)."""
 
     finished = False  # sharded training calls the blocks even with no row left (module docstring of looped.py)
+    first = 0
 
     def __init__(self, counts: Tensor, iterations: int, device, record: Optional["LoopRecorder"] = None) -> None:
         self.counts, self.iterations, self.device, self.record = counts, iterations, device, record

@@ -204,7 +204,7 @@ class LoopedLM(nn.Module):
         step = self.recurrent_step
         if self.checkpoint_iterations and torch.is_grad_enabled():
             step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
-        for t in range(schedule.iterations):
+        for t in range(schedule.first, schedule.iterations):
             if schedule.finished:
                 break
             rows, write = schedule.rows(t), schedule.writes(t)
