@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from parcae.data import load_tokenizer
-from parcae.runs.checkpoint import load_checkpoint
+from parcae.runs import load_checkpoint
 from parcae.inference import AUTO_THRESHOLDS, Engine
 from parcae.inference.elastic import elastic_nll
 
@@ -56,8 +55,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/inference/loss_vs_loops"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok_path = load_checkpoint(args.ckpt_path, "cpu")
-    tok = load_tokenizer(str(tok_path))
+    run = load_checkpoint(args.ckpt_path, "cpu")
+    model, tok = run.model, run.tokenizer
     ids = held_out_ids(tok, args.work, args.windows * (args.window - 1))
     rows = []
 

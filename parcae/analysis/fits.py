@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from parcae.runs import TEST_LOOPS_JSON
+
 HUBER_DELTA = 1e-3
 
 
@@ -249,7 +251,7 @@ def fit_loops_file(path: str | Path, mean_recurrence: Optional[int] = None, plot
     """Fit every Table 12 form to a ``test_loops.json`` (from ``parcae test --loops``); write the fit JSON and PNG."""
     path = Path(path)
     if path.is_dir():
-        path = path / "test_loops.json"
+        path = path / TEST_LOOPS_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run `parcae test --loops 1-8` first)")
     try:

@@ -133,9 +133,9 @@ class TokenDataModule(LightningDataModule):
     def check_vocabulary(self, model_vocab_size: int, model_name: str = "the model") -> None:
         """Every folder's tokenizer fits the model: the model then needs no per-batch token-id check."""
         if not self.folders:  # no shards (predict with the model's own tokenizer): the tokenizer must fit the model
-            if self.vocab_size > model_vocab_size:
-                raise DataError(f"{self.tokenizer} has {self.vocab_size:,} tokens but {model_name} has vocab_size "
-                                f"{model_vocab_size:,}")
+            from .tokenizer import check_tokenizer_fits, load_tokenizer
+
+            check_tokenizer_fits(load_tokenizer(str(self.tokenizer)), self.tokenizer, model_vocab_size, model_name)
             return
         for folder in self.folders:
             check_vocabulary(folder, model_vocab_size, model_name)

@@ -104,8 +104,8 @@ def check_chunks(split_dir: Path, hint: str = "") -> None:
 
 
 def check_vocabulary(folder: ShardFolder, model_vocab_size: int, model_name: str = "the model") -> None:
-    """Refuse shards whose tokenizer vocabulary differs from the model's."""
-    if folder.vocab_size != model_vocab_size:
-        raise DataError(f"{folder.root} was tokenized with a {folder.vocab_size:,}-token vocabulary "
-                        f"({folder.tokenizer_path.name}, sha256 {folder.tokenizer_sha256[:12]}) but {model_name} "
-                        f"has vocab_size {model_vocab_size:,}; use a matching tokenizer or model")
+    """Refuse shards whose tokenizer vocabulary differs from the model's (the rule: ``check_vocabulary_fits``)."""
+    from .tokenizer import check_vocabulary_fits
+
+    check_vocabulary_fits(folder.vocab_size, f"{folder.root} was tokenized with a tokenizer that",
+                          model_vocab_size, model_name, "use a matching tokenizer or model")

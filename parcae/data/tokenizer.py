@@ -51,16 +51,23 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
-def check_tokenizer_fits(tok: Tokenizer, path: str | Path, model_vocab_size: int, model_name: str = "the model") \
-        -> None:
-    """Refuse a tokenizer whose vocabulary is not the model's: ids past the model's rows would crash, and a
-    smaller vocabulary gives numbers (perplexity, generations) that mean nothing."""
+def check_vocabulary_fits(size: int, what: str, model_vocab_size: int, model_name: str = "the model",
+                          fix: str = "use the tokenizer the model was trained with") -> None:
+    """The one vocabulary-fit rule: a tokenizer (or shards made with one) fits a model when its vocabulary has
+    exactly the model's ``vocab_size`` tokens. Ids past the model's rows would crash; a smaller vocabulary is
+    another tokenizer, and its perplexities and generations mean nothing. ``what`` names the tokenizer or folder."""
     from .shards import DataError
 
-    size = tok.get_vocab_size(with_added_tokens=True)
     if size != model_vocab_size:
-        raise DataError(f"tokenizer {path} has a {size:,}-token vocabulary but {model_name} has vocab_size "
-                        f"{model_vocab_size:,}; use the tokenizer the model was trained with")
+        raise DataError(f"{what} has a {size:,}-token vocabulary but {model_name} has vocab_size "
+                        f"{model_vocab_size:,}; {fix}")
+
+
+def check_tokenizer_fits(tok: Tokenizer, path: str | Path, model_vocab_size: int, model_name: str = "the model") \
+        -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's (:func:`check_vocabulary_fits`)."""
+    check_vocabulary_fits(tok.get_vocab_size(with_added_tokens=True), f"tokenizer {path}", model_vocab_size,
+                          model_name)
 
 
 def bos_id(tok: Tokenizer) -> int:

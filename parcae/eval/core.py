@@ -252,28 +252,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default: beside the checkpoint when that folder is writable, else printed only)")
     args = p.parse_args(argv)
-    from parcae.data import load_tokenizer
     from parcae.options import check_options
-    from parcae.runs.rundir import results_location
-
-    from parcae.runs.checkpoint import load_checkpoint
+    from parcae.runs import core_result, load_checkpoint, results_location
 
     try:
         check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), max_per_task=(args.max_per_task, 1))
         out_dir, note = results_location(Path(args.ckpt_path).parent) if args.out is None else (None, None)
-        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        model = run.model
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         if args.loops is not None and (args.loops < 1 or (not model.config.looped and args.loops != 1)):
             raise ValueError(f"--loops {args.loops}: must be >= 1" + ("" if model.config.looped else
                                                                     f", and {model.config.name} has no loops"))
         loops = args.loops if model.config.looped else None
-        scorer = CoreScorer(model, load_tokenizer(str(tok_path)), loops=loops or model.config.mean_recurrence,
+        scorer = CoreScorer(model, run.tokenizer, loops=loops or model.config.mean_recurrence,
                             batch_size=args.batch_size)
         result = scorer.evaluate(args.bundle, load_tasks(args.tasks), seeds, args.max_per_task)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"parcae core: error: {err}") from None
-    name = Path(args.tasks).stem if args.tasks.endswith((".yaml", ".yml")) else args.tasks
-    out = args.out or (out_dir / f"{name}_T{scorer.loops}.json" if out_dir is not None else None)
+    out = args.out or (out_dir / core_result(args.tasks, scorer.loops) if out_dir is not None else None)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     from rich.console import Console

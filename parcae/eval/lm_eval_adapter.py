@@ -42,15 +42,13 @@ class ParcaeEvalLM(TemplateLM):
                  model=None, tokenizer_obj=None) -> None:
         super().__init__()
         if model is None:
-            from parcae.data import load_tokenizer
-
-            from parcae.runs.checkpoint import load_checkpoint
+            from parcae.runs import load_checkpoint
 
             if ckpt_path is None:
                 raise ValueError("ParcaeEvalLM needs ckpt_path (or a model and tokenizer_obj)")
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model, tok_path = load_checkpoint(ckpt_path, device, tokenizer)
-            tokenizer_obj = load_tokenizer(str(tok_path))
+            run = load_checkpoint(ckpt_path, device, tokenizer)
+            model, tokenizer_obj = run.model, run.tokenizer
         self.model, self.tok = model, tokenizer_obj
         self._device = next(model.parameters()).device
         looped = getattr(model.config, "looped", True)
@@ -159,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     from parcae.options import check_options
-    from parcae.runs.rundir import results_location
+    from parcae.runs import lm_eval_result, results_location
 
     check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), num_fewshot=(args.num_fewshot, 0))
     out_dir, note = results_location(Path(args.ckpt_path).parent)
@@ -175,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if out_dir is None:
         print(f"[parcae] {note}")
         return
-    out = out_dir / f"lm_eval_T{lm.loops}.json"
+    out = out_dir / lm_eval_result(lm.loops)
     out.write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
     print(f"written: {out}")
 

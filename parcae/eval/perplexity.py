@@ -100,12 +100,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.exit is not None:
         return _main_elastic(args)
-    from parcae.data import load_tokenizer
     from parcae.model import parse_loops
     from parcae.options import check_options, loop_cost_note
-    from parcae.runs.rundir import results_location
-
-    from parcae.runs.checkpoint import load_checkpoint
+    from parcae.runs import load_checkpoint, perplexity_result, results_location
 
     try:
         check_options(window=(args.window, 1), context=(args.context, 1))
@@ -115,8 +112,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not args.text.is_file():
             raise FileNotFoundError(f"--text {args.text}: no such file")
         out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
-        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
-        tokenizer = load_tokenizer(str(tok_path))  # load_checkpoint checked that it fits the model
+        run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        model, tokenizer = run.model, run.tokenizer  # load_checkpoint checked that it fits the model
         loops = requested or [model.config.mean_recurrence]
         cost = loop_cost_note(loops, model.config.mean_recurrence)
         if cost:
@@ -142,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if out_dir is None:
         print(f"[parcae] {note}")
         return
-    out = out_dir / f"perplexity_{args.text.stem}.json"
+    out = out_dir / perplexity_result(args.text)
     out.write_text(json.dumps({"text": str(args.text), "checkpoint": str(args.ckpt_path), "results": rows},
                               indent=2) + "\n")
     print(f"written: {out}")
@@ -150,21 +147,18 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def _main_elastic(args) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
-    from parcae.data import load_tokenizer
     from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
-    from parcae.runs.rundir import results_location
-
-    from parcae.runs.checkpoint import load_checkpoint
+    from parcae.runs import load_checkpoint, perplexity_result, results_location
 
     try:
         if args.loops:
             raise ValueError("give either --loops or --exit, not both")
         out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)  # before the work
-        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        model, tok = run.model, run.tokenizer
         engine = Engine(model, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
                         kv_policy=args.kv_policy, continuous=args.continuous)
-        tok = load_tokenizer(str(tok_path))
         text = args.text.read_text(encoding="utf-8")
         ids = encode_prompt(tok, text)
         row = elastic_nll(engine, ids, args.window or model.config.block_size)
@@ -176,7 +170,7 @@ def _main_elastic(args) -> None:
     if out_dir is None:
         print(note)
         return
-    out = out_dir / f"perplexity_{args.text.stem}_exit.json"
+    out = out_dir / perplexity_result(args.text, exit_rule=True)
     out.write_text(json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
     print(f"written: {out}")
 

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
+from parcae.runs import TEST_LOOPS_JSON
+
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -59,7 +61,7 @@ def summarize(run_dir: Path, status: str) -> dict[str, Any]:
                "curves": {tag: sorted(s[tag].items()) for tag in ("train/loss", "loop/spectral_radius",
                                                                   "loop/state_norm", "val/loss") if tag in s}}
     summary.update(_size(run_dir, summary["tokens"]))
-    test = run_dir / "test_loops.json"
+    test = run_dir / TEST_LOOPS_JSON
     if test.exists():
         summary["test_by_loops"] = {r["loops"]: r["loss"] for r in json.loads(test.read_text())["results"]}
     return summary

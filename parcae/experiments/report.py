@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from parcae.runs import TEST_LOOPS_FIT, TEST_LOOPS_JSON, core_result, lm_eval_result
+
 TABLES = yaml.safe_load(Path(__file__).with_name("paper_tables.yaml").read_text())
 
 
@@ -30,7 +32,7 @@ def _json(path: Path) -> Optional[dict]:
 
 
 def _test_loss(run_dir: Path, loops: int) -> Optional[float]:
-    data = _json(run_dir / "test_loops.json")
+    data = _json(run_dir / TEST_LOOPS_JSON)
     if data:
         for r in data["results"]:
             if r["loops"] == loops:
@@ -51,7 +53,7 @@ def _ppl(loss: Optional[float]) -> Optional[float]:
 
 
 def _core(run_dir: Path, loops: int, key: str = "core", which: str = "core") -> Optional[float]:
-    for name in (f"{which}_T{loops}.json", f"core_extended_T{loops}.json"):
+    for name in (core_result(which, loops), core_result("core_extended", loops)):
         data = _json(run_dir / name)
         if data and data.get(key, {}).get("mean") is not None:
             return 100 * data[key]["mean"]
@@ -59,7 +61,7 @@ def _core(run_dir: Path, loops: int, key: str = "core", which: str = "core") -> 
 
 
 def _lm_eval(run_dir: Path, loops: int, task: str, metric: str) -> Optional[float]:
-    data = _json(run_dir / f"lm_eval_T{loops}.json")
+    data = _json(run_dir / lm_eval_result(loops))
     if data and task in data:
         value = data[task].get(metric)
         return float(value) if value is not None else None
@@ -147,7 +149,7 @@ def collect(table: str, runs: Path) -> tuple[list[str], list[list[str]]]:
         def ours(row):
             size = "140m" if "140M" in row[0] else "370m"
             key = "huber" if row[0].startswith("in-") else "extrapolation_huber"
-            fits = [_json(p) for p in sorted(runs.glob(f"tts_isoflop_{size}_mu*/test_loops_fit.json"))]
+            fits = [_json(p) for p in sorted(runs.glob(f"tts_isoflop_{size}_mu*/{TEST_LOOPS_FIT}"))]
             values = []
             for form in ("exp", "shifted_power", "power", "pure_power"):
                 xs = [f["fits"][form][key] for f in fits if f and key in f["fits"].get(form, {})]

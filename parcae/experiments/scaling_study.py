@@ -18,6 +18,7 @@ from parcae.analysis.scaling import analyse, read_runs
 def collect_sweep(sweep: str | Path, runs_dir: str | Path = "checkpoints") -> list[dict]:
     """Rows for every finished run of a sweep: final val loss at T = μ_rec, plus test_loops.json points."""
     from parcae.model import effective_parameters
+    from parcae.runs import has_checkpoint
     from parcae.training.run import model_config_of, parse_recipe
 
     from .miniatures import summarize
@@ -26,7 +27,7 @@ def collect_sweep(sweep: str | Path, runs_dir: str | Path = "checkpoints") -> li
     rows = []
     for run in expand(sweep):
         run_dir = Path(runs_dir) / run.name
-        if not (run_dir / "last.ckpt").exists() or not run.flops:
+        if not has_checkpoint(run_dir) or not run.flops:
             continue
         cfg = parse_recipe(run.recipe, [a for k, v in run.overrides.items() for a in (f"--{k}", _format(v))])
         arch = model_config_of(cfg)

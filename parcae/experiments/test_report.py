@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from parcae.runs import TEST_LOOPS_CSV, TEST_LOOPS_JSON, TEST_LOOPS_PLOT
+
 
 def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str, mean_recurrence: int, looped: bool,
                       global_step: int, split: str = "val", checkpoint: Optional[str] = None) -> list[Path]:
@@ -34,7 +36,7 @@ def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model": model_name, "mean_recurrence": mean_recurrence, "global_step": global_step,
                "split": split, "checkpoint": checkpoint, "results": rows}
-    written = [out_dir / "test_loops.json", out_dir / "test_loops.csv"]
+    written = [out_dir / TEST_LOOPS_JSON, out_dir / TEST_LOOPS_CSV]
     written[0].write_text(json.dumps(payload, indent=2) + "\n")
     with open(written[1], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["loops", "loss", "ppl", "bpb", "tokens_per_sec"])
@@ -55,7 +57,7 @@ def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str
             console.print(f"test-time fit L(T) = L∞ + Z·exp(−z·T): L∞ = {p['L_inf']:.4f}, Z = {p['Z']:.4g}, "
                           f"z = {p['z']:.4g} (mean Huber {fit['huber']:.2e}; all forms: parcae fit-loops {out_dir})")
     if len(rows) > 1:
-        written.append(_plot(rows, fit, out_dir / "test_loops.png", model_name, mean_recurrence, looped,
+        written.append(_plot(rows, fit, out_dir / TEST_LOOPS_PLOT, model_name, mean_recurrence, looped,
                              global_step, split))
     console.print("[bold]results[/bold]: " + ", ".join(str(p) for p in written))
     return written

@@ -115,11 +115,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
         texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
-        from parcae.data import load_tokenizer
-        from parcae.runs.checkpoint import load_checkpoint
+        from parcae.runs import load_checkpoint
 
-        model, tok_path = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
-        tok = load_tokenizer(str(tok_path))
+        run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        model, tok = run.model, run.tokenizer
         engine = engine_from_args(model, args)
         sampling = sampling_from_args(args)
         prompts = [encode_prompt(tok, t) for t in texts]

@@ -331,15 +331,14 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
                         ("prefill_chunk", prefill_chunk)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"--{flag} must be an integer >= 1, got {value!r}")
-    from parcae.data import load_tokenizer
-    from parcae.runs.checkpoint import load_checkpoint
+    from parcae.runs import load_checkpoint
 
     try:
-        model, tok_path = load_checkpoint(ckpt_path, device, tokenizer)
+        run = load_checkpoint(ckpt_path, device, tokenizer)  # the file opened once, the tokenizer loaded once
+        model, tok = run.model, run.tokenizer
         sock = listening_socket(host, port)
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
-    tok = load_tokenizer(str(tok_path))
     import uvicorn
 
     app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,

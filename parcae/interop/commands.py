@@ -22,8 +22,10 @@ import torch
 
 from .release import (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError, is_hub_id, official_config_json,
                       official_model, resolve_source, resolve_tokenizer, unrepresentable)
+from parcae.runs import check_new_folder, load_checkpoint, write_folder_atomically
+
 from .hf_folder import WEIGHTS_FILE, export_hf, is_hf_folder, read_hf_folder, weights_sha256
-from .runs import CHECKPOINT, find_checkpoint, write_atomically, write_run
+from .runs import CHECKPOINT, write_run
 
 EXPORT_WEIGHTS = "model.pt"  # what official save_pretrained writes
 
@@ -33,7 +35,7 @@ def _default_run_name(source: str) -> str:
 
 
 def _check_tokenizer(files: dict[str, Path], vocab_size: int) -> None:
-    from parcae.data.tokenizer import load_tokenizer
+    from parcae.data import DataError, check_tokenizer_fits, load_tokenizer
 
     path = files[TOKENIZER_FILE]
     try:
@@ -43,9 +45,10 @@ def _check_tokenizer(files: dict[str, Path], vocab_size: int) -> None:
                            "that has them") from None
     except Exception as err:
         raise InteropError(f"{path} is not a tokenizers tokenizer.json ({type(err).__name__})") from None
-    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
-        raise InteropError(f"{path} has {tok.get_vocab_size(with_added_tokens=True):,} tokens but the model's "
-                           f"vocab_size is {vocab_size:,}; it is not this model's tokenizer")
+    try:
+        check_tokenizer_fits(tok, path, vocab_size)  # the rule every verb applies when it loads the run
+    except DataError as err:
+        raise InteropError(f"{err}; it is not this model's tokenizer") from None
 
 
 def summary_lines(model, run_dir: Path) -> list[str]:
@@ -78,8 +81,7 @@ def import_release(source: str, run_name: Optional[str] = None, runs_dir: str | 
     from parcae.data.tokenizer import file_sha256
 
     run_dir = Path(runs_dir) / (run_name or _default_run_name(source))
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):  # fail before any download
-        raise InteropError(f"{run_dir} already exists and is not empty; choose another --run_name (or delete it)")
+    check_new_folder(run_dir, "--run_name")  # fail before any download
     if is_hf_folder(source):  # our Hugging Face layout (parcae export --format hf)
         return _import_hf_folder(Path(source), run_dir, tokenizer, quiet)
     hub = not Path(source).exists() and is_hub_id(source)
@@ -115,24 +117,17 @@ def _import_hf_folder(root: Path, run_dir: Path, tokenizer: Optional[str], quiet
 
 
 def _load_run(run: str | Path, out: Path):
-    """(model, tokenizer.json path, checkpoint path) of a run to export; refuses a non-empty ``out`` first."""
-    from parcae.runs.checkpoint import load_checkpoint
-
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading a large checkpoint
-        raise InteropError(f"{out} already exists and is not empty; choose another output folder (or delete it)")
-    ckpt_path = find_checkpoint(run)
-    try:
-        model, tokenizer = load_checkpoint(ckpt_path)
-    except (FileNotFoundError, ValueError) as err:
-        raise InteropError(str(err).splitlines()[0]) from None
-    return model, tokenizer, ckpt_path
+    """The run to export (``parcae.runs.LoadedRun``: model, tokenizer, metadata; the checkpoint opened once);
+    refuses an ``out`` that is a file or a non-empty folder first."""
+    check_new_folder(out, "output folder")  # before loading a large checkpoint
+    return load_checkpoint(run)  # a run directory (its newest good checkpoint) or a file
 
 
 def export_hf_run(run: str | Path, out: str | Path, num_loops: Optional[int] = None, quiet: bool = False) -> Path:
     """Write a run's checkpoint as a Hugging Face folder (transformers, lm-eval, PEFT, vLLM); returns ``out``."""
     out = Path(out)
-    model, tokenizer, _ = _load_run(run, out)
-    export_hf(model, tokenizer, out, num_loops)
+    loaded = _load_run(run, out)
+    export_hf(loaded.model, loaded.tokenizer_path, out, num_loops)
     if not quiet:
         print(f"written: {out} (config.json [model_type parcae], {WEIGHTS_FILE}, configuration_parcae.py, "
               f"modeling_parcae.py, generation_config.json, tokenizer); load it with "
@@ -146,15 +141,12 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
     from parcae.model import to_official
 
     out = Path(out)
-    model, tokenizer, ckpt_path = _load_run(run, out)
+    loaded = _load_run(run, out)
+    model, tokenizer = loaded.model, loaded.tokenizer_path
     problem = unrepresentable(model.config)
     if problem:
         raise InteropError(f"{model.config.name} cannot be written in the official layout: {problem}")
-    from parcae.runs.rundir import check_checkpoint
-
-    ckpt = check_checkpoint(ckpt_path)  # the checked loader (memory-mapped, weights_only): tensors stay on disk
-    previous = (ckpt.get("imported") or {}).get("official_config")  # an imported release's own config.json
-    del ckpt
+    previous = (loaded.metadata.get("imported") or {}).get("official_config")  # an imported release's config.json
     state, _ = to_official(model)
     config = official_config_json(model, previous)
     tokenizer_files = {n: tokenizer.parent / n for n in TOKENIZER_FILES if (tokenizer.parent / n).is_file()
@@ -167,7 +159,7 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
         for name, path in tokenizer_files.items():
             shutil.copyfile(path, staging / name)
 
-    write_atomically(out, fill, "output folder")
+    write_folder_atomically(out, fill, "output folder")
     if not quiet:
         print(f"written: {out} ({CONFIG_FILE} [{config['_class_name']}], {EXPORT_WEIGHTS}, "
               f"{', '.join(sorted(tokenizer_files))}); load it with parcae_lm.from_pretrained or "
@@ -199,7 +191,7 @@ def export_main(argv: Optional[list[str]] = None) -> None:
                         "transformers folder (AutoModelForCausalLM with trust_remote_code, lm-eval, vLLM)")
     p.add_argument("--num_loops", type=int, default=None,
                    help="with --format hf: the loop count a forward runs by default (default: μ_rec)")
-    p.add_argument("run", help="run directory (uses last.ckpt, else the newest step=*.ckpt) or a .ckpt file")
+    p.add_argument("run", help="run directory (its newest good checkpoint) or a .ckpt file")
     p.add_argument("out", help="output folder (must not exist or be empty)")
     args = p.parse_args(argv)
     try:

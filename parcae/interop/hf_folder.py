@@ -91,7 +91,7 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
     import parcae.hf as hf_package
     from parcae.hf import ParcaeForCausalLM
 
-    from .runs import write_atomically
+    from parcae.runs import write_folder_atomically
 
     cfg = model.config
     if num_loops is not None and (isinstance(num_loops, bool) or not isinstance(num_loops, int) or num_loops < 1):
@@ -114,7 +114,7 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
         for name in CODE_FILES:
             shutil.copyfile(code / name, staging / name)
 
-    write_atomically(out, fill, "output folder")
+    write_folder_atomically(out, fill, "output folder")
     return out
 
 

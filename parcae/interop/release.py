@@ -23,6 +23,8 @@ import torch
 from parcae.errors import UsageError
 
 from parcae.model import LoopedLM, ModelConfig
+from parcae.model.config import has_value_embedding
+from parcae.model.official import official_block_prefix
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("pytorch_model.bin", "model.pt")  # the order official from_pretrained tries them
@@ -171,11 +173,6 @@ def our_config(folder: OfficialFolder) -> ModelConfig:
     return cfg
 
 
-def _has_value_embedding(layer_id: int, n_layer: int) -> bool:
-    """The official rule for a value embedding at a layer: the last one and every other one before it."""
-    return layer_id % 2 == (n_layer - 1) % 2
-
-
 def official_gate_blocks(cfg: ModelConfig) -> set[int]:
     """Our stack indices whose block the official code gives a value-embedding gate.
 
@@ -185,13 +182,13 @@ def official_gate_blocks(cfg: ModelConfig) -> set[int]:
     if not cfg.value_embeddings:
         return set()
     if not cfg.looped:
-        return {i for i in range(cfg.n_layers) if _has_value_embedding(i, cfg.n_layers)}
+        return {i for i in range(cfg.n_layers) if has_value_embedding(i, cfg.n_layers)}
     P, R = cfg.n_prelude, cfg.n_recurrent
     n_layer = R * cfg.backprop_depth
     gated = set()
     for i in range(cfg.n_layers):
         layer_id = i if i < P + R else P + R * cfg.mean_recurrence + (i - P - R)
-        if _has_value_embedding(layer_id, n_layer):
+        if has_value_embedding(layer_id, n_layer):
             gated.add(i)
     return gated
 
@@ -199,8 +196,6 @@ def official_gate_blocks(cfg: ModelConfig) -> set[int]:
 def value_embedding_disagreement(cfg: ModelConfig) -> Optional[str]:
     """None when the official code's value-embedding tables and gates sit on the same blocks (then our model is
     exactly the official one); else one line naming the first official key that would be dead, and why."""
-    from parcae.model.official import _official_block_prefix
-
     tables, gates = set(cfg.value_embedding_layers), official_gate_blocks(cfg)
     if tables == gates:
         return None
@@ -211,7 +206,7 @@ def value_embedding_disagreement(cfg: ModelConfig) -> Optional[str]:
     if i in tables:
         return (f"value_embeds.{i}.weight: {rule}, so block {i} has a table and no gate and the table is never "
                 "read; parcae keeps tables and gates together and cannot represent it")
-    return (f"{_official_block_prefix(cfg, i)}attn.ve_gate.weight: {rule}, so block {i} has a gate and no table "
+    return (f"{official_block_prefix(cfg, i)}attn.ve_gate.weight: {rule}, so block {i} has a gate and no table "
             "and the gate is never used; parcae keeps tables and gates together and cannot represent it")
 
 

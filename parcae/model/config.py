@@ -33,6 +33,12 @@ INJECTIONS = get_args(Injection)
 VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 normed channels (parcae_lm/modules/mixer.py)
 
 
+def has_value_embedding(layer: int, n_layers: int) -> bool:
+    """The value-embedding placement rule (official parcae_lm at dee8363): the last of ``n_layers`` layers and
+    every other one before it, ``layer % 2 == (n_layers - 1) % 2``."""
+    return layer % 2 == (n_layers - 1) % 2
+
+
 @dataclass
 class ModelConfig:
     """Architecture and looping of a (looped) language model.
@@ -158,7 +164,7 @@ class ModelConfig:
         before it, i % 2 == (L−1) % 2 over the P+R+C stack, for tables and gates alike (docs/design.md §5)."""
         if not self.value_embeddings:
             return ()
-        return tuple(i for i in range(self.n_layers) if i % 2 == (self.n_layers - 1) % 2)
+        return tuple(i for i in range(self.n_layers) if has_value_embedding(i, self.n_layers))
 
     @property
     def state_std(self) -> float:

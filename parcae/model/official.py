@@ -115,7 +115,8 @@ def _stage(config: ModelConfig, index: int) -> tuple[str, int]:
 _OFFICIAL_STAGES = {"prelude": "prelude", "recurrent": "core_block", "coda": "coda"}
 
 
-def _official_block_prefix(config: ModelConfig, index: int) -> str:
+def official_block_prefix(config: ModelConfig, index: int) -> str:
+    """The official key prefix of block ``index`` of our P+R+C stack (``transformer.core_block.0.``)."""
     if not config.looped:
         return f"transformer.h.{index}."
     stage, local = _stage(config, index)
@@ -132,7 +133,7 @@ def key_map(config: ModelConfig) -> dict[str, str]:
     mapping = {}
     for i in range(config.n_layers):
         for theirs, ours in _BLOCK_KEYS.items():
-            mapping[_official_block_prefix(config, i) + theirs] = _our_block_prefix(config, i) + ours
+            mapping[official_block_prefix(config, i) + theirs] = _our_block_prefix(config, i) + ours
     for i in config.value_embedding_layers:
         mapping[f"value_embeds.{i}.weight"] = f"value_embeds.{i}.weight"
     mapping.update(_TOP_KEYS)

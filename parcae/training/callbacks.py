@@ -4,7 +4,6 @@ TensorBoard layout (custom scalars, hyperparameters under ``hp/``), and throughp
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,34 +20,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     copy, not a rename, when that is another filesystem.)"""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        from parcae.runs.rundir import is_storage_fault, storage_error
+        from parcae.runs import save_atomically
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
-                stale.unlink(missing_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as err:
-            if not is_storage_fault(err):
-                raise
-            # Disk full / read-only: one line naming the file and the checkpoint a resume would use.
-            raise storage_error("checkpoint", path, err, run_dir=path.parent) from None
-        finally:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        save_atomically(checkpoint, path, "checkpoint", run_dir=Path(path).parent)
 
 
 class StepProgressBar(RichProgressBar):

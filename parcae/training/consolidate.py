@@ -17,19 +17,13 @@ and needs the whole model in CPU memory.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / METADATA_FILE).is_file()
+from parcae.runs import is_sharded_checkpoint, newest_checkpoint, save_atomically
+from parcae.runs.errors import CheckpointError
+from parcae.runs.layout import SHARDED_METADATA
 
 
 def consolidate(folder: str | Path, output: Optional[str | Path] = None, with_optimizer: bool = False) -> Path:
@@ -38,19 +32,14 @@ def consolidate(folder: str | Path, output: Optional[str | Path] = None, with_op
 
     folder = Path(folder)
     if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{folder} is not a sharded checkpoint folder (no {METADATA_FILE} inside)")
+        raise ValueError(f"{folder} is not a sharded checkpoint folder (no {SHARDED_METADATA} inside)")
     output = Path(output) if output else folder.parent / f"{folder.name.removesuffix('.ckpt')}-consolidated.ckpt"
     checkpoint = _load_distributed_checkpoint(folder)  # full tensors on CPU, plus meta.pt's entries
     optimizers = sorted(k for k in checkpoint if k.startswith("optimizer_"))
     states = [checkpoint.pop(k) for k in optimizers]
     if with_optimizer:
         checkpoint["sharded_optimizer_states"] = states  # keyed by parameter name (torch.distributed.checkpoint)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomically(checkpoint, output, "consolidated checkpoint")
     return output
 
 
@@ -63,20 +52,17 @@ def _pick(run_dir: Path, name: Optional[str]) -> Path:
         if not is_sharded_checkpoint(run_dir / name):
             raise ValueError(f"{run_dir / name} is not a sharded checkpoint folder")
         return run_dir / name
-    if is_sharded_checkpoint(run_dir / "last.ckpt"):
-        return run_dir / "last.ckpt"
-    steps = sorted(p for p in run_dir.glob("step=*.ckpt") if is_sharded_checkpoint(p))
-    if not steps:
-        raise ValueError(f"{run_dir} holds no sharded checkpoint folder (single-file checkpoints need no "
-                         "consolidation)")
-    return steps[-1]
+    try:  # the run's newest sharded checkpoint, by the rule every verb uses (parcae.runs.newest_checkpoint)
+        return newest_checkpoint(run_dir, only_sharded=True).path
+    except CheckpointError as err:
+        raise ValueError(f"{err} (single-file checkpoints need no consolidation)") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="parcae consolidate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory (or a sharded checkpoint folder itself)")
-    parser.add_argument("--ckpt_name", default=None, help="checkpoint folder in RUN_DIR (default: last.ckpt, "
-                        "else the latest step=*.ckpt)")
+    parser.add_argument("--ckpt_name", default=None, help="checkpoint folder in RUN_DIR (default: the newest "
+                        "sharded checkpoint by step)")
     parser.add_argument("--output_file", default=None, help="default: RUN_DIR/<name>-consolidated.ckpt")
     parser.add_argument("--with_optimizer", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
                         help="also keep the optimizer state (keyed by parameter name)")

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 from hf_runs import ARCHS, export, make_run  # noqa: E402
 from parcae.cli import main  # noqa: E402
-from parcae.runs.checkpoint import load_checkpoint  # noqa: E402
+from parcae.runs import load_checkpoint  # noqa: E402
 
 
 def _fail(argv, *needles):
@@ -26,17 +26,15 @@ def test_export_then_import_is_exact(tmp_path, arch):
     run = make_run(tmp_path, arch, **ARCHS[arch])
     folder = export(run, tmp_path / "hf")
     main(["import", str(folder), "--runs_dir", str(tmp_path / "runs"), "--run_name", "back"])
-    before, tok_before = load_checkpoint(run / "last.ckpt")
-    after, tok_after = load_checkpoint(tmp_path / "runs" / "back" / "last.ckpt")
+    before = load_checkpoint(run / "last.ckpt")
+    after = load_checkpoint(tmp_path / "runs" / "back" / "last.ckpt")
     assert after.config == before.config
-    a, b = before.state_dict(), after.state_dict()
+    a, b = before.model.state_dict(), after.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "runs" / "back" / "import.json").read_text())
     assert record["format"] == "hf" and record["num_loops"] == (3 if before.config.looped else 1)
     # the tokenizer comes back with the same vocabulary (plus the <|bos|> post-processor of the HF folder)
-    from parcae.data.tokenizer import load_tokenizer
-
-    assert load_tokenizer(str(tok_after)).get_vocab() == load_tokenizer(str(tok_before)).get_vocab()
+    assert after.tokenizer.get_vocab() == before.tokenizer.get_vocab()
 
 
 def test_import_refuses_an_hf_folder_with_foreign_weights(tmp_path):

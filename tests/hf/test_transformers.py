@@ -15,10 +15,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 import parcae.hf  # noqa: E402,F401  (registers the Auto classes)
 from hf_runs import ARCHS, export, make_run  # noqa: E402
-from parcae.data.tokenizer import encode_prompt, load_tokenizer  # noqa: E402
+from parcae.data.tokenizer import encode_prompt  # noqa: E402
 from parcae.hf import ParcaeForCausalLM  # noqa: E402
 from parcae.inference import Engine  # noqa: E402
-from parcae.runs.checkpoint import load_checkpoint  # noqa: E402
+from parcae.runs import load_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["The fox", "A", "Once upon a time there"]
@@ -36,8 +36,8 @@ def folders(tmp_path_factory):
 
 
 def _parcae(run):
-    model, tok_path = load_checkpoint(run / "last.ckpt")
-    return model, load_tokenizer(str(tok_path))
+    loaded = load_checkpoint(run / "last.ckpt")
+    return loaded.model, loaded.tokenizer
 
 
 def test_the_folder_holds_config_weights_code_tokenizer_and_generation_config(folders):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ASSETS
 from parcae.cli import main
-from parcae.runs.checkpoint import load_checkpoint
+from parcae.runs import load_checkpoint
 from parcae.interop import write_run
 from parcae.interop.release import official_config_json
 from parcae.model import LoopedLM, ModelConfig, to_official
@@ -52,8 +52,9 @@ def imported(tmp_path_factory):
 def test_imported_checkpoint_reproduces_the_official_logits_at_every_stored_depth(imported, name):
     run = imported[name]
     assert {"last.ckpt", "config.yaml", "tokenizer.json", "import.json"} <= {p.name for p in run.iterdir()}
-    model, tokenizer = load_checkpoint(run / "last.ckpt")  # the written file, not the in-memory model
-    assert tokenizer == run / "tokenizer.json"
+    loaded = load_checkpoint(run / "last.ckpt")  # the written file, not the in-memory model
+    model = loaded.model
+    assert loaded.tokenizer_path == run / "tokenizer.json"
     reference = torch.load(SNAPSHOTS / f"{name}_reference.pt", weights_only=False)
     assert model.config.looped == (name == "parcae_tiny")
     assert set(reference["logits"]) == ({1, 4, 9} if model.config.looped else {1})
@@ -67,7 +68,7 @@ def test_imported_checkpoint_reproduces_the_official_logits_at_every_stored_dept
 def test_import_prints_the_summary_and_next_commands(tmp_path, capsys):
     assert _run(["import", str(SNAPSHOTS / "parcae_tiny"), "--runs_dir", str(tmp_path), "--run_name", "p"]) is None
     out = capsys.readouterr().out
-    model, _ = load_checkpoint(tmp_path / "p" / "last.ckpt")
+    model = load_checkpoint(tmp_path / "p" / "last.ckpt").model
     counts = model.parameter_counts()
     assert f"{counts['total']:,} parameters" in out and f"recurrent {counts['recurrent']:,}" in out
     assert "μ_rec = 4" in out and "μ_bwd = 2" in out
@@ -125,7 +126,7 @@ def test_import_of_export_reproduces_the_state_dict_exactly(tmp_path, arch):
     for key in before:
         assert torch.equal(before[key], after[key]), key
     def arch(path):  # n_kv_heads None means n_heads; the official GPT registry wants names starting with "gpt";
-        cfg = load_checkpoint(path / "last.ckpt")[0].config  # a GPT has no loop settings to carry
+        cfg = load_checkpoint(path / "last.ckpt").config  # a GPT has no loop settings to carry
         cfg = cfg.replace(n_kv_heads=cfg.kv_heads, name=cfg.name.removeprefix("gpt-"))
         return cfg if cfg.looped else cfg.replace(mean_recurrence=1, backprop_depth=1)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import ASSETS, synthetic_documents, write_jsonl
 from parcae.cli import main
 from parcae.data import load_tokenizer
-from parcae.runs.checkpoint import load_checkpoint
+from parcae.runs import load_checkpoint
 
 RELEASE = ASSETS / "official_snapshots" / "parcae_tiny"
 TEXT = "The quick brown fox jumps over the lazy dog. Then it rests in the shade of an old tree."
@@ -44,7 +44,7 @@ def test_perplexity_of_a_text_uses_the_imported_tokenizer(run, tmp_path):
     tok = load_tokenizer(str(RELEASE / "tokenizer.json"))
     ids = torch.tensor([[tok.token_to_id("<|bos|>"), *tok.encode(TEXT, add_special_tokens=False).ids]])
     assert ids.shape[1] <= 64
-    model, _ = load_checkpoint(run / "last.ckpt")
+    model = load_checkpoint(run / "last.ckpt").model
     for row, loops in zip(rows, (1, 4)):
         with torch.no_grad():
             logits = model(ids, loops=loops, state_seed=[0]).logits[0, :-1, :model.config.vocab_size]
@@ -59,7 +59,7 @@ def test_predict_generates_with_the_imported_tokenizer(run, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     # Independently: greedy decoding with the checkpoint's model and the release's tokenizer.
     tok = load_tokenizer(str(RELEASE / "tokenizer.json"))
-    model, _ = load_checkpoint(run / "last.ckpt")
+    model = load_checkpoint(run / "last.ckpt").model
     ids = [tok.token_to_id("<|bos|>"), *tok.encode("The fox", add_special_tokens=False).ids]
     for _ in range(6):
         with torch.no_grad():
@@ -77,7 +77,7 @@ def test_generate_runs_on_an_imported_run_with_its_own_tokenizer(run, capsys):
           "--max_new_tokens", "6", "--temperature", "0"])
     printed = capsys.readouterr().out.strip()
     tok = load_tokenizer(str(RELEASE / "tokenizer.json"))
-    model, _ = load_checkpoint(run / "last.ckpt")
+    model = load_checkpoint(run / "last.ckpt").model
     ids = [tok.token_to_id("<|bos|>"), *tok.encode("The fox", add_special_tokens=False).ids]
     n_prompt = len(ids)
     for _ in range(6):
@@ -96,7 +96,7 @@ def test_core_runs_with_the_imported_tokenizer(run, tmp_path):
     out = tmp_path / "core.json"
     main(["core", "--ckpt_path", str(run / "last.ckpt"), "--bundle", str(bundle), "--tasks", str(bundle / "core.yaml"),
           "--seeds", "1234", "--max_per_task", "3", "--loops", "2", "--device", "cpu", "--out", str(out)])
-    model, _ = load_checkpoint(run / "last.ckpt")
+    model = load_checkpoint(run / "last.ckpt").model
     expected = CoreScorer(model, load_tokenizer(str(RELEASE / "tokenizer.json")), loops=2).evaluate(
         bundle, load_tasks(str(bundle / "core.yaml")), (1234,), 3, progress=False)
     assert json.loads(out.read_text())["tasks"] == json.loads(json.dumps(expected["tasks"]))

@@ -276,10 +276,10 @@ def test_unwritable_runs_dir_is_one_line(trained, tmp_path, capsys):
 
 def test_evaluation_in_a_folder_that_cannot_be_written_prints_results(trained, tmp_path, capsys, monkeypatch):
     """Root can write anywhere, so the folder's refusal is stood in for by the probe's answer."""
-    from parcae.runs import rundir
+    from parcae.runs import storage
 
     _, _, run_dir = trained
-    monkeypatch.setattr(rundir, "writable_dir", lambda path: Path(path) != run_dir)
+    monkeypatch.setattr(storage, "writable_dir", lambda path: Path(path) != run_dir)
     before = files_of(run_dir)
     code, output = run(["test", "--ckpt_path", run_dir / "last.ckpt", "--loops", "1,2"], capsys)
     assert code == 0, output

@@ -1,0 +1,168 @@
+"""Writing into run directories without leaving anything half-written, and storage faults in one line.
+
+    from parcae.runs.storage import save_atomically, write_folder_atomically
+    save_atomically(checkpoint_dict, run_dir / "last.ckpt")       # staged beside it, fsynced, renamed
+    write_folder_atomically(out, lambda staging: ..., "output folder")
+
+A kill at any moment leaves either the previous file or the new one under the final name; the staging files
+(``.<name>.tmp-<pid>``, ``.<folder>.partial-<id>``) start with a dot and are never taken for checkpoints.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import RunDirError, StorageError
+
+# Disk full, quota, file too large, read-only or permission: a write that failed for the storage, not the program.
+WRITE_FAULT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def describe_os_error(err: BaseException) -> str:
+    """The reason of an OSError in words ("No space left on device"), without errno numbers or paths."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return os.strerror(err.errno)
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def storage_error(what: str, path: str | Path, err: BaseException, run_dir: Optional[str | Path] = None) \
+        -> StorageError:
+    """One line: what failed to be written, why, and the last good checkpoint of the run (if any)."""
+    reason = describe_os_error(err)
+    if not isinstance(err, OSError):  # torch.save reports a short write as a position mismatch, without errno
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < (16 << 20)
+        except OSError:
+            full = False
+        reason = os.strerror(errno.ENOSPC) if full else \
+            "the file system accepted only part of it (disk full, quota or file-size limit)"
+    line = f"could not write {what} {path}: {reason}"
+    if run_dir is not None:
+        from .checkpoint import newest_good_checkpoint
+
+        good = newest_good_checkpoint(run_dir)
+        line += f"; last good checkpoint: {good}" if good else "; the run has no good checkpoint yet"
+    return StorageError(line)
+
+
+def is_storage_fault(err: BaseException) -> bool:
+    """Disk full, quota, file too large, read-only or permission errors (and torch.save's wrapping of them)."""
+    if isinstance(err, OSError):
+        return err.errno in WRITE_FAULT_ERRNOS + (errno.EIO, errno.ENOENT, errno.ENOTDIR)
+    return isinstance(err, RuntimeError) and ("inline_container" in str(err) or "unexpected pos" in str(err))
+
+
+def writable_dir(path: str | Path) -> bool:
+    """Whether files can be created in ``path`` (tried, since ``os.access`` says yes to root on a read-only
+    mount in some setups); creates and removes one temporary file, leaving the folder's contents as they were."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".parcae-probe-", dir=path)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
+                    run_dir: Optional[str | Path] = None) -> None:
+    """``torch.save(obj)`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, then ``os.replace``: a kill during the
+    save leaves the previous file intact. Staging files left by killed processes are removed first. A full or
+    read-only disk is one :class:`StorageError` naming the file and (``run_dir``) the run's last good checkpoint."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if not is_storage_fault(err):
+            raise
+        raise storage_error(what, path, err, run_dir=run_dir) from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    _fsync_dir(path.parent)
+
+
+def copy_atomically(source: str | Path, target: str | Path, what: str = "file") -> None:
+    """Copy ``source`` to ``target`` through a staging file and a rename (never a half-copied ``target``)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise storage_error(what, target, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_new_folder(target: str | Path, what: str) -> None:
+    """Refuse an output folder that exists as a file or holds files (``what``: the option that names it)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise RunDirError(f"{target} is an existing file, not a folder; choose another {what}")
+    if target.is_dir() and any(target.iterdir()):
+        raise RunDirError(f"{target} already exists and is not empty; choose another {what} (or delete it)")
+
+
+def write_folder_atomically(target: str | Path, fill: Callable[[Path], None], what: str) -> None:
+    """Create the folder ``target`` by filling a hidden staging folder beside it and renaming it into place;
+    refuses a target that is a file or a folder with files (:func:`check_new_folder`)."""
+    target = Path(target)
+    check_new_folder(target, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        fill(staging)
+        if target.exists():  # an empty folder: replace it
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def results_location(default_dir: str | Path, output_dir: Optional[str | Path] = None) \
+        -> tuple[Optional[Path], Optional[str]]:
+    """Where an evaluation writes its results: ``output_dir`` when given (created), else ``default_dir`` (the
+    checkpoint's folder) when it can be written, else nowhere, with a note that results are only printed."""
+    if output_dir:
+        out = Path(output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error("the output folder", out, err) from None
+        if not writable_dir(out):
+            raise StorageError(f"--output_dir {out} cannot be written")
+        return out, None
+    default_dir = Path(default_dir)
+    if writable_dir(default_dir):
+        return default_dir, None
+    return None, (f"{default_dir} is not writable: results are printed only (pass --output_dir to save them)")
