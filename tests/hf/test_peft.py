@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import parcae.hf  # noqa: E402,F401
 from hf_runs import ARCHS, export, make_run  # noqa: E402
 from parcae.cli import main  # noqa: E402
-from parcae.runs.checkpoint import load_checkpoint  # noqa: E402
+from parcae.runs import load_checkpoint  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "up_proj", "down_proj", "gate_proj"]
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 2
@@ -56,8 +56,8 @@ def test_lora_trains_on_every_block_and_the_merged_model_exports_back(tmp_path, 
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parcae.ParcaeForCausalLM"
     assert (out / "modeling_parcae.py").is_file() and (out / "configuration_parcae.py").is_file()
     main(["import", str(out), "--runs_dir", str(tmp_path / "runs"), "--run_name", "tuned"])
-    tuned, _ = load_checkpoint(tmp_path / "runs" / "tuned" / "last.ckpt")
-    original, _ = load_checkpoint(run / "last.ckpt")
+    tuned = load_checkpoint(tmp_path / "runs" / "tuned" / "last.ckpt").model
+    original = load_checkpoint(run / "last.ckpt").model
     with torch.no_grad():
         expected = merged(ids, num_loops=3).logits
         got = tuned(ids, loops=3, state_seed=[0]).logits[..., :cfg.vocab_size]
