@@ -35,8 +35,6 @@ LAYERS = {
 SIBLINGS = {"parcae.eval", "parcae.interop", "parcae.training"}
 PLAIN_PYTORCH = ("parcae.model", "parcae.runs", "parcae.inference")
 TRAINING_USERS = ("parcae.training", "parcae.cli", "parcae.experiments")  # who may import parcae.training
-# Function-parking sites that issue 18 (verbs as calls) removes; none may be added.
-KNOWN_PARKED = {("parcae.cli", "generate_fn")}
 
 
 def layer_of(module: str) -> str | None:
@@ -146,8 +144,7 @@ def upward_calls(text: str, module: str, is_package: bool = False) -> list[str]:
             for target in targets:
                 if isinstance(target, ast.Attribute) and node.value is not None and \
                         not (isinstance(target.value, ast.Name) and target.value.id in ("self", "cls")) and \
-                        _is_function_reference(node.value, names, local_functions) and \
-                        (layer_of(module), target.attr) not in KNOWN_PARKED:
+                        _is_function_reference(node.value, names, local_functions):
                     problems.append(f"line {node.lineno} parks a function on {ast.unparse(target)}: pass it as an "
                                     "argument or let the owner import it")
         elif isinstance(node, ast.Call):
