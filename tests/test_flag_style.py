@@ -2,7 +2,7 @@
 
 Reads every ``add_argument("--...")`` in the package and the data-preparation scripts, and every ``--flag`` shown
 in the docs, README and recipes, and refuses hyphenated ones (the external tools' flags that docs quote —
-pip, sbatch, torchrun — are named below)."""
+pip, sbatch, torchrun, vllm serve — are named below)."""
 
 import re
 import subprocess
@@ -14,7 +14,8 @@ EXTERNAL = {"--no-deps", "--no-build-isolation", "--extra-index-url", "--index-u
             "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--node-rank", "--master-addr",
             "--master-port", "--only-binary", "--python-version", "--no-cache-dir", "--force-reinstall",
             "--nproc_per_node", "--exclusive", "--gres", "--mem-per-cpu", "--time", "--output", "--partition",
-            "--standalone", "--log-dir", "--max-restarts", "--no-compile", "--upgrade-strategy"}
+            "--standalone", "--log-dir", "--max-restarts", "--no-compile", "--upgrade-strategy",
+            "--max-model-len", "--enforce-eager", "--hf-overrides"}  # vllm serve
 
 
 def test_every_argparse_flag_uses_underscores():
