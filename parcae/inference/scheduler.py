@@ -156,9 +156,10 @@ class Scheduler:
             self._cond.notify()
 
     def stats(self) -> dict:
+        lanes = list(self._lanes.values())  # one C-level copy: the scheduler's thread may change the dict
         with self._cond:
-            active = sum(len(lane.live()) for lane in self._lanes.values())
-            return {**self.counts, "active": active, "queued": len(self._queue), "lanes": len(self._lanes),
+            active = sum(len(lane.live()) for lane in lanes)
+            return {**self.counts, "active": active, "queued": len(self._queue), "lanes": len(lanes),
                     "max_rows": self.max_rows, "running": self.running}
 
     @property
