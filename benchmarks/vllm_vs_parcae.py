@@ -37,13 +37,13 @@ def main() -> None:
     args = p.parse_args()
     from hf_runs import export, make_run
     from parcae.inference import Engine
-    from parcae.runs.checkpoint import load_checkpoint
+    from parcae.runs import load_checkpoint
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="vllm_bench_"))
     run = make_run(work, "bench", seed=7, d_model=128, n_heads=2, d_ff=256, block_size=256)
     folder = export(run, work / "hf")
-    model, _ = load_checkpoint(run / "last.ckpt")
+    model = load_checkpoint(run / "last.ckpt").model
     g = torch.Generator().manual_seed(0)
     prompts = [[0, *torch.randint(3, 512, (16,), generator=g).tolist()] for _ in range(args.batch)]
     (work / "prompts.json").write_text(json.dumps(prompts))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from hf_runs import export, make_run
-from parcae.data.tokenizer import encode_prompt, load_tokenizer
+from parcae.data.tokenizer import encode_prompt
 from parcae.inference import Engine
-from parcae.runs.checkpoint import load_checkpoint
+from parcae.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -32,8 +32,8 @@ def test_vllm_greedy_equals_parcae_generate_alone_and_batched(tmp_path):
     # vLLM's CPU attention supports head dimension 64 (not 16): d 128 with 2 heads. Like-init state, value embeddings.
     run = make_run(tmp_path, "served", seed=7, d_model=128, n_heads=2, d_ff=256, block_size=128)
     folder = export(run, tmp_path / "hf")  # config.num_loops = μ_rec = 3; the test serves at 6 (hf_overrides)
-    model, tok_path = load_checkpoint(run / "last.ckpt")
-    tok = load_tokenizer(str(tok_path))
+    loaded = load_checkpoint(run / "last.ckpt")
+    model, tok = loaded.model, loaded.tokenizer
     prompts = [encode_prompt(tok, text) for text in PROMPTS]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
