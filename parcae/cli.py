@@ -19,51 +19,65 @@ import importlib
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from parcae.command_line import call_verb, exit_with_error, interruptible
 from parcae.errors import UsageError
 from parcae.runs import rundir
 from parcae.training.module import NonFiniteLossError, loop_rows
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 
-# The verbs outside LightningCLI's fit/validate/test/predict: name -> (module:function taking the remaining
-# arguments, imported only when used; one-line help).
+# The verbs outside LightningCLI's fit/validate/test/predict: name -> (module:function, imported only when used;
+# one-line help). Each function is typed and documented, and `parcae <verb>` reads its flags from them
+# (parcae.command_line); `prepare` hands its arguments to the data-preparation scripts.
 VERBS = {
-    "report": ("parcae.experiments.report:main",
+    "report": ("parcae.experiments.report:report",
                "the paper's tables beside our results (`parcae report table5`, `parcae report mini`, `--list`)"),
-    "lm-eval": ("parcae.eval.lm_eval_adapter:main",
+    "lm-eval": ("parcae.eval.lm_eval_adapter:lm_eval_command",
                 "lm-evaluation-harness tasks at a fixed loop count (optional extra `.[eval]`; `parcae lm-eval --help`)"),
-    "perplexity": ("parcae.eval.perplexity:main",
+    "perplexity": ("parcae.eval.perplexity:perplexity",
                    "token/word perplexity and bits per byte of a text file at chosen loops (`parcae perplexity ...`)"),
-    "core": ("parcae.eval.core:main",
+    "core": ("parcae.eval.core:core",
              "CORE / Core-Extended at a loop count from a local eval bundle (`parcae core --ckpt_path ... --bundle ...`)"),
-    "scaling-law": ("parcae.experiments.scaling_study:main",
+    "scaling-law": ("parcae.experiments.scaling_study:scaling_law",
                     "isoFLOP optima, power laws, parametric and unified laws (`parcae scaling-law runs.csv`)"),
-    "fit-loops": ("parcae.analysis.fits:main",
+    "fit-loops": ("parcae.analysis.fits:fit_loops",
                   "fit L(T) = L∞ + Z·exp(−zT) and Table 12's other forms to a loop sweep (`parcae fit-loops <run dir>`)"),
-    "mini": ("parcae.experiments.miniatures:main",
+    "mini": ("parcae.experiments.miniatures:mini",
              "run a CPU miniature of a paper claim and write its report: `parcae mini stability` (docs/miniatures.md)"),
-    "sweep": ("parcae.experiments.sweep:main",
+    "sweep": ("parcae.experiments.sweep:expand_and_run",
               "expand a sweep definition into runs: `parcae sweep recipes/sweeps/isoflop_140m.yaml [--run]`"),
     "prepare": ("parcae.cli:_prepare", "data preparation: `parcae prepare shakespeare`, `parcae prepare shards --help`, "
                                        "`parcae prepare tokenizer --help`"),
-    "model": ("parcae.model.__main__:main",
+    "model": ("parcae.model.__main__:inspect_presets",
               "inspect presets: parameters by part, FLOPs per token (`parcae model parcae-140m --meta`)"),
-    "import": ("parcae.interop.commands:import_main",
+    "import": ("parcae.interop.commands:import_command",
                "import an official Parcae/GPT release into a run directory: `parcae import SandyResearch/parcae-140m`"),
-    "export": ("parcae.interop.commands:export_main",
+    "export": ("parcae.interop.commands:export_command",
                "write a run in the official release layout: `parcae export --format official <run dir> <folder>`"),
-    "generate": ("parcae.inference.cli:main",
+    "generate": ("parcae.inference.cli:generate",
                  "KV-cached generation at fixed or adaptive depth (`parcae generate --ckpt_path ... --prompt ...`)"),
-    "serve": ("parcae.inference.serve:main",
+    "serve": ("parcae.inference.serve:serve",
               "OpenAI-compatible /v1/completions server with LitServe (`parcae serve --ckpt_path ... --port 8000`)"),
-    "consolidate": ("parcae.training.consolidate:main",
+    "consolidate": ("parcae.training.consolidate:consolidate_command",
                     "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)"),
 }
 
 CLIError = UsageError  # the name older code and tests use
+
+
+def verb_function(verb: str) -> Callable:
+    module, function = VERBS[verb][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_verb(verb: str, argv: list[str]) -> Any:
+    """Parse ``argv`` for ``parcae <verb>`` and call its function; a bad command line is a UsageError."""
+    if verb == "prepare":
+        return _prepare(argv)
+    return call_verb(verb, verb_function(verb), argv)
 
 
 class ParcaeCLI(RecipeCLI):
@@ -134,16 +148,21 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    verb = argv[0] if argv and not argv[0].startswith("-") else "parcae"
+    with interruptible(verb, "resume with the same command and --ckpt_path last" if verb == "fit" else None):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> None:
     torch.set_float32_matmul_precision("high")
     if argv and argv[0] in VERBS:
-        module, function = VERBS[argv[0]][0].split(":")
         try:
-            return getattr(importlib.import_module(module), function)(argv[1:])
+            return run_verb(argv[0], argv[1:])
         except UsageError as err:
-            sys.exit(f"parcae {argv[0]}: error: {err}")
+            exit_with_error(argv[0], err)
         except OSError as err:  # a file the user named that is missing or unreadable, or a full/read-only disk
             if _user_named(err, argv) or _write_fault(err):
-                sys.exit(f"parcae {argv[0]}: error: {err.filename}: {rundir.describe_os_error(err)}")
+                exit_with_error(argv[0], f"{err.filename}: {rundir.describe_os_error(err)}")
             raise
     if argv and argv[0] in ("-h", "--help"):
         print("extra commands:\n" + "\n".join(f"  {v:<11} {h}" for v, (_, h) in VERBS.items()) + "\n")
@@ -155,13 +174,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.argv = [sys.argv[0], *argv]
         ParcaeCLI(args=args)
     except (UsageError, NonFiniteLossError) as err:  # user mistakes only: anything else keeps its traceback
-        sys.exit(f"parcae: error: {err}")
+        exit_with_error(argv[0], err)
     except OSError as err:  # disk full, read-only folder: what failed, and the run's last good checkpoint
         if not _write_fault(err):
             raise
         good = rundir.newest_good_checkpoint(Path(err.filename).parent) if err.filename else None
-        sys.exit(f"parcae: error: could not write {err.filename or 'a file'}: {rundir.describe_os_error(err)}"
-                 + (f"; last good checkpoint: {good}" if good else ""))
+        exit_with_error(argv[0], f"could not write {err.filename or 'a file'}: {rundir.describe_os_error(err)}"
+                        + (f"; last good checkpoint: {good}" if good else ""))
     finally:
         rundir.release_held_locks()
 
@@ -211,5 +230,5 @@ def _prepare(rest: list[str]) -> None:
     elif step == "tokenizer":
         from data_prep.tokenizer import main as run
     else:
-        sys.exit(f"parcae prepare: unknown step {step!r} (shakespeare, shards, tokenizer)")
+        raise UsageError(f"unknown step {step!r} (shakespeare, shards, tokenizer)")
     run(args)

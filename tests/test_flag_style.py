@@ -1,7 +1,8 @@
 """One flag style in every verb: underscores, as LightningCLI's own flags (``--ckpt_path``, ``--runs_dir``).
 
-Reads every ``add_argument("--...")`` in the package and the data-preparation scripts, and every ``--flag`` shown
-in the docs, README and recipes, and refuses hyphenated ones (the external tools' flags that docs quote —
+Builds the command line of every verb of ``parcae.cli.VERBS`` from its function, reads every
+``add_argument("--...")`` left in the package and the data-preparation scripts, and every ``--flag`` shown in the
+docs, README and recipes, and refuses hyphenated ones (the external tools' flags that docs quote —
 pip, sbatch, torchrun, vllm serve — are named below)."""
 
 import re
@@ -25,6 +26,19 @@ def test_every_argparse_flag_uses_underscores():
         for flag in re.findall(r"add_argument\(\s*\"(--[a-z0-9_-]+)\"", path.read_text()):
             if "-" in flag[2:]:
                 bad.append(f"{path.relative_to(ROOT)}: {flag}")
+    assert not bad, bad
+
+
+def test_every_verb_flag_uses_underscores():
+    from parcae.cli import VERBS, verb_function
+    from parcae.command_line import verb_parser
+
+    bad = []
+    for verb in VERBS:
+        if verb == "prepare":  # the data-preparation scripts' own parsers, read above
+            continue
+        for action in verb_parser(verb, verb_function(verb))._actions:
+            bad += [f"parcae {verb}: {flag}" for flag in action.option_strings if "-" in flag.lstrip("-")]
     assert not bad, bad
 
 

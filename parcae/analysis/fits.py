@@ -12,7 +12,6 @@ starting points and keeps the best, as the paper does (after Hoffmann et al.'s "
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -23,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from parcae.errors import UsageError
 from parcae.runs import TEST_LOOPS_JSON
 
 HUBER_DELTA = 1e-3
@@ -310,16 +310,17 @@ def plot_test_time(T, L, fit: Fit, mu: Optional[int], out: Path, title: str = ""
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae fit-loops",
-                                description="Fit L(T) = L∞ + Z·exp(−zT) and Table 12's other forms to a loop sweep.")
-    p.add_argument("results", help="test_loops.json from `parcae test --loops`, or its run directory")
-    p.add_argument("--mean_recurrence", type=int, default=None, help="μ_rec (default: read from the file)")
-    args = p.parse_args(argv)
+def fit_loops(results: str, /, *, mean_recurrence: Optional[int] = None) -> None:
+    """Fit L(T) = L∞ + Z·exp(−zT) and Table 12's other forms to a loop sweep.
+
+    Args:
+        results: test_loops.json from `parcae test --loops`, or its run directory.
+        mean_recurrence: μ_rec (default: read from the file).
+    """
     try:
-        result = fit_loops_file(args.results, args.mean_recurrence)
+        result = fit_loops_file(results, mean_recurrence)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"parcae fit-loops: error: {err}") from None
+        raise UsageError(str(err)) from None
     from rich.console import Console
     from rich.table import Table
 
@@ -336,7 +337,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     Console().print(table)
     if "floor_error_percent" in result:
         Console().print(f"|L∞ − L(T = μ_rec)| = {result['floor_error_percent']:.3f}% (paper Table 13: 0.16% mean at 140M)")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@ The initial recurrent state is seeded from (seed, task, item, option), so result
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -29,6 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -36,6 +36,7 @@ import yaml
 
 from parcae.data.tokenizer import bos_id, encode_prompt
 from parcae.model.loss import real_logits, token_nll
+from parcae.errors import UsageError
 
 TASKS_FILE = Path(__file__).with_name("core_tasks.yaml")
 SEEDS = (1234, 2345, 3456)
@@ -238,20 +239,27 @@ class CoreScorer:
         return summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae core", description="CORE / Core-Extended at a chosen loop count.")
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--bundle", required=True, help="eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/)")
-    p.add_argument("--loops", type=int, default=None, help="loop count (default: the model's μ_rec)")
-    p.add_argument("--tasks", default="core", help="core | core_extended | path of a bundle-format core.yaml")
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    p.add_argument("--max_per_task", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (default: beside the checkpoint when that folder is writable, else printed only)")
-    args = p.parse_args(argv)
+def core(*, ckpt_path: str, bundle: str, loops: Optional[int] = None, tasks: str = "core",
+         seeds: str = ",".join(map(str, SEEDS)), max_per_task: Optional[int] = None, batch_size: int = 32,
+         device: str = "cuda" if torch.cuda.is_available() else "cpu", tokenizer: Optional[str] = None,
+         out: Optional[Path] = None) -> None:
+    """CORE / Core-Extended at a chosen loop count, from a local eval bundle.
+
+    Args:
+        ckpt_path: the checkpoint to evaluate.
+        bundle: eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/).
+        loops: loop count (default: the model's μ_rec).
+        tasks: core | core_extended | path of a bundle-format core.yaml.
+        seeds: comma-separated few-shot sampling seeds (mean and std over them).
+        max_per_task: at most this many examples per task.
+        batch_size: sequences scored together.
+        device: cpu, cuda, cuda:1, ...
+        tokenizer: tokenizer.json (default: the run's own or its data folder's).
+        out: JSON output (default: beside the checkpoint when that folder is writable, else printed only).
+    """
+    args = SimpleNamespace(ckpt_path=ckpt_path, bundle=bundle, loops=loops, tasks=tasks, seeds=str(seeds),
+                           max_per_task=max_per_task, batch_size=batch_size, device=device, tokenizer=tokenizer,
+                           out=out)
     from parcae.options import check_options
     from parcae.runs import core_result, load_checkpoint, results_location
 
@@ -269,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                             batch_size=args.batch_size)
         result = scorer.evaluate(args.bundle, load_tasks(args.tasks), seeds, args.max_per_task)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"parcae core: error: {err}") from None
+        raise UsageError(str(err)) from None
     out = args.out or (out_dir / core_result(args.tasks, scorer.loops) if out_dir is not None else None)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -289,6 +297,3 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"skipped (file not in the bundle): {', '.join(result['skipped_tasks'])}")
     print(f"written: {out}" if out is not None else f"[parcae] {note}")
 
-
-if __name__ == "__main__":
-    main()

@@ -14,10 +14,10 @@ per request, so scores do not depend on batching. Paper Table 3 reports HellaSwa
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -145,17 +145,23 @@ class ParcaeEvalLM(TemplateLM):
         return outputs
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae lm-eval", description="lm-evaluation-harness tasks at a fixed loop count.")
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (e.g. hellaswag,arc_easy)")
-    p.add_argument("--loops", type=int, default=None)
-    p.add_argument("--num_fewshot", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--limit", type=float, default=None)
-    p.add_argument("--include_path", default=None, help="folder of local task YAMLs (offline tasks)")
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
+def lm_eval_command(*, ckpt_path: str, tasks: str, loops: Optional[int] = None, num_fewshot: int = 0,
+                    batch_size: int = 16, limit: Optional[float] = None, include_path: Optional[str] = None,
+                    device: Optional[str] = None) -> None:
+    """lm-evaluation-harness tasks at a fixed loop count (optional extra `.[eval]`).
+
+    Args:
+        ckpt_path: the checkpoint to evaluate.
+        tasks: comma-separated lm-eval task names (e.g. hellaswag,arc_easy).
+        loops: loop count (default: the model's μ_rec).
+        num_fewshot: few-shot examples per prompt.
+        batch_size: requests scored together.
+        limit: at most this many examples per task (a fraction below 1).
+        include_path: folder of local task YAMLs (offline tasks).
+        device: cpu, cuda, ... (default: cuda when available).
+    """
+    args = SimpleNamespace(ckpt_path=ckpt_path, tasks=tasks, loops=loops, num_fewshot=num_fewshot,
+                           batch_size=batch_size, limit=limit, include_path=include_path, device=device)
     from parcae.options import check_options
     from parcae.runs import lm_eval_result, results_location
 
@@ -177,6 +183,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     out.write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
     print(f"written: {out}")
 
-
-if __name__ == "__main__":
-    main()

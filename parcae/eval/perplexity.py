@@ -18,16 +18,18 @@ log-likelihood uses 1 token; more context lowers the number a little). From the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
 
 from parcae.data.tokenizer import encode_prompt
+from parcae.errors import UsageError
+from parcae.inference.options import DepthOptions
 from parcae.model.loss import IGNORE_INDEX, token_nll
 
 
@@ -80,26 +82,28 @@ def text_perplexity(model, tokenizer, text: str, loops_list: Sequence[Optional[i
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae perplexity", description="Perplexity of a text file at chosen loops.")
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--text", required=True, type=Path, help="a UTF-8 plain-text file (e.g. WikiText-103 wiki.test.raw)")
-    p.add_argument("--loops", default=None, help="comma list / ranges (default: μ_rec)")
-    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's block_size)")
-    p.add_argument("--context", type=int, default=1, help="tokens of preceding context for each later window")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one of the run's shards)")
-    p.add_argument("--output_dir", default=None,
-                   help="folder for perplexity_<text>.json (default: the checkpoint's folder when writable)")
-    p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
-                   help="adaptive depth through the generation engine: latent-diff, kl, entropy-diff, argmax-stability")
-    p.add_argument("--min_loops", type=int, default=1)
-    p.add_argument("--max_loops", type=int, default=None)
-    p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K")
-    p.add_argument("--continuous", action="store_true", help="warm-start each token from the previous final state")
-    args = p.parse_args(argv)
-    if args.exit is not None:
-        return _main_elastic(args)
+def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, window: Optional[int] = None,
+               context: int = 1, device: str = "cuda" if torch.cuda.is_available() else "cpu",
+               tokenizer: Optional[str] = None, output_dir: Optional[str] = None,
+               depth: DepthOptions = DepthOptions()) -> None:
+    """Token/word perplexity and bits per byte of a text file at chosen loops (or adaptive depth with --exit).
+
+    Args:
+        ckpt_path: the checkpoint to score with.
+        text: a UTF-8 plain-text file (e.g. WikiText-103 wiki.test.raw).
+        loops: loop counts: comma list / ranges, e.g. 1,4,8 or 1-16 (default: μ_rec).
+        window: tokens per window (default: the model's block_size).
+        context: tokens of preceding context for each later window.
+        device: cpu, cuda, cuda:1, ...
+        tokenizer: tokenizer.json (default: the run's own or its data folder's).
+        output_dir: folder for perplexity_<text>.json (default: the checkpoint's folder when writable).
+        depth: with --exit: adaptive depth through the generation engine (--exit, --min_loops, --max_loops,
+            --kv_policy, --continuous).
+    """
+    args = SimpleNamespace(ckpt_path=ckpt_path, text=text, loops=loops, window=window, context=context,
+                           device=device, tokenizer=tokenizer, output_dir=output_dir)
+    if depth.exit is not None:
+        return _main_elastic(args, depth)
     from parcae.model import parse_loops
     from parcae.options import check_options, loop_cost_note
     from parcae.runs import load_checkpoint, perplexity_result, results_location
@@ -125,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         text = args.text.read_text(encoding="utf-8")
         rows = text_perplexity(model, tokenizer, text, loops, args.window, args.context)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
-        raise SystemExit(f"parcae perplexity: error: {err}") from None
+        raise UsageError(str(err)) from None
     from rich.console import Console
     from rich.table import Table
 
@@ -145,9 +149,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"written: {out}")
 
 
-def _main_elastic(args) -> None:
+def _main_elastic(args, depth: DepthOptions) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
-    from parcae.inference import Engine
     from parcae.inference.elastic import elastic_nll
     from parcae.runs import load_checkpoint, perplexity_result, results_location
 
@@ -157,13 +160,12 @@ def _main_elastic(args) -> None:
         out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)  # before the work
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         model, tok = run.model, run.tokenizer
-        engine = Engine(model, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
-                        kv_policy=args.kv_policy, continuous=args.continuous)
+        engine = depth.engine(model)
         text = args.text.read_text(encoding="utf-8")
         ids = encode_prompt(tok, text)
         row = elastic_nll(engine, ids, args.window or model.config.block_size)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
-        raise SystemExit(f"parcae perplexity: error: {err}") from None
+        raise UsageError(str(err)) from None
     print(f"{args.text.name}: exit {row['exit']} (max_loops {row['max_loops']}, kv {row['kv_policy']}): "
           f"loss {row['loss']:.4f} nats/token, token ppl {row['perplexity']:.3f}, mean loops/token "
           f"{row['mean_loops']:.2f} over {row['tokens']:,} tokens")
@@ -174,6 +176,3 @@ def _main_elastic(args) -> None:
     out.write_text(json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
     print(f"written: {out}")
 
-
-if __name__ == "__main__":
-    main()

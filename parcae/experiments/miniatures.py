@@ -13,7 +13,6 @@ report to ``checkpoints/mini/<suite>/report.md`` with its PNGs. Re-running resum
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -24,8 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from parcae.errors import UsageError
 from parcae.runs import TEST_LOOPS_JSON
-
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -98,7 +97,7 @@ def run_suite(name: str, runs_dir: Path, report_only: bool = False) -> Path:
     name = suite_file.stem
     if not suite_file.exists():
         known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.yaml")))
-        raise SystemExit(f"parcae mini: unknown suite {name!r} (known: {known})")
+        raise UsageError(f"unknown suite {name!r} (known: {known})")
     spec = yaml.safe_load(suite_file.read_text())
     runs = expand(suite_file)
     out_dir = runs_dir / name
@@ -231,15 +230,13 @@ def _plots(kind: str, results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae mini", description="Run a CPU miniature suite and write its report.")
-    p.add_argument("suite", help="stability | comparison | sampling | test_time | ... (recipes/mini/suites/), "
-                                 "or the path of a suite file")
-    p.add_argument("--runs_dir", type=Path, default=Path("checkpoints/mini"))
-    p.add_argument("--report_only", action="store_true", help="only re-read finished runs and rewrite the report")
-    args = p.parse_args(argv)
-    run_suite(args.suite, args.runs_dir, args.report_only)
+def mini(suite: str, /, *, runs_dir: Path = Path("checkpoints/mini"), report_only: bool = False) -> None:
+    """Run a CPU miniature suite and write its report.
 
-
-if __name__ == "__main__":
-    main()
+    Args:
+        suite: stability | comparison | sampling | test_time | ... (recipes/mini/suites/), or the path of a suite
+            file.
+        runs_dir: parent folder of the suite's run directories.
+        report_only: only re-read finished runs and rewrite the report.
+    """
+    run_suite(suite, runs_dir, report_only)

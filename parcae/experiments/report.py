@@ -13,7 +13,6 @@ other commands write into each run directory: TensorBoard events (val/loss), ``t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from parcae.errors import UsageError
 from parcae.runs import TEST_LOOPS_FIT, TEST_LOOPS_JSON, core_result, lm_eval_result
 
 TABLES = yaml.safe_load(Path(__file__).with_name("paper_tables.yaml").read_text())
@@ -177,40 +177,39 @@ def markdown(title: str, cols: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae report", description="The paper's tables beside our results.")
-    p.add_argument("table", nargs="?", help=f"{', '.join(TABLES)} or mini")
-    p.add_argument("--runs_dir", type=Path, default=None, help="default: checkpoints (mini: checkpoints/mini)")
-    p.add_argument("--out", type=Path, default=None, help="also write markdown here")
-    p.add_argument("--list", action="store_true")
-    p.add_argument("--image_prefix", default="", help="mini: prefix for the plots' links (e.g. miniatures/)")
-    args = p.parse_args(argv)
-    if args.list or not args.table:
+def report(table: Optional[str] = None, /, *, runs_dir: Optional[Path] = None, out: Optional[Path] = None,
+           list: bool = False, image_prefix: str = "") -> None:  # noqa: A002 (the flag is --list)
+    """The paper's tables beside our results.
+
+    Args:
+        table: a table of the paper (see --list) or mini (the CPU miniature suites).
+        runs_dir: default: checkpoints (mini: checkpoints/mini).
+        out: also write markdown here.
+        list: list the tables.
+        image_prefix: mini: prefix for the plots' links (e.g. miniatures/).
+    """
+    if list or not table:
         for key, spec in TABLES.items():
             print(f"{key:8s} {spec['title']}")
         print("mini     the CPU miniature suites")
         return
-    if args.table == "mini":
-        text = mini_report(args.runs_dir or Path("checkpoints/mini"), args.image_prefix)
+    if table == "mini":
+        text = mini_report(runs_dir or Path("checkpoints/mini"), image_prefix)
         print(text)
-    elif args.table in TABLES:
-        cols, rows = collect(args.table, args.runs_dir or Path("checkpoints"))
+    elif table in TABLES:
+        cols, rows = collect(table, runs_dir or Path("checkpoints"))
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=TABLES[args.table]["title"] + "  (paper / ours)")
+        grid = Table(title=TABLES[table]["title"] + "  (paper / ours)")
         for col in cols:
-            table.add_column(str(col))
+            grid.add_column(str(col))
         for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-        text = markdown(TABLES[args.table]["title"], cols, rows)
+            grid.add_row(*row)
+        Console().print(grid)
+        text = markdown(TABLES[table]["title"], cols, rows)
     else:
-        raise SystemExit(f"parcae report: unknown table {args.table!r}; see parcae report --list")
-    if args.out:
-        args.out.write_text(text)
-        print(f"written: {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+        raise UsageError(f"unknown table {table!r}; see parcae report --list")
+    if out:
+        out.write_text(text)
+        print(f"written: {out}")

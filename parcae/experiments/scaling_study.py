@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
 from parcae.analysis.scaling import analyse, read_runs
+from parcae.errors import UsageError
 
 
 def collect_sweep(sweep: str | Path, runs_dir: str | Path = "checkpoints") -> list[dict]:
@@ -42,22 +42,25 @@ def collect_sweep(sweep: str | Path, runs_dir: str | Path = "checkpoints") -> li
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae scaling-law", description=__doc__.splitlines()[0])
-    p.add_argument("table", nargs="?", help="CSV of runs (flops, mean_recurrence, tokens, loss, N [, loops])")
-    p.add_argument("--sweep", help="collect finished runs of this sweep file instead of reading a CSV")
-    p.add_argument("--runs_dir", default="checkpoints")
-    p.add_argument("--out", type=Path, default=None, help="folder for scaling_law.json and plots")
-    args = p.parse_args(argv)
-    if bool(args.table) == bool(args.sweep):
-        raise SystemExit("parcae scaling-law: give a CSV table or --sweep, not both")
+def scaling_law(table: Optional[str] = None, /, *, sweep: Optional[str] = None, runs_dir: str = "checkpoints",
+                out: Optional[Path] = None) -> None:
+    """Fit the training scaling laws (isoFLOP optima, power laws, parametric and unified laws) to a table of runs.
+
+    Args:
+        table: CSV of runs (flops, mean_recurrence, tokens, loss, N [, loops]).
+        sweep: collect finished runs of this sweep file instead of reading a CSV.
+        runs_dir: parent folder of the sweep's run directories.
+        out: folder for scaling_law.json and plots.
+    """
+    if bool(table) == bool(sweep):
+        raise UsageError("give a CSV table or --sweep, not both")
     try:
-        rows = read_runs(args.table) if args.table else collect_sweep(args.sweep, args.runs_dir)
+        rows = read_runs(table) if table else collect_sweep(sweep, runs_dir)
     except ValueError as err:
-        raise SystemExit(f"parcae scaling-law: error: {err}") from None
+        raise UsageError(str(err)) from None
     if not rows:
-        raise SystemExit("parcae scaling-law: no finished runs to fit")
-    out = args.out or (Path(args.table).with_suffix("") if args.table else Path(args.runs_dir) / Path(args.sweep).stem)
+        raise UsageError("no finished runs to fit")
+    out = out or (Path(table).with_suffix("") if table else Path(runs_dir) / Path(sweep).stem)
     result = analyse(rows, out)
     from rich.console import Console
 
@@ -72,7 +75,3 @@ def main(argv: Optional[list[str]] = None) -> None:
             params = ", ".join(f"{k} {v:.4g}" for k, v in result[key]["params"].items())
             console.print(f"{key}: {params} (Huber {result[key]['huber']:.2e})")
     console.print(f"written: {out / 'scaling_law.json'}, " + ", ".join(result.get("plots", [])))
-
-
-if __name__ == "__main__":
-    main()

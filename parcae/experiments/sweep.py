@@ -20,7 +20,6 @@ sequence length), as the paper's isoFLOP sweeps do (§5.2, App. D).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from parcae.errors import UsageError
 
 
 @dataclass
@@ -134,22 +135,24 @@ def _tokens_for(run: Run, flops: float, convention: str) -> int:
     return int(flops / per_token)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae sweep", description="Expand (and optionally run) a sweep definition.")
-    p.add_argument("sweep", help="recipes/sweeps/<name>.yaml")
-    p.add_argument("--run", action="store_true", help="run every fit (and test) one after another")
-    p.add_argument("--only", default=None, help="run only runs whose name contains this text")
-    args = p.parse_args(argv)
+def expand_and_run(sweep: str, /, *, run: bool = False, only: Optional[str] = None) -> None:
+    """Expand (and optionally run) a sweep definition.
+
+    Args:
+        sweep: recipes/sweeps/<name>.yaml
+        run: run every fit (and test) one after another.
+        only: run only runs whose name contains this text.
+    """
     try:
-        runs = expand(args.sweep)
+        runs = expand(sweep)
     except ValueError as err:
-        sys.exit(f"parcae sweep: error: {err}")
-    if args.only:
-        runs = [r for r in runs if args.only in r.name]
+        raise UsageError(str(err)) from None
+    if only:
+        runs = [r for r in runs if only in r.name]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.sweep}: {len(runs)} runs")
+    table = Table(title=f"{sweep}: {len(runs)} runs")
     for col in ("run", "overrides", "tokens"):
         table.add_column(col)
     for r in runs:
@@ -162,11 +165,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for command in commands:
             line = "parcae " + " ".join(shlex.quote(a) for a in command)
             console.print(line, highlight=False, soft_wrap=True)
-            if args.run:
+            if run:
                 result = subprocess.run([sys.executable, "-m", "parcae", *command])
                 if result.returncode != 0:
-                    sys.exit(f"parcae sweep: {r.name} failed (exit {result.returncode}); re-run to resume the rest")
-
-
-if __name__ == "__main__":
-    main()
+                    raise UsageError(f"{r.name} failed (exit {result.returncode}); re-run to resume the rest")

@@ -11,7 +11,8 @@ Every prompt starts with <|bos|>; an empty prompt is just <|bos|>.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import functools
 import json
 import sys
 from collections import Counter
@@ -21,44 +22,11 @@ from typing import Optional
 import torch
 
 from parcae.data.tokenizer import encode_prompt
+from parcae.errors import UsageError
+from parcae.runs.output import RecordFile, check_writable_output
 
-from .engine import Engine, Sampling
-
-
-def add_depth_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--loops", type=int, default=None, help="fixed loop iterations per token (default: μ_rec)")
-    p.add_argument("--exit", default=None, metavar="RULE[:THRESHOLD]",
-                   help="adaptive depth: latent-diff (auto 0.03), cosine (1e-3), kl (1e-3), minp-kl (1e-5), "
-                        "entropy-diff (1e-3), argmax-stability (5)")
-    p.add_argument("--min_loops", type=int, default=1, help="with --exit: never exit before this many iterations")
-    p.add_argument("--max_loops", type=int, default=None, help="with --exit: stop here at the latest (default μ_rec)")
-    p.add_argument("--exit_every", type=int, default=1,
-                   help="with --exit: check the rule every N iterations from --min_loops on "
-                        "(Huginn's check_criterion_every_n_steps)")
-    p.add_argument("--kv_policy", default=None, metavar="full|latest|ring:K",
-                   help="what later tokens read for iterations an exited token skipped (default latest with --exit)")
-    p.add_argument("--speculate", default=None, metavar="DRAFT_LOOPS:K",
-                   help="self-speculative decoding: draft K tokens at DRAFT_LOOPS loops, verify them at --loops")
-    p.add_argument("--continuous", action="store_true",
-                   help="warm start: each token's initial state is the previous token's final state")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="sampling and initial-state seed")
-
-
-def engine_from_args(model, args) -> Engine:
-    return Engine(model, loops=args.loops, exit=args.exit, min_loops=args.min_loops, max_loops=args.max_loops,
-                  kv_policy=args.kv_policy, continuous=args.continuous, seed=args.seed, exit_every=args.exit_every,
-                  speculate=args.speculate)
-
-
-def sampling_from_args(args) -> Sampling:
-    return Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)
+from .engine import Sampling
+from .options import DepthOptions
 
 
 def depth_summary(depths: list[int]) -> str:
@@ -91,49 +59,62 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae generate", description="Generate text with the KV-cached engine.")
-    p.add_argument("--ckpt_path", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="text to continue (\"\" starts from <|bos|> alone)")
-    src.add_argument("--prompts", type=Path, help="JSON lines with a 'prompt' (or 'text') field each")
-    p.add_argument("--output", type=Path, default=None, help="with --prompts: JSON lines file (default: stdout)")
-    p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts generated together")
-    add_depth_arguments(p)
-    add_sampling_arguments(p)
-    p.add_argument("--show_depth", action="store_true", help="print loops used per token (mean and histogram)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's data folder)")
-    args = p.parse_args(argv)
+def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[Path] = None,
+             output: Optional[Path] = None, overwrite: bool = False, batch_size: int = 8,
+             depth: DepthOptions = DepthOptions(), speculate: Optional[str] = None,
+             max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: Optional[float] = None,
+             seed: int = 0, show_depth: bool = False, device: str = "cuda" if torch.cuda.is_available() else "cpu",
+             tokenizer: Optional[str] = None) -> None:
+    """Generate text with the KV-cached engine, at fixed or adaptive depth.
 
-    def fail(message) -> None:
-        sys.exit(f"parcae generate: error: {message}")
-
+    Args:
+        ckpt_path: the checkpoint (a run directory's last.ckpt, step=*.ckpt, or an imported run's).
+        prompt: text to continue ("" starts from <|bos|> alone); streamed to the terminal.
+        prompts: JSON lines with a 'prompt' (or 'text') field each; generated in batches.
+        output: with --prompts: JSON lines file (default: stdout); out.jsonl.partial until every prompt is done.
+        overwrite: replace an existing --output file (without it, an existing file is refused).
+        batch_size: with --prompts: prompts generated together.
+        depth: loop iterations per token (flags --loops, --exit, --min_loops, --max_loops, --kv_policy, --continuous).
+        speculate: DRAFT_LOOPS:K: self-speculative decoding: draft K tokens at DRAFT_LOOPS loops, verify them at
+            --loops.
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 for greedy decoding.
+        top_k: sample among the k most likely tokens (0: all).
+        top_p: nucleus sampling mass in (0, 1].
+        seed: sampling and initial-state seed.
+        show_depth: print loops used per token (mean and histogram).
+        device: cpu, cuda, cuda:1, ...
+        tokenizer: tokenizer.json (default: the run's own or its data folder's).
+    """
+    if (prompt is None) == (prompts is None):
+        raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (one of them)")
     try:
-        if args.max_new_tokens < 0:
-            raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-        texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
+        if max_new_tokens < 0:
+            raise ValueError(f"--max_new_tokens must be >= 0, got {max_new_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        texts = [prompt] if prompt is not None else _read_prompts(prompts)
+        if output is not None:
+            check_writable_output(output, overwrite)
         from parcae.runs import load_checkpoint
 
-        run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
+        run = load_checkpoint(ckpt_path, device, tokenizer)
         model, tok = run.model, run.tokenizer
-        engine = engine_from_args(model, args)
-        sampling = sampling_from_args(args)
-        prompts = [encode_prompt(tok, t) for t in texts]
-        engine.check_request(prompts, args.max_new_tokens)
+        engine = depth.engine(model, seed=seed, speculate=speculate)
+        sampling = Sampling(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
+        encoded = [encode_prompt(tok, t) for t in texts]
+        engine.check_request(encoded, max_new_tokens)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
-        fail(err)
+        raise UsageError(str(err)) from None
     stop = [tok.token_to_id("<|eos|>")]
     all_depths: list[int] = []
-    if args.prompt is not None:
+    if prompt is not None:
         out = sys.stdout
-        out.write(args.prompt)
+        out.write(prompt)
         out.flush()
         generated: list[int] = []
         shown = ""
-        for event in engine.stream(prompts, args.max_new_tokens, sampling, stop):
+        for event in engine.stream(encoded, max_new_tokens, sampling, stop):
             generated.append(event.tokens[0])
             all_depths.append(event.depths[0])
             text = tok.decode(generated, skip_special_tokens=True)
@@ -143,27 +124,24 @@ def main(argv: Optional[list[str]] = None) -> None:
                 shown = text
         out.write(tok.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
     else:
-        sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-        try:
-            for start in range(0, len(prompts), args.batch_size):
-                batch = prompts[start:start + args.batch_size]
-                results = engine.generate(batch, args.max_new_tokens, sampling, stop,
+        # a file is complete or named out.jsonl.partial (an interrupt keeps the finished records)
+        records = RecordFile(output, expected=len(encoded), overwrite=overwrite) if output else None
+        emit = records.write if records else functools.partial(print, flush=True)
+        with records or contextlib.nullcontext():
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start:start + batch_size]
+                results = engine.generate(batch, max_new_tokens, sampling, stop,
                                           sequences=list(range(start, start + len(batch))))
                 for i, r in enumerate(results):
                     all_depths += r.depths
-                    sink.write(json.dumps({"prompt": texts[start + i],
-                                           "completion": tok.decode(r.tokens, skip_special_tokens=True),
-                                           "tokens": len(r.tokens), "loops": r.depths,
-                                           "stopped": r.stopped}) + "\n")
-                sink.flush()
-                print(f"[generate] {min(start + args.batch_size, len(prompts))}/{len(prompts)} prompts",
+                    emit(json.dumps({"prompt": texts[start + i],
+                                     "completion": tok.decode(r.tokens, skip_special_tokens=True),
+                                     "tokens": len(r.tokens), "loops": r.depths, "stopped": r.stopped}))
+                print(f"[generate] {min(start + batch_size, len(encoded))}/{len(encoded)} prompts",
                       file=sys.stderr, flush=True)
-        finally:
-            if args.output:
-                sink.close()
-        if args.output:
-            print(f"written: {args.output}", file=sys.stderr)
-    if args.show_depth:
+        if output:
+            print(f"written: {output}", file=sys.stderr)
+    if show_depth:
         print(depth_summary(all_depths), file=sys.stderr)
     if engine.speculate is not None:
         s = engine.speculation

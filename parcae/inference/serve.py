@@ -17,12 +17,11 @@ server within a few seconds (requests still running are cut). docs/inference.md 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import json
 import secrets
 import socket
-import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -35,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from parcae.data.tokenizer import TextStream, encode_prompt, stop_ids
 from parcae.errors import UsageError
 
-from .engine import Engine, Sampling
+from .engine import Sampling
+from .options import DepthOptions
 from .scheduler import Job, Scheduler, TokenEvent
 
 MAX_LOGPROBS = 20       # top-N log-probabilities a request may ask for
@@ -107,16 +107,15 @@ class Limits:
         if not 0 < r.top_p <= 1:
             raise BadRequest(f"top_p must be in (0, 1], got {r.top_p}")
         sampling = Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p if r.top_p < 1 else None)
-        depth = dict(loops=r.loops, exit=r.exit, min_loops=r.min_loops, max_loops=r.max_loops,
-                     kv_policy=r.kv_policy, continuous=r.continuous)
-        engine = Engine(self.model, **depth)
+        depth = DepthOptions.of(r)
+        engine = depth.engine(self.model)
         cap = self.max_request_loops
         if max(engine.loops, engine.max_loops) > cap:
             if r.loops is not None or r.max_loops is not None:
                 raise BadRequest(f"at most {cap} loops per token on this server (--max_request_loops); "
                                  f"asked for {max(x for x in (r.loops, r.max_loops) if x is not None)}")
-            depth["max_loops"] = cap  # an exit rule's default ceiling, lowered to the server's cap
-            engine = Engine(self.model, **depth)
+            depth = dataclasses.replace(depth, max_loops=cap)  # an exit rule's default ceiling, lowered to the cap
+            engine = depth.engine(self.model)
         ids = encode_prompt(self.tok, r.prompt)
         context = self.model.config.block_size
         if len(ids) + r.max_tokens > context:
@@ -126,7 +125,7 @@ class Limits:
         # an unseeded sampled request draws its own seed (reported in the answer), so repeats differ
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         stops = [s for s in ([r.stop] if isinstance(r.stop, str) else (r.stop or [])) if s]
-        return Job(ids, r.max_tokens, depth, sampling, seed, r.logprobs or 0), stops
+        return Job(ids, r.max_tokens, dataclasses.asdict(depth), sampling, seed, r.logprobs or 0), stops
 
 
 class StopText:
@@ -345,31 +344,12 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
                     prefill_chunk=prefill_chunk)
     print(f"[serve] POST http://{host}:{port}/v1/completions ({max_batch_size} rows at a time, at most "
           f"{app.state.limits.max_request_loops} loops per token)", flush=True)
-    # On SIGTERM/SIGINT uvicorn stops accepting, gives running requests 2 s, then re-raises the signal.
+    # On SIGTERM/SIGINT uvicorn stops accepting, gives running requests 2 s, then re-raises the signal, which
+    # parcae.command_line.interruptible turns into its one line and status 143 / 130.
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae serve",
-                                description="OpenAI-style /v1/completions with continuous batching.")
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together (more wait in a queue)")
-    p.add_argument("--max_request_loops", type=int, default=None,
-                   help="most loops per token a request may ask for (loops / max_loops); default 4 x mu_rec")
-    p.add_argument("--prefill_chunk", type=int, default=256,
-                   help="prompt tokens prefilled per step, so a long prompt does not stall the running requests")
-    args = p.parse_args(argv)
-    try:
-        serve(**vars(args))
-    except UsageError as err:
-        sys.exit(f"parcae serve: error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("parcae serve: interrupted")
+if __name__ == "__main__":  # `parcae serve` without importing the training stack
+    from parcae.command_line import run_main
 
-
-if __name__ == "__main__":
-    main()
+    run_main("serve", serve)

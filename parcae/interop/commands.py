@@ -11,12 +11,10 @@ See docs/released_models.md for the walk-through (loop sweep, CORE, generation) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -167,39 +165,34 @@ def export_official(run: str | Path, out: str | Path, quiet: bool = False) -> Pa
     return out
 
 
-def import_main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae import", description="Import an official Parcae/GPT release (local "
-                                "folder or Hugging Face Hub id) into a run directory.")
-    p.add_argument("source", help="a folder with config.json + pytorch_model.bin/model.pt, or a Hub id "
-                                  "(e.g. SandyResearch/parcae-140m)")
-    p.add_argument("--run_name", default=None, help="run directory name (default: the source's last component)")
-    p.add_argument("--runs_dir", default="checkpoints", help="parent folder of run directories")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a folder holding one, or a Hub id (default: the "
-                                                     "release's own; Hub releases without one: "
-                                                     "SandyResearch/parcae-tokenizer)")
-    args = p.parse_args(argv)
-    try:
-        import_release(args.source, args.run_name, args.runs_dir, args.tokenizer)
-    except InteropError as err:
-        sys.exit(f"parcae import: error: {err}")
+def import_command(source: str, /, *, run_name: Optional[str] = None, runs_dir: str = "checkpoints",
+                   tokenizer: Optional[str] = None) -> None:
+    """Import an official Parcae/GPT release (local folder or Hugging Face Hub id) into a run directory.
+
+    Args:
+        source: a folder with config.json + pytorch_model.bin/model.pt, or a Hub id (e.g. SandyResearch/parcae-140m).
+        run_name: run directory name (default: the source's last component).
+        runs_dir: parent folder of run directories.
+        tokenizer: tokenizer.json, a folder holding one, or a Hub id (default: the release's own; Hub releases
+            without one: SandyResearch/parcae-tokenizer).
+    """
+    import_release(source, run_name, runs_dir, tokenizer)
 
 
-def export_main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="parcae export", description="Write a run's model in another layout.")
-    p.add_argument("--format", choices=["official", "hf"], default="official",
-                   help="official: the parcae_lm save_pretrained layout (config.json, model.pt, tokenizer); hf: a "
-                        "transformers folder (AutoModelForCausalLM with trust_remote_code, lm-eval, vLLM)")
-    p.add_argument("--num_loops", type=int, default=None,
-                   help="with --format hf: the loop count a forward runs by default (default: μ_rec)")
-    p.add_argument("run", help="run directory (its newest good checkpoint) or a .ckpt file")
-    p.add_argument("out", help="output folder (must not exist or be empty)")
-    args = p.parse_args(argv)
-    try:
-        if args.format == "hf":
-            export_hf_run(args.run, args.out, args.num_loops)
-        elif args.num_loops is not None:
-            raise InteropError("--num_loops applies to --format hf only")
-        else:
-            export_official(args.run, args.out)
-    except InteropError as err:
-        sys.exit(f"parcae export: error: {err}")
+def export_command(run: str, out: str, /, *, format: Literal["official", "hf"] = "official",  # noqa: A002
+                   num_loops: Optional[int] = None) -> None:
+    """Write a run's model in another layout.
+
+    Args:
+        run: run directory (its newest good checkpoint) or a .ckpt file.
+        out: output folder (must not exist or be empty).
+        format: official: the parcae_lm save_pretrained layout (config.json, model.pt, tokenizer); hf: a
+            transformers folder (AutoModelForCausalLM with trust_remote_code, lm-eval, vLLM).
+        num_loops: with --format hf: the loop count a forward runs by default (default: μ_rec).
+    """
+    if format == "hf":
+        export_hf_run(run, out, num_loops)
+    elif num_loops is not None:
+        raise InteropError("--num_loops applies to --format hf only")
+    else:
+        export_official(run, out)

@@ -1,27 +1,32 @@
-"""Inspect a model preset: parameters by part, FLOPs per token and (unless --meta) one training forward.
+"""``parcae model``: inspect model presets: parameters by part, FLOPs per token and (unless --meta) one training
+forward.
 
-    python -m parcae.model parcae-debug           # builds it, runs a forward + backward, prints telemetry
-    python -m parcae.model parcae-140m gpt-140m --meta
+    parcae model parcae-debug           # builds it, runs a forward + backward, prints telemetry
+    parcae model parcae-140m gpt-140m --meta     # or python -m parcae.model ..., without the training stack
 """
 
-import argparse
+from __future__ import annotations
 
 import torch
+
+from parcae.errors import UsageError
 
 from . import DepthSampler, LoopedLM, flops_per_token, preset
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="parcae model", description=__doc__.splitlines()[0])
-    parser.add_argument("presets", nargs="*", default=["parcae-debug"])
-    parser.add_argument("--meta", action="store_true", help="shape-only build: no weights, no forward")
-    args = parser.parse_args(argv)
-    for name in args.presets:
+def inspect_presets(presets: list[str] = ["parcae-debug"], /, *, meta: bool = False) -> None:  # noqa: B006
+    """Inspect model presets: parameters by part, FLOPs per token and (unless --meta) one training forward.
+
+    Args:
+        presets: preset names (parcae.model.PRESETS).
+        meta: shape-only build: no weights, no forward.
+    """
+    for name in presets:
         try:
             cfg = preset(name)
         except ValueError as err:  # an unknown name: the message lists the known presets
-            raise SystemExit(f"parcae model: error: {err}") from None
-        with torch.device("meta" if args.meta else "cpu"):
+            raise UsageError(str(err)) from None
+        with torch.device("meta" if meta else "cpu"):
             model = LoopedLM(cfg)
         counts = model.parameter_counts()
         print(f"{name}: {counts.pop('total'):,} parameters; effective depth {cfg.effective_depth()} blocks")
@@ -30,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
             fb = flops_per_token(cfg, convention=convention)
             print(f"  FLOPs/token [{convention}]: {fb.per_token / 1e9:.3f} G (core {fb.core_params:,} params, "
                   f"other {fb.other_params:,}, attention {fb.attention / 1e9:.3f} G)")
-        if args.meta:
+        if meta:
             continue
         ids = torch.randint(0, cfg.vocab_size, (4, min(64, cfg.block_size)))
         depths = DepthSampler.from_config(cfg)(step=1, batch_size=4) if cfg.looped else None
@@ -42,4 +47,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from parcae.command_line import run_main
+
+    run_main("model", inspect_presets)

@@ -16,11 +16,10 @@ and needs the whole model in CPU memory.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
+from parcae.errors import UsageError
 from parcae.runs import is_sharded_checkpoint, newest_checkpoint, save_atomically
 from parcae.runs.errors import CheckpointError
 from parcae.runs.layout import SHARDED_METADATA
@@ -58,23 +57,21 @@ def _pick(run_dir: Path, name: Optional[str]) -> Path:
         raise ValueError(f"{err} (single-file checkpoints need no consolidation)") from None
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="parcae consolidate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="run directory (or a sharded checkpoint folder itself)")
-    parser.add_argument("--ckpt_name", default=None, help="checkpoint folder in RUN_DIR (default: the newest "
-                        "sharded checkpoint by step)")
-    parser.add_argument("--output_file", default=None, help="default: RUN_DIR/<name>-consolidated.ckpt")
-    parser.add_argument("--with_optimizer", type=lambda s: s.lower() in ("1", "true", "yes"), default=False,
-                        help="also keep the optimizer state (keyed by parameter name)")
-    args = parser.parse_args(argv)
+def consolidate_command(run_dir: Path, /, *, ckpt_name: Optional[str] = None, output_file: Optional[str] = None,
+                        with_optimizer: bool = False) -> None:
+    """Turn a sharded (FSDP) checkpoint folder into one checkpoint file.
+
+    Args:
+        run_dir: run directory (or a sharded checkpoint folder itself).
+        ckpt_name: checkpoint folder in RUN_DIR (default: last.ckpt, else the latest step=*.ckpt).
+        output_file: default: RUN_DIR/<name>-consolidated.ckpt.
+        with_optimizer: also keep the optimizer state (keyed by parameter name).
+    """
     try:
-        folder = _pick(Path(args.run_dir), args.ckpt_name)
+        folder = _pick(Path(run_dir), ckpt_name)
     except ValueError as err:
-        sys.exit(f"parcae: error: {err}")
+        raise UsageError(str(err)) from None
     print(f"[parcae] consolidating {folder} ...", flush=True)
-    output = consolidate(folder, args.output_file, args.with_optimizer)
+    output = consolidate(folder, output_file, with_optimizer)
     print(f"[parcae] wrote {output} ({output.stat().st_size / 2**20:,.1f} MiB)")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,111 @@
+"""The one command-line mechanism of the verbs outside LightningCLI (``parcae.command_line``): flags and help come
+from each verb's typed, documented function; every verb takes ``--config FILE`` and ``--print_config``; the depth
+options are one dataclass (``parcae.inference.options.DepthOptions``) shared by generate, perplexity and predict;
+every mistake on the command line is one ``parcae <verb>: error: ...`` line."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from parcae.cli import VERBS, main, verb_function
+from parcae.command_line import verb_parser
+from parcae.inference.options import DepthOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPED_VERBS = [v for v in VERBS if v != "prepare"]  # prepare hands its arguments to the data_prep scripts
+DEPTH_FLAGS = {f"--{f.name}" for f in dataclasses.fields(DepthOptions)}
+
+
+def flags(verb: str) -> set[str]:
+    return {s for a in verb_parser(verb, verb_function(verb))._actions for s in a.option_strings}
+
+
+def error_of(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize("verb", TYPED_VERBS)
+def test_every_verb_takes_a_config_file_and_prints_its_config(verb):
+    assert {"--config", "--print_config", "--help"} <= flags(verb)
+
+
+def test_print_config_then_config_file_round_trip(tmp_path, capsys):
+    """--print_config writes the YAML that --config reads back: the same call either way."""
+    with pytest.raises(SystemExit) as info:
+        main(["scaling-law", "runs.csv", "--out", "somewhere", "--print_config"])
+    assert info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == {"table": "runs.csv", "sweep": None, "runs_dir": "checkpoints", "out": "somewhere"}
+    table = tmp_path / "runs.csv"
+    table.write_text("flops,mean_recurrence,tokens,loss,N\n")
+    config = tmp_path / "law.yaml"
+    config.write_text(yaml.safe_dump({**printed, "table": str(table)}))
+    # the file's values reach the function: the (empty) table is read and refused by the verb itself
+    message = error_of(["scaling-law", "--config", str(config)])
+    assert message.startswith("parcae scaling-law: error: ") and "\n" not in message
+
+
+def test_a_config_file_sets_switches(tmp_path, capsys):
+    config = tmp_path / "report.yaml"
+    config.write_text("list: true\n")
+    main(["report", "--config", str(config)])
+    listed = capsys.readouterr().out
+    assert "table5" in listed and "mini" in listed
+
+
+def test_help_comes_from_signatures_and_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help is wrapped to the terminal
+    assert "Generate text with the KV-cached engine" in text  # the function's docstring
+    assert "nucleus sampling mass" in text  # a parameter's docstring line
+    assert "latent-diff (auto 0.03)" in text  # DepthOptions' own docstring, shown under generate
+
+
+def test_depth_flags_are_one_dataclass_shared_by_the_decoding_verbs():
+    assert DEPTH_FLAGS == {"--loops", "--exit", "--min_loops", "--max_loops", "--kv_policy", "--continuous"}
+    assert DEPTH_FLAGS <= flags("generate")
+    assert DEPTH_FLAGS <= flags("perplexity")  # its --loops is its own (a list of counts), the rest DepthOptions
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "--ckpt_path", "x.ckpt", "--prompt", "a", "--max_new_tokens", "many"],
+     "--max_new_tokens: 'many' is not int"),
+    (["generate", "--ckpt_path", "x.ckpt", "--prompt", "a", "--no_such_flag", "1"], "unrecognized arguments"),
+    (["generate", "--prompt", "a"], "--ckpt_path is required"),
+    (["generate", "--ckpt_path", "x.ckpt"], "give --prompt TEXT or --prompts FILE.jsonl"),
+    (["perplexity", "--ckpt_path", "x.ckpt", "--text", "t.txt", "--window", "1.5"], "--window"),
+    (["export", "--format", "onnx", "run", "out"], "--format: 'onnx' is not one of 'official'"),
+    (["export", "run"], "out is required"),
+    (["model", "no-such-preset", "--meta"], "unknown model preset 'no-such-preset'"),
+    (["report", "no-such-table"], "unknown table 'no-such-table'"),
+    (["mini", "stability", "--config", "no/such/file.yaml"], "--config"),
+    (["prepare", "no-such-step"], "unknown step 'no-such-step'"),
+])
+def test_command_line_mistakes_are_one_line(argv, says):
+    message = error_of(argv)
+    assert message.startswith(f"parcae {argv[0]}: error: "), message
+    assert "\n" not in message and says in message, message
+
+
+def test_switches_take_no_value_or_an_explicit_one(capsys):
+    for argv, meta in ((["--meta"], True), (["--meta", "false"], False), (["--no_meta"], False), ([], False)):
+        parsed = verb_parser("model", verb_function("model")).parse_args(["parcae-debug", *argv])
+        assert parsed.meta is meta
+
+
+def test_no_verb_writes_its_own_error_line():
+    """One path prints user errors (parcae.command_line.exit_with_error); the verbs raise UsageError."""
+    hand_written = []
+    for path in (ROOT / "parcae").rglob("*.py"):
+        if path == ROOT / "parcae" / "command_line.py":  # exit_with_error itself
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"(sys\.exit|SystemExit)\(f?[\"']parcae", line):
+                hand_written.append(f"{path.relative_to(ROOT)}:{n}")
+    assert not hand_written, hand_written
