@@ -68,7 +68,8 @@ def test_help_comes_from_signatures_and_docstrings(capsys):
 
 
 def test_depth_flags_are_one_dataclass_shared_by_the_decoding_verbs():
-    assert DEPTH_FLAGS == {"--loops", "--exit", "--min_loops", "--max_loops", "--kv_policy", "--continuous"}
+    assert DEPTH_FLAGS == {"--loops", "--exit", "--min_loops", "--max_loops", "--exit_every", "--kv_policy",
+                           "--continuous"}
     assert DEPTH_FLAGS <= flags("generate")
     assert DEPTH_FLAGS <= flags("perplexity")  # its --loops is its own (a list of counts), the rest DepthOptions
 
