@@ -15,6 +15,7 @@ run's ``config.yaml`` (model, data, trainer), so a checkpoint path is all they n
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 import sys
@@ -23,8 +24,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from parcae.command_line import call_verb, exit_with_error, interruptible
+from parcae.command_line import add_parameters, call_verb, exit_with_error, interruptible
 from parcae.errors import UsageError
+from parcae.inference.options import DepthOptions
 from parcae.runs import rundir
 from parcae.training.module import NonFiniteLossError, loop_rows
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
@@ -84,15 +86,29 @@ class ParcaeCLI(RecipeCLI):
     """``parcae fit/validate/test/predict``: the recipe CLI; ``test --loops`` is the module's ``test_loops``
     argument, and a test sweep's metrics (returned by ``Trainer.test``) are reported as a table and files."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        skip = RecipeCLI.subcommands()
+        skip["predict"] = skip["predict"] | {"depth"}  # Trainer.predict's depth comes from the flat flags below
+        return skip
+
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # LightningCLI builds one parser per subcommand here; test's --loops exists only on test's parser.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # --loops, --exit, ... as generate has them (one DepthOptions)
+            add_parameters(parser, DepthOptions)
         if subcommand == "test":
             parser.add_argument("--loops", type=Optional[str], default=None,
                                 help="Loop counts to evaluate: comma-separated counts and ranges, e.g. 1,2,4,8,16 "
                                      "or 1-16 (default: μ_rec and model.eval_loops).")
             parser.link_arguments("loops", "model.test_loops")  # an argument of the module, not a side channel
         return parser
+
+    def predict(self, **kwargs) -> list[str]:
+        """``Trainer.predict`` with the depth flags gathered into one DepthOptions."""
+        config = self.config_init[self.subcommand]
+        depth = DepthOptions(**{f.name: config[f.name] for f in dataclasses.fields(DepthOptions)})
+        return self.trainer.predict(depth=depth, **kwargs)
 
     def test(self, **kwargs) -> list[dict]:
         """Run ``Trainer.test`` and report its per-loop results: table, test_loops.json/.csv/.png, fitted law."""

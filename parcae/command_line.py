@@ -45,11 +45,12 @@ def verb_parser(verb: str, function: Callable) -> ArgumentParser:
     description = "\n\n".join(d for d in (doc.short_description, doc.long_description) if d)
     parser = ArgumentParser(prog=f"parcae {verb}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (keys = flag names)")
-    _add_parameters(parser, function)
+    add_parameters(parser, function)
     return parser
 
 
-def _add_parameters(parser: ArgumentParser, function: Callable, skip: frozenset = frozenset()) -> None:
+def add_parameters(parser: ArgumentParser, function: Callable, skip: frozenset = frozenset()) -> None:
+    """The flags of ``function``'s parameters (or a dataclass's fields) on ``parser``, by the rules above."""
     hints = typing.get_type_hints(function)
     helps = {p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse(function.__doc__ or "").params}
     params = inspect.signature(function).parameters.values()
@@ -59,7 +60,7 @@ def _add_parameters(parser: ArgumentParser, function: Callable, skip: frozenset 
         if name in skip:
             continue
         if dataclasses.is_dataclass(hint):
-            _add_parameters(parser, hint, skip=frozenset(p.name for p in params))
+            add_parameters(parser, hint, skip=frozenset(p.name for p in params))
         elif param.kind is inspect.Parameter.POSITIONAL_ONLY:
             many = typing.get_origin(hint) is list
             nargs = ("*" if given else "+") if many else ("?" if given else None)

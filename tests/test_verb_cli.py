@@ -74,6 +74,14 @@ def test_depth_flags_are_one_dataclass_shared_by_the_decoding_verbs():
     assert DEPTH_FLAGS <= flags("perplexity")  # its --loops is its own (a list of counts), the rest DepthOptions
 
 
+def test_predict_takes_the_same_depth_flags(capsys):
+    """parcae predict is LightningCLI's; its depth flags are DepthOptions' fields too, under the same names."""
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    shown = set(re.findall(r"(?<![\w-])--\w+", capsys.readouterr().out))
+    assert DEPTH_FLAGS <= shown and not any(flag.startswith("--depth") for flag in shown)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["generate", "--ckpt_path", "x.ckpt", "--prompt", "a", "--max_new_tokens", "many"],
      "--max_new_tokens: 'many' is not int"),

@@ -29,7 +29,8 @@ import torch
 from torchmetrics import SumMetric
 
 from parcae.errors import ConfigError, UsageError
-from parcae.inference import Engine, Sampling
+from parcae.inference import Sampling
+from parcae.inference.options import DepthOptions
 from parcae.model import DepthSampler, LoopedLM, ModelConfig, parse_loops
 from parcae.model.loss import token_nll
 
@@ -313,7 +314,7 @@ class LoopedLMModule(L.LightningModule):
     def predict_step(self, request: "GenerationRequest", batch_idx: int) -> list[int]:
         """The prompt's ids followed by the generated ones, decoded by the KV-cached engine (as ``parcae
         generate`` decodes)."""
-        engine = Engine(self.net, loops=request.loops if self.arch.looped else None, seed=request.sampling.seed)
+        engine = request.depth.engine(self.net, seed=request.sampling.seed)
         out = engine.generate([request.prompt], request.max_new_tokens, request.sampling, request.stop_ids)[0]
         return list(request.prompt) + out.tokens
 
@@ -325,7 +326,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: Sampling
     stop_ids: list[int]
-    loops: Optional[int] = None  # loop iterations per token (None: μ_rec)
+    depth: DepthOptions = dataclasses.field(default_factory=DepthOptions)  # loops per token (default: μ_rec)
 
 
 _LOOP_TAG = re.compile(r"^(test|test_on_val)/(loss|bpb|tokens_per_sec)_T(\d+)$")

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from parcae.data import open_shards
 from parcae.data.datamodule import TokenDataModule
 from parcae.errors import UsageError
+from parcae.inference.options import DepthOptions
 from parcae.model import PRESETS, ModelConfig
 
 from parcae.runs import rundir
@@ -43,23 +44,26 @@ class ParcaeTrainer(Trainer):
     ``test_loops`` argument, see parcae.cli.ParcaeCLI)."""
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
-                weights_only=None, prompt: str = "", loops: Optional[int] = None, max_new_tokens: int = 200,
-                temperature: float = 0.8, top_k: Optional[int] = 50, seed: int = 0) -> list[str]:
-        """Generate text after --prompt at --loops iterations (default μ_rec).
+                weights_only=None, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: Optional[int] = 50, seed: int = 0, depth: Optional[DepthOptions] = None) -> list[str]:
+        """Generate text after --prompt at --loops iterations (default μ_rec) or adaptive depth (--exit ...).
 
         Args:
             prompt: text to continue (a <|bos|> token is prepended).
-            loops: loop iterations per generated token (default: the model's μ_rec).
             max_new_tokens: tokens to generate (0: only the prompt).
             temperature: sampling temperature; 0 for greedy decoding.
             top_k: sample among the k most likely tokens (None: all).
             seed: sampling seed.
+            depth: loop iterations per token; the command line fills it from --loops, --exit, --min_loops,
+                --max_loops, --exit_every, --kv_policy, --continuous (as ``parcae generate``).
         """
         from parcae.data.tokenizer import encode_prompt, load_tokenizer, stop_ids
         from parcae.inference import Sampling
 
         from .module import GenerationRequest
 
+        depth = depth or DepthOptions()
+        loops = depth.loops
         check_options(max_new_tokens=(max_new_tokens, 0), temperature=(temperature, 0, "0 is greedy decoding"),
                       top_k=(top_k, 1, "omit it to sample from all tokens"), loops=(loops, 1))
         if loops is not None and not model.arch.looped and loops != 1:
@@ -76,8 +80,12 @@ class ParcaeTrainer(Trainer):
         if len(ids) > model.arch.block_size:
             raise UsageError(f"--prompt has {len(ids)} tokens, more than the model's context of "
                              f"{model.arch.block_size}")
+        try:
+            depth.engine(model.net)  # refuse bad depth options now, in one line
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         request = GenerationRequest(ids, min(max_new_tokens, model.arch.block_size - len(ids)),
-                                    Sampling(temperature=temperature, top_k=top_k, seed=seed), stop_ids(tok), loops)
+                                    Sampling(temperature=temperature, top_k=top_k, seed=seed), stop_ids(tok), depth)
         loader = torch.utils.data.DataLoader([request], batch_size=None)
         outputs = super().predict(model, loader, None, True, ckpt_path, weights_only)
         texts = [tok.decode(out, skip_special_tokens=True) for out in outputs]
