@@ -67,6 +67,11 @@ VERBS = {
                     "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)"),
 }
 
+# What the one-line message of an interrupted verb adds: how to continue (checkpoints are atomic, runs resume).
+RESUME_HINTS = {"fit": "resume with the same command and --ckpt_path last",
+                "sweep": "re-run the same command to resume (each run continues from its newest checkpoint)",
+                "mini": "re-run the same command to resume the suite"}
+
 CLIError = UsageError  # the name older code and tests use
 
 
@@ -165,7 +170,7 @@ def _with_run_config(argv: list[str]) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = argv[0] if argv and not argv[0].startswith("-") else "parcae"
-    with interruptible(verb, "resume with the same command and --ckpt_path last" if verb == "fit" else None):
+    with interruptible(verb, RESUME_HINTS.get(verb)):
         return _main(argv)
 
 

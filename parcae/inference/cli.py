@@ -5,7 +5,9 @@
     parcae generate --ckpt_path ... --prompts prompts.jsonl --output out.jsonl --batch_size 8
 
 A single ``--prompt`` streams its continuation to the terminal; ``--prompts FILE.jsonl`` (one {"prompt": ...} or
-{"text": ...} per line) is generated in batches and written as JSON lines (to ``--output``, else to stdout).
+{"text": ...} per line) is generated in batches and written as JSON lines (to ``--output``, else to stdout). The
+output file is ``out.jsonl.partial`` until every prompt is done (an interrupt keeps the finished records there);
+an existing ``--output`` is refused unless ``--overwrite``.
 Every prompt starts with <|bos|>; an empty prompt is just <|bos|>.
 """
 
