@@ -17,8 +17,8 @@ from typing import Any, Optional
 from .engine import Engine
 
 
-@dataclass(frozen=True)
-class DepthOptions:
+@dataclass
+class DepthOptions:  # not frozen: Lightning's batch transfer rebuilds the dataclasses it carries
     """How many loop iterations each token runs: a fixed count, or an exit rule with bounds.
 
     Args:
