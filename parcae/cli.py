@@ -62,7 +62,7 @@ VERBS = {
     "generate": ("parcae.inference.cli:generate",
                  "KV-cached generation at fixed or adaptive depth (`parcae generate --ckpt_path ... --prompt ...`)"),
     "serve": ("parcae.inference.serve:serve",
-              "OpenAI-compatible /v1/completions server with LitServe (`parcae serve --ckpt_path ... --port 8000`)"),
+              "OpenAI-style /v1/completions server with continuous batching (`parcae serve --ckpt_path ... --port 8000`)"),
     "consolidate": ("parcae.training.consolidate:consolidate_command",
                     "sharded (FSDP) checkpoint folder -> one file for test/predict/export (`parcae consolidate RUN_DIR`)"),
 }

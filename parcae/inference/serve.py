@@ -5,7 +5,7 @@
 
 ``POST /v1/completions`` takes OpenAI's text-completion fields (``prompt``, ``max_tokens``, ``temperature``,
 ``top_p``, ``stop``, ``stream``, ``seed``, ``logprobs``) plus the depth options of ``parcae generate`` as extra
-fields (``loops``, ``exit``, ``min_loops``, ``max_loops``, ``kv_policy``, ``continuous``, ``top_k``). Each choice
+fields (``loops``, ``exit``, ``min_loops``, ``max_loops``, ``exit_every``, ``kv_policy``, ``continuous``, ``top_k``). Each choice
 also reports the loops used per token (``loops``, ``mean_loops``). ``GET /health`` answers once the model is loaded;
 ``GET /scheduler`` shows the scheduler's counters (rows running, queued, cancelled, ...).
 
@@ -63,6 +63,7 @@ class CompletionRequest(BaseModel):
     exit: Optional[str] = Field(default=None, description="RULE[:THRESHOLD], e.g. kl:1e-3")
     min_loops: int = 1
     max_loops: Optional[int] = None
+    exit_every: int = 1
     kv_policy: Optional[str] = None  # the engine's default (latest with an exit rule)
     continuous: bool = False
 

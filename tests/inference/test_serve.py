@@ -155,7 +155,8 @@ ALONE = {}  # the engine's answers, computed once per payload (the model is the 
 
 
 def _alone(model, payload):
-    depth = {k: payload[k] for k in ("loops", "exit", "max_loops", "kv_policy", "continuous") if k in payload}
+    depth = {k: payload[k] for k in ("loops", "exit", "max_loops", "exit_every", "kv_policy", "continuous")
+             if k in payload}
     sampling = Sampling(payload.get("temperature", 1.0), payload.get("top_k"), payload.get("top_p"),
                         seed=payload.get("seed", 0))
     out = Engine(model, **depth).generate([ids_of(payload["prompt"])], payload.get("max_tokens", 16), sampling,
@@ -170,6 +171,8 @@ def test_answers_equal_each_request_alone_streamed_or_not(server):
                 {"prompt": "O", "max_tokens": 5, "temperature": 0, "exit": "latent-diff:0.05", "max_loops": 6,
                  "kv_policy": "latest"},
                 {"prompt": "Good morrow", "max_tokens": 7, "temperature": 0, "continuous": True},
+                {"prompt": "Thou", "max_tokens": 6, "temperature": 0, "exit": "kl:0.01", "max_loops": 6,
+                 "exit_every": 2},
                 {"prompt": "To be", "max_tokens": 8, "temperature": 0.9, "top_k": 50, "seed": 2**45},
                 {"prompt": "HAMLET:", "max_tokens": 5, "temperature": 1.0, "seed": 7}]
     with ThreadPoolExecutor(len(payloads)) as pool:   # concurrently: they share the running batch
@@ -256,6 +259,7 @@ BAD_REQUESTS = [  # (body, words the 400's message must contain)
     ({"prompt": "x", "exit": "kl", "max_loops": 1500}, f"at most {LOOP_CAP} loops per token"),
     ({"prompt": "x", "loops": 0}, "loops must be an integer >= 1"),
     ({"prompt": "x", "exit": "sometimes"}, "unknown exit rule"),
+    ({"prompt": "x", "exit": "kl", "exit_every": 0}, "exit_every"),
     ({"prompt": "x", "kv_policy": "ring:0"}, "ring:K needs an integer K >= 1"),
     ({"prompt": "x", "max_tokens": -2}, "max_tokens must be >= 0"),
     ({"prompt": "x", "max_tokens": BLOCK}, f"exceeds the model's context of {BLOCK} tokens"),
