@@ -125,3 +125,28 @@ class ExitTracker:
         self.stable, self.prev_argmax = put(self.stable, rows, stable), put(self.prev_argmax, rows, argmax)
         return stable >= thr, stable.float()
 
+
+
+class ForcedDepth:
+    """Not a convergence rule: row r of the n-th adaptive step exits after depth(n, r) iterations. It forces the
+    depths where a test or a benchmark needs them known (a stand-in for an :class:`ExitRule`)."""
+
+    name = "forced"
+
+    def __init__(self, depth, needs_logits: bool = False) -> None:
+        self.depth, self.needs_logits, self.steps = depth, needs_logits, 0
+
+    def start(self, h0: Tensor, vocab_size: int) -> "_ForcedTracker":
+        n, self.steps = self.steps, self.steps + 1
+        target = torch.tensor([self.depth(n, r) for r in range(h0.shape[0])], device=h0.device)
+        return _ForcedTracker(target[:, None].expand(h0.shape[:-1]))
+
+
+class _ForcedTracker:
+    def __init__(self, target: Tensor) -> None:
+        self.target, self.done = target, torch.zeros_like(target)
+
+    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        done = pick(self.done, rows) + 1
+        self.done = put(self.done, rows, done)
+        return done >= pick(self.target, rows), done.float()

@@ -8,6 +8,7 @@ import torch
 
 from conftest import perturb_weights
 from parcae.inference import Engine, ExitRule, KVPolicy, Sampling
+from parcae.inference.exits import ForcedDepth
 from parcae.model import LoopedLM, ModelConfig
 from parcae.model.state import positional_noise
 
@@ -288,36 +289,12 @@ class TokenCounter:
         self.count += args[0].shape[0] * args[0].shape[1]
 
 
-class ScriptedExit:
-    """An exit rule that forces the depths: row r of the n-th adaptive step exits after depth(n, r) iterations."""
-
-    name = "scripted"
-
-    def __init__(self, depth, needs_logits=False):
-        self.depth, self.needs_logits, self.steps = depth, needs_logits, 0
-
-    def start(self, h0, vocab_size):
-        n, self.steps = self.steps, self.steps + 1
-        return ScriptedTracker(torch.tensor([self.depth(n, r) for r in range(h0.shape[0])])[:, None].expand(h0.shape[:-1]))
-
-
-class ScriptedTracker:
-    def __init__(self, target):
-        self.target, self.done = target, torch.zeros_like(target)
-
-    def update(self, h, logits, rows=None):
-        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
-        done = pick(self.done) + 1
-        self.done = done if rows is None else self.done.index_copy(0, rows, done)
-        return done >= pick(self.target), done.float()
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("needs_logits", [False, True])
 def test_exited_rows_cost_nothing_the_recurrent_compute_is_the_sum_of_the_depths(batch, needs_logits):
     model = tiny_model("parcae", seed=13)
     T, n_new = 8, 10
-    rule = ScriptedExit(lambda n, r: 1 + (3 * n + 5 * r) % T, needs_logits)
+    rule = ForcedDepth(lambda n, r: 1 + (3 * n + 5 * r) % T, needs_logits)
     engine = Engine(model, exit=rule, max_loops=T, kv_policy="latest")
     prompts = [[0, 3 + b, 40 + 2 * b][: 2 + b % 2] for b in range(batch)]
     recurrent, coda = TokenCounter(model.recurrent[0]), TokenCounter(model.coda[0])
@@ -453,7 +430,7 @@ def test_kv_policies_read_what_their_definition_says_when_tokens_exit_at_differe
     # row r's n-th token exits after script(n, r) iterations: 1..8, so tokens exit at different depths, reach
     # iterations other tokens skipped, and wrap the ring of 3 slots.
     script = lambda n, r: [3, 1, 7, 2, 8, 5, 1, 4, 6][(n + 4 * r) % 9]  # noqa: E731
-    engine = Engine(model, exit=ScriptedExit(script), max_loops=T, kv_policy=policy)
+    engine = Engine(model, exit=ForcedDepth(script), max_loops=T, kv_policy=policy)
     prompts = [[0, 12, 7, 30], [0, 55]]
     events = list(engine.stream(prompts, n_new, sequences=[0, 1], padding="right"))
     for r, prompt in enumerate(prompts):
@@ -477,7 +454,7 @@ def test_cache_memory_is_what_the_policy_uses(policy):
     sizes = {}
     for mix in ([1, 1, 2, 1], [2, 5, 3, 1], [8, 1, 1, 1], [3, 3, 3, 3]):
         for kind in (policy, "full"):
-            engine = Engine(model, exit=ScriptedExit(lambda n, r: mix[(n + r) % 4]), max_loops=T, kv_policy=kind)
+            engine = Engine(model, exit=ForcedDepth(lambda n, r: mix[(n + r) % 4]), max_loops=T, kv_policy=kind)
             cache = engine.new_cache(2, 6)
             tokens, cols = torch.tensor([[0, 4, 9], [0, 8, 8]]), torch.arange(3).expand(2, 3)
             for col in range(3):  # one token per step, as generation runs
