@@ -1,4 +1,4 @@
-"""Training-run furniture: atomic checkpoint writes, a step-based rich progress bar, the run summary and the
+"""Training-run furniture: atomic checkpoint writes under the run's own names, a step-based rich progress bar, the run summary and the
 TensorBoard layout (custom scalars, hyperparameters under ``hp/``), and throughput / MFU at the sampled depth."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -23,6 +23,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from parcae.runs import save_atomically
 
         save_atomically(checkpoint, path, "checkpoint", run_dir=Path(path).parent)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``step=N.ckpt`` every N optimizer steps plus ``last.ckpt``, under those names only.
+
+    The run directory's own files say what is newest (``parcae.runs.newest_checkpoint``), not what Lightning
+    remembered in the checkpoint: a copied or moved run (``cp -r``, ``mv``, another node) would otherwise make
+    ``ModelCheckpoint`` drop its remembered ``last_model_path`` and, with its version counter, write the resumed
+    state to ``last-v1.ckpt`` beside a stale ``last.ckpt``. So no ``-vN`` names are ever written, and the remembered
+    paths are not restored (with ``save_top_k=-1`` and no monitor, nothing else depends on them)."""
+
+    def __init__(self, dirpath, every_n_train_steps: int) -> None:
+        from parcae.runs.layout import STEP_FILENAME
+
+        super().__init__(dirpath=dirpath, filename=STEP_FILENAME, auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_train_steps, save_top_k=-1, save_last=True,
+                         enable_version_counter=False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the run's files, wherever the run now lives, decide what "last" is
 
 
 class StepProgressBar(RichProgressBar):

@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -29,8 +28,9 @@ from parcae.errors import UsageError
 from parcae.inference.options import DepthOptions
 from parcae.model import PRESETS, ModelConfig
 
-from parcae.runs import rundir
-from .callbacks import AtomicCheckpointIO, RunSummary, StepProgressBar, ThroughputCallback
+from parcae.runs import copy_atomically, rundir
+from parcae.runs.layout import TOKENIZER_FILE
+from .callbacks import AtomicCheckpointIO, RunCheckpoint, RunSummary, StepProgressBar, ThroughputCallback
 from .module import LoopedLMModule
 from parcae.options import check_options, loop_cost_note
 
@@ -227,12 +227,22 @@ class RecipeCLI(LightningCLI):
                                  "checkpoint's run directory when writable; else results are only printed).")
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the hyperparameters of ``--ckpt_path`` here, before any hook: check the file first so
-        that a damaged or foreign one is one line naming it."""
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt_path and ckpt_path != "last":
-            rundir.check_checkpoint(ckpt_path, allow_sharded=self.config.subcommand == "fit")
-        super()._parse_ckpt_path()
+        """LightningCLI reads the hyperparameters of ``--ckpt_path`` here, before any hook. Check the file first, so
+        that a damaged or foreign one is one line naming it, and read them from that same checked (memory-mapped)
+        load instead of Lightning's second full ``torch.load``."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path == "last":
+            return
+        ckpt = rundir.check_checkpoint(ckpt_path, allow_sharded=subcommand == "fit")
+        hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+        if not hparams:
+            return  # a sharded folder: its hyperparameters stay in meta.pt, and the config describes the model
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     # -- run directory rules ----------------------------------------------------------------------------
     def _cfg(self):
@@ -243,8 +253,9 @@ class RecipeCLI(LightningCLI):
         return Path(self._cfg().runs_dir) / self._cfg().run_name
 
     def before_instantiate_classes(self) -> None:
-        """Every check before anything is built or written: options, data, and (fit) the run directory; then fit
-        takes the run's lock (released when the command ends, see parcae.cli.main)."""
+        """Every check before anything is built or written: options, data and its vocabulary, the model, and (fit)
+        the run directory and the checkpoint to resume. A refused fit leaves the run directory byte for byte as it
+        was; the first write (the run's lock) happens in :meth:`before_fit`."""
         cfg = self._cfg()
         check_options(**{"data.batch_size": (cfg.data.batch_size, 1), "data.seq_len": (cfg.data.seq_len, 1),
                          "data.val_batch_size": (cfg.data.get("val_batch_size"), 1),
@@ -253,30 +264,54 @@ class RecipeCLI(LightningCLI):
                          "global_batch_size": (cfg.global_batch_size, 1), "max_tokens": (cfg.max_tokens, 1)})
         for root in ([cfg.data.datasets] if isinstance(cfg.data.datasets, str) else cfg.data.datasets):
             open_shards(root, cfg.data.get("prepare_hint"))  # fail fast, before a large model is built
-        arch = dataclasses.asdict(model_config_of(cfg))
+        model_config = model_config_of(cfg)
+        arch = dataclasses.asdict(model_config)
         if self.subcommand not in ("fit", None):
             if cfg.get("ckpt_path"):
                 rundir.check_same_model(rundir.check_checkpoint(cfg.ckpt_path), cfg.ckpt_path, arch)
             return
         resolve_run_length(cfg)
+        self._check_schedule(cfg)
+        self.data_tokenizer = check_data(cfg, model_config)
         run_dir = self._run_dir()
-        unreadable: list[Path] = []
-        resume, notes = rundir.plan_fit(run_dir, cfg.get("ckpt_path"), cfg.auto_resume, unreadable)
+        self.unreadable: list[Path] = []
+        resume, self.notes = rundir.plan_fit(run_dir, cfg.get("ckpt_path"), cfg.auto_resume, self.unreadable)
+        self.resuming = resume is not None
         if resume is not None:
             trainer = cfg.trainer
             world = device_count(trainer.accelerator, trainer.devices) * (trainer.num_nodes or 1)
             saved = rundir.check_checkpoint(resume, allow_sharded=True)
-            notes += rundir.check_resume_compatible(saved, resume, arch, cfg.data.batch_size, cfg.data.seq_len,
-                                                    world, cfg.inexact_data_resume)
+            self.notes += rundir.check_resume_compatible(saved, resume, arch, cfg.data.batch_size,
+                                                         cfg.data.seq_len, world, cfg.inexact_data_resume)
+            check_same_tokenizer(run_dir, self.data_tokenizer)
             cfg.ckpt_path = str(resume)
-        lock = rundir.RunLock(run_dir).acquire()  # the first write into the run directory
+
+    @staticmethod
+    def _check_schedule(cfg) -> None:
+        from .optim import ScheduleConfig
+
+        schedule, default = cfg.model.get("schedule"), ScheduleConfig().name
+        name = schedule.get("name", default) if hasattr(schedule, "get") else getattr(schedule, "name", default)
+        max_steps = cfg.trainer.max_steps
+        if (max_steps is None or max_steps < 1) and name != "constant":
+            raise UsageError(f"trainer.max_steps must be set (> 0) for the {name!r} learning-rate schedule")
+
+    def _take_run_directory(self) -> None:
+        """fit: the first writes into the run directory, after every check passed and every object was built: the
+        lock, damaged checkpoints kept aside, files of a start that wrote no checkpoint moved aside, and the run's
+        own copy of its tokenizer (so every verb finds it from any folder)."""
+        run_dir = self._run_dir()
+        lock = rundir.RunLock(run_dir).acquire()
         if not lock.held:  # a helper process of a multi-process run: the first process tidies and reports
             return
+        notes = list(self.notes)
         if lock.note:
             notes.insert(0, lock.note)
-        notes.append(rundir.set_aside_unreadable(unreadable))
-        if resume is None:
+        notes.append(rundir.set_aside_unreadable(self.unreadable))
+        if not self.resuming:
             notes.append(rundir.set_aside_failed_start(run_dir))
+        if self.data_tokenizer is not None and not (run_dir / TOKENIZER_FILE).is_file():
+            copy_atomically(self.data_tokenizer, run_dir / TOKENIZER_FILE, "the run's copy of its tokenizer")
         for note in filter(None, notes):
             print(f"[parcae] {note}", flush=True)
 
@@ -307,8 +342,7 @@ class RecipeCLI(LightningCLI):
         if trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         if self.subcommand in ("fit", None):
-            callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="step={step:07d}", auto_insert_metric_name=False,
-                                             every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True))
+            callbacks.append(RunCheckpoint(dirpath=run_dir, every_n_train_steps=cfg.checkpoint_every))
         kwargs["callbacks"] = callbacks
         plugins = trainer_cfg.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
@@ -316,10 +350,28 @@ class RecipeCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        if self.trainer.max_steps is None or self.trainer.max_steps < 1:
-            if self.model.schedule_config.name != "constant":
-                raise UsageError(f"trainer.max_steps must be set (> 0) for the {self.model.schedule_config.name!r} "
-                                 "learning-rate schedule")
+        self._take_run_directory()
+
+
+def check_data(cfg, arch: ModelConfig) -> Optional[Path]:
+    """The data of a fit fits its model: every shard folder (and ``data.tokenizer``) has the model's vocabulary
+    and one tokenizer; returns that tokenizer's file. Builds the data module's metadata only (manifests)."""
+    data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
+    dm = TokenDataModule(**{k: v for k, v in data.items() if not k.startswith("__")})
+    dm.check_vocabulary(arch.vocab_size, arch.name)
+    return dm.tokenizer_path
+
+
+def check_same_tokenizer(run_dir: Path, tokenizer: Optional[Path]) -> None:
+    """A resumed run keeps its tokenizer: refuse data tokenized with another file than the run's own copy."""
+    from parcae.data.tokenizer import file_sha256
+
+    own = run_dir / TOKENIZER_FILE
+    if tokenizer is None or not own.is_file():
+        return  # runs trained before fit kept a copy: the vocabulary check is what there is
+    if file_sha256(own) != file_sha256(tokenizer):
+        raise UsageError(f"{run_dir} was trained with {own} but the data was tokenized with {tokenizer}, another "
+                         "tokenizer; resume with the run's data, or start a new --run_name")
 
 
 def resolve_run_length(cfg, quiet: bool = False) -> None:

@@ -44,7 +44,9 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shard
     assert victim.poll() is None, "the run finished before it could be killed:\n" + victim.stdout.read()
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    start = int(torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")["global_step"])
+    from parcae.runs import newest_checkpoint
+
+    start = newest_checkpoint(run_dir).step  # the newest good state by step (last.ckpt may lag step=N.ckpt)
     assert 20 <= start < steps
     reference = _parcae("fit", "--config", str(ref))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
@@ -85,6 +87,34 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, sm
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     assert torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 12
     assert not list(run_dir.glob(".*.tmp-*"))                  # stale staging files are cleaned up
+
+
+def test_kill_during_the_write_of_last_ckpt_resumes_from_the_newer_step_checkpoint(tmp_path, small_shards):
+    """Issue 19 #7: step=0000010.ckpt is saved, then a kill -9 hits last.ckpt's staging file, so last.ckpt still
+    holds step 5. A resume takes the newest good state by step (step 10) and goes forward, never back."""
+    extra = ("  callbacks:\n  - class_path: crash_helpers.KillDuringLastSave\n    init_args:\n      at_step: 10\n")
+    recipe = write_recipe(tmp_path / "r.yaml", small_shards, tmp_path / "runs", "crash", max_steps=12)
+    recipe.write_text(recipe.read_text().replace("checkpoint_every: 4", "checkpoint_every: 5")
+                      .replace("trainer:\n", "trainer:\n" + extra, 1))
+    proc = _parcae("fit", "--config", str(recipe))
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stdout.read()
+    run_dir = tmp_path / "runs" / "crash"
+    assert torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 5
+    assert list(run_dir.glob(".last.ckpt.tmp-*"))              # the interrupted write
+    step10 = (run_dir / "step=0000010.ckpt").read_bytes()
+    plain = write_recipe(tmp_path / "plain.yaml", small_shards, tmp_path / "runs", "crash", max_steps=12)
+    plain.write_text(plain.read_text().replace("checkpoint_every: 4", "checkpoint_every: 5"))
+    before = set(run_dir.glob("events.out.tfevents.*"))
+    resumed = _parcae("fit", "--config", str(plain), "--ckpt_path", "last")
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, output
+    assert "resuming from" in output and "step=0000010.ckpt" in output and "last.ckpt holds step 5" in output
+    (new_events,) = set(run_dir.glob("events.out.tfevents.*")) - before
+    assert sorted(_scalars(new_events, "train/loss")) == [10, 11]  # steps 6-10 are not trained again
+    assert (run_dir / "step=0000010.ckpt").read_bytes() == step10
+    assert torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 12
+    assert not [p.name for p in run_dir.iterdir() if "-v" in p.name]
+    assert not list(run_dir.glob(".*.tmp-*"))
 
 
 def test_nonfinite_losses_skip_steps_then_stop_with_a_clear_message(tmp_path, small_shards):

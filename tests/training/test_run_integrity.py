@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -367,3 +368,162 @@ def test_resume_without_any_good_checkpoint_does_not_suggest_itself(run_copy, ca
     line = assert_one_line_error(code, output, "no checkpoint that loads")
     assert "--ckpt_path last" not in line and "--auto_resume" not in line
     assert files_of(run_dir) == before
+
+
+# -- issue 19: a run directory is the run's record, wherever it lives ---------------------------------------------
+def _moved(how: str, source: Path, target: Path) -> None:
+    if how == "cp -r":
+        subprocess.run(["cp", "-r", str(source), str(target)], check=True)
+    else:
+        subprocess.run(["mv", str(source), str(target)], check=True)
+
+
+def _step_of(path: Path) -> int:
+    from parcae.runs import check_checkpoint
+
+    return int(check_checkpoint(path)["global_step"])
+
+
+@pytest.mark.parametrize("how", ["cp -r", "mv"])
+def test_copied_or_moved_run_resumes_forward_twice(run_copy, tmp_path, capsys, how):
+    """#1: Lightning remembers the old folder in the checkpoint; the run's own files decide what "last" is, so the
+    copy (or the moved run) resumes from its newest step, writes last.ckpt and step files under their own names
+    (never -vN) and goes forward again on the next resume."""
+    recipe, source = run_copy
+    kept = {name: digest for name, digest in files_of(source).items() if name.startswith("step=")}
+    target = source.parent / "b"
+    _moved(how, source, target)
+    assert source.exists() == (how == "cp -r")
+    for max_steps in (16, 20):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, output = run(["fit", "--config", recipe, "--run_name", "b", "--ckpt_path", "last",
+                                "--trainer.max_steps", max_steps], capsys)
+        assert code == 0, output
+        assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+        assert _step_of(target / "last.ckpt") == max_steps
+        assert (target / f"step=00000{max_steps}.ckpt").is_file()
+    names = sorted(p.name for p in target.iterdir())
+    assert not [n for n in names if "-v" in n], names
+    assert {n: d for n, d in files_of(target).items() if n in kept} == kept  # steps 1-12 were not trained again
+    if how == "cp -r":
+        assert _step_of(source / "last.ckpt") == 12  # the original is left as it was
+
+
+# "{recipe}" the recipe of a copy of the trained run (12 steps), "{other}" shards of another (300-token) vocabulary.
+REFUSED_FITS = {
+    "data of another vocabulary": (["--data.datasets", "[{other}]"], ["300-token vocabulary", "4,096"]),
+    "model that cannot be built": (["--model.arch.n_heads", "3"], ["n_heads"]),
+    "schedule without a length": (["--trainer.max_steps", "-1"], ["max_steps"]),
+    "another model": (["--model.arch.d_model", "64", "--model.arch.d_ff", "128"], ["d_model"]),
+}
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary_shards(tmp_path_factory):
+    from conftest import synthetic_documents, write_jsonl
+    from data_prep.shards import prepare_shards
+    from data_prep.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("other_vocabulary")
+    small = train_tokenizer(synthetic_documents(50), vocab_size=300, show_progress=False)
+    small.save(str(root / "small_tokenizer.json"))
+    src = write_jsonl(root / "docs.jsonl", synthetic_documents(60))
+    prepare_shards([src], root / "shards", root / "small_tokenizer.json", val_fraction=0.1, chunk_tokens=1024,
+                   num_workers=1, quiet=True)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("name,start", [(name, start) for name in REFUSED_FITS for start in ("fresh", "resume")
+                                        if not (name == "another model" and start == "fresh")])
+def test_a_refused_fit_writes_nothing(run_copy, other_vocabulary_shards, capsys, name, start):
+    """#6: every check that can refuse a fit runs before the first byte is written: the runs folder is byte for
+    byte as it was (no config.yaml rewritten, no events file, no lock, no new run directory). (A fresh run has no
+    model to differ from, so "another model" is a resume case only.)"""
+    recipe, run_dir = run_copy
+    args, fragments = REFUSED_FITS[name]
+    where = ["--ckpt_path", "last"] if start == "resume" else ["--run_name", "fresh"]
+    before = files_of(run_dir.parent)
+    names_before = sorted(p.name for p in run_dir.parent.rglob("*"))
+    code, output = run(["fit", "--config", recipe, *where,
+                        *[a.format(other=other_vocabulary_shards) for a in args]], capsys)
+    assert_one_line_error(code, output, *fragments, max_lines=6)
+    assert files_of(run_dir.parent) == before
+    assert sorted(p.name for p in run_dir.parent.rglob("*")) == names_before  # no empty folder either
+
+
+def test_fit_keeps_a_copy_of_its_tokenizer_and_generate_finds_it_from_anywhere(trained, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """#10: the run directory carries its tokenizer, so `parcae generate --ckpt_path /abs/run/last.ckpt` works from
+    any folder; a run written before fit kept a copy finds it through config.yaml, relative paths included."""
+    import yaml
+
+    from parcae.runs import load_checkpoint
+
+    _, _, run_dir = trained
+    data = _datasets(run_dir)
+    assert (run_dir / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, output = run(["generate", "--ckpt_path", run_dir / "last.ckpt", "--prompt", "alpha", "--max_new_tokens",
+                        "3", "--temperature", "0"], capsys)
+    assert code == 0, output
+    assert load_checkpoint(run_dir).tokenizer_path == run_dir / "tokenizer.json"
+    # an older run: no copy, and config.yaml names the data relative to the folder it was trained from
+    project = tmp_path / "project"
+    shutil.copytree(run_dir, project / "runs" / "old")
+    (project / "data").symlink_to(data, target_is_directory=True)
+    (project / "runs" / "old" / "tokenizer.json").unlink()
+    config = yaml.safe_load((project / "runs" / "old" / "config.yaml").read_text())
+    config.update(runs_dir="runs", run_name="old")
+    config["data"]["datasets"] = ["data"]
+    (project / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_checkpoint(project / "runs" / "old" / "last.ckpt")
+    assert loaded.tokenizer_path == project / "data" / "tokenizer.json"
+
+
+# -- issue 19 #10: a stale lock says what is known of its holder ----------------------------------------------------
+def _other_boot() -> str:
+    from parcae.runs.lock import boot_id
+
+    own = boot_id() or "00000000-0000-0000-0000-000000000000"
+    return own[:-1] + ("1" if own[-1] != "1" else "2")
+
+
+STALE_LOCKS = {  # what the lock file says -> what the note must (and must not) say
+    "pid 1 of this boot (pid 1 always runs)": ("pid 1 on {host} (boot {boot})", ["pid 1 runs"], ["no longer running"]),
+    "pid 1 before a restart": ("pid 1 on {host} (boot {other})", ["restarted"], ["no longer running"]),
+    "pid 1 on another machine": ("pid 1 on node-elsewhere-7 (boot {boot})", ["another machine"], ["no longer running"]),
+    "a dead pid of this boot": ("pid {dead} on {host} (boot {boot})", ["no longer running"], []),
+    "an old lock file without a boot id": ("pid {dead} on {host}", ["no longer running"], []),
+}
+
+
+@pytest.mark.parametrize("case", list(STALE_LOCKS))
+def test_a_lock_left_behind_is_described_truthfully(tmp_path, case):
+    import socket
+
+    from parcae.runs.lock import RunLock, boot_id
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record, wanted, unwanted = STALE_LOCKS[case]
+    (tmp_path / ".fit.lock").write_text(record.format(host=socket.gethostname(), boot=boot_id(), other=_other_boot(),
+                                                      dead=dead.pid) + "\n")
+    with RunLock(tmp_path) as lock:
+        for fragment in wanted:
+            assert fragment in lock.note, lock.note
+        for fragment in unwanted:
+            assert fragment not in lock.note, lock.note
+    assert not (tmp_path / ".fit.lock").exists()
+
+
+def test_export_to_an_existing_file_names_it_a_file(trained, tmp_path, capsys):
+    """#10: `parcae export` to a path that is a file says so (not "not empty; choose another output folder")."""
+    _, _, run_dir = trained
+    target = tmp_path / "out.bin"
+    target.write_text("mine")
+    code, output = run(["export", run_dir, target], capsys)
+    assert_one_line_error(code, output, str(target), "is an existing file")
+    assert target.read_text() == "mine"
