@@ -107,13 +107,16 @@ def check_same_model(ckpt: dict, path: str | Path, arch: dict) -> None:
 
 
 # -- which checkpoint of a run ----------------------------------------------------------------------------------
+_UNKNOWN_NEWEST = 1 << 62  # the step of a last.ckpt folder whose metadata cannot be read: newer than any step
+
+
 @dataclasses.dataclass
 class Found:
     """The checkpoint a run means: its path and step, why it is not ``last.ckpt`` (``note``), and the damaged
     checkpoints newer than it (a resume keeps them aside, see :func:`parcae.runs.rundir.set_aside_unreadable`)."""
 
     path: Path
-    step: Optional[int]
+    step: Optional[int]         # None: a sharded last.ckpt whose metadata could not be read
     note: Optional[str]
     unreadable: list[Path]
 
@@ -139,7 +142,9 @@ def newest_checkpoint(run_dir: str | Path, allow_sharded: bool = True, only_shar
             damaged.append((step_of_name(path.name), path))
             return None
         step = ckpt.get("global_step")
-        return int(step) if step is not None else step_of_name(path.name) or 0
+        if step is None:  # a sharded folder whose meta.pt is not plain values: its name says the step, and a
+            step = step_of_name(path.name)  # last.ckpt folder (no step in its name) is taken as the newest
+        return int(step) if step is not None else _UNKNOWN_NEWEST
 
     if not (run_dir / LAST_CHECKPOINT).exists() and not only_sharded:
         problems.append(f"there is no {LAST_CHECKPOINT}")
@@ -165,7 +170,7 @@ def newest_checkpoint(run_dir: str | Path, allow_sharded: bool = True, only_shar
     step, path = best
     newer = [p for s, p in damaged if s is None or s > step]
     note = None if path.name == LAST_CHECKPOINT else f"resuming from {path}: {'; '.join(problems)}"
-    return Found(path, step, note, newer)
+    return Found(path, None if step == _UNKNOWN_NEWEST else step, note, newer)
 
 
 def resume_checkpoint(run_dir: str | Path, unreadable: Optional[list[Path]] = None) -> tuple[Path, Optional[str]]:
