@@ -24,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from parcae.errors import UsageError
-from parcae.runs import TEST_LOOPS_JSON
+from parcae.runs import CONFIG_FILE, TEST_LOOPS_JSON
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -69,7 +69,7 @@ def summarize(run_dir: Path, status: str) -> dict[str, Any]:
 def _size(run_dir: Path, tokens: Optional[float]) -> dict[str, Any]:
     """Non-embedding parameters, training FLOPs per token (the paper's App. D counting, ``parcae.model.flops``,
     at the run's μ_rec / μ_bwd and sequence length) and what they come to over the tokens seen."""
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / CONFIG_FILE
     if not config_file.exists():
         return {}
     from parcae.model import ModelConfig, flops_per_token
