@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from parcae.data.tokenizer import encode_prompt
+from parcae.data.tokenizer import TextStream, encode_prompt, stop_ids
 from parcae.errors import UsageError
 from parcae.runs.output import RecordFile, check_writable_output
 
@@ -108,23 +108,18 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
         engine.check_request(encoded, max_new_tokens)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
         raise UsageError(str(err)) from None
-    stop = [tok.token_to_id("<|eos|>")]
+    stop = stop_ids(tok)
     all_depths: list[int] = []
     if prompt is not None:
         out = sys.stdout
         out.write(prompt)
         out.flush()
-        generated: list[int] = []
-        shown = ""
+        text = TextStream(tok)  # pieces never end inside a multi-byte character
         for event in engine.stream(encoded, max_new_tokens, sampling, stop):
-            generated.append(event.tokens[0])
             all_depths.append(event.depths[0])
-            text = tok.decode(generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
-        out.write(tok.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
+            out.write(text.push(event.tokens[0]))
+            out.flush()
+        out.write("\n")
     else:
         # a file is complete or named out.jsonl.partial (an interrupt keeps the finished records)
         records = RecordFile(output, expected=len(encoded), overwrite=overwrite) if output else None
