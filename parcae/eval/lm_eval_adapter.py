@@ -7,8 +7,10 @@
 
 All three request types — ``loglikelihood``, ``loglikelihood_rolling`` (perplexity tasks such as WikiText) and
 ``generate_until`` — run exactly ``loops`` iterations (the official adapter's rolling path forgot the depth and
-ran at a random one). Sequences start with ``<|bos|>``, as in training; the initial recurrent state is seeded
-per request, so scores do not depend on batching. Paper Table 3 reports HellaSwag, ARC-c/e, PIQA, BoolQ, SciQ
+ran at a random one). Sequences start with ``<|bos|>``, as in training (``parcae.data.tokenizer``); scores are
+``parcae.model.loss.token_nll`` (the padded vocabulary excluded) and ``generate_until`` decodes greedily with the
+KV-cached engine, as ``parcae generate --temperature 0`` does. The initial recurrent state is seeded per request,
+so scores do not depend on batching. Paper Table 3 reports HellaSwag, ARC-c/e, PIQA, BoolQ, SciQ
 (0-shot) and WikiText perplexity; lm-eval reports both ``acc`` and ``acc_norm`` (the paper does not say which).
 """
 
@@ -21,7 +23,9 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from parcae.data.tokenizer import TextStream, bos_id, encode_prompt, encode_text, eos_id, stop_ids
+from parcae.model.loss import IGNORE_INDEX, real_logits, token_nll
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -55,21 +59,19 @@ class ParcaeEvalLM(TemplateLM):
         self.loops = (int(loops) if loops is not None else model.config.mean_recurrence) if looped else None
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length or model.config.block_size)
-        self.bos = tokenizer_obj.token_to_id("<|bos|>")
-        self.eos = tokenizer_obj.token_to_id("<|eos|>")
 
     # -- TemplateLM plumbing ----------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.eos
+        return eos_id(self.tok)
 
     @property
     def prefix_token_id(self) -> int:
-        return self.bos  # empty contexts are conditioned on <|bos|>, like the start of a training document
+        return bos_id(self.tok)  # empty contexts are conditioned on <|bos|>, like the start of a training document
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
-        ids = self.tok.encode(string, add_special_tokens=False).ids
-        return ids if add_special_tokens is False else [self.bos, *ids]
+        """A context starts a document (<|bos|> first); lm-eval asks for a continuation without special tokens."""
+        return encode_text(self.tok, string) if add_special_tokens is False else encode_prompt(self.tok, string)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tok.decode(tokens, skip_special_tokens=True)
@@ -79,26 +81,25 @@ class ParcaeEvalLM(TemplateLM):
     def _score(self, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[tuple[float, bool]]:
         """Sum of continuation log-probs and greedy-match flag for (context tokens, continuation tokens) pairs."""
         out = []
+        vocab = self.model.config.vocab_size
         for i in range(0, len(pairs), self.batch_size):
             chunk, chunk_seeds = pairs[i:i + self.batch_size], seeds[i:i + self.batch_size]
-            seqs = []
-            for context, continuation in chunk:
-                full = (context + continuation)[-(self.max_length + 1):]   # crop the oldest context
-                seqs.append((full[:-1], len(continuation)))
-            width = max(len(s) for s, _ in seqs)
-            ids = torch.full((len(seqs), width), self.bos, dtype=torch.long)
-            for row, (s, _) in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s)
+            fulls = [(context + continuation)[-(self.max_length + 1):] for context, continuation in chunk]  # crop the oldest context
+            width = max(len(f) for f in fulls) - 1
+            ids = torch.full((len(fulls), width), self.prefix_token_id, dtype=torch.long)
+            targets = torch.full((len(fulls), width), IGNORE_INDEX, dtype=torch.long)
+            for row, ((_, continuation), full) in enumerate(zip(chunk, fulls)):
+                ids[row, : len(full) - 1] = torch.tensor(full[:-1])
+                n = len(continuation)  # only the continuation is scored
+                targets[row, len(full) - 1 - n: len(full) - 1] = torch.tensor(full[-n:])
             kwargs = {"loops": self.loops} if self.loops is not None else {}
-            logits = self.model(ids.to(self._device), state_seed=chunk_seeds, **kwargs).logits.float()
-            logits[..., self.model.config.vocab_size:] = float("-inf")
-            logprobs = F.log_softmax(logits, dim=-1)
-            for row, ((context, continuation), (s, n)) in enumerate(zip(chunk, seqs)):
-                positions = torch.arange(len(s) - n, len(s), device=logprobs.device)
-                target = torch.tensor(continuation, device=logprobs.device)
-                lp = logprobs[row, positions, target].sum().item()
-                greedy = bool((logprobs[row, positions].argmax(-1) == target).all())
-                out.append((lp, greedy))
+            logits = self.model(ids.to(self._device), state_seed=chunk_seeds, **kwargs).logits
+            targets = targets.to(logits.device)
+            nll = token_nll(logits, targets, vocab)
+            greedy = real_logits(logits, vocab).argmax(-1)
+            for row in range(len(chunk)):
+                scored = targets[row] != IGNORE_INDEX
+                out.append((-nll[row, scored].sum().item(), bool((greedy[row, scored] == targets[row, scored]).all())))
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -116,32 +117,24 @@ class ParcaeEvalLM(TemplateLM):
             results.append(sum(lp for lp, _ in scores))
         return results
 
-    @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations with the KV-cached engine (``parcae generate --temperature 0``), cut at the
+        first ``until`` string; the context is cropped from the left to leave room for ``max_gen_toks``."""
+        from parcae.inference import Engine, Sampling
+
         outputs = []
         for context, gen_kwargs in [req.args for req in requests]:
             until = gen_kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = self.tok_encode(context)
-            generated: list[int] = []
-            text = ""
-            for step in range(max_new):
-                window = (ids + generated)[-self.max_length:]
-                kwargs = {"loops": self.loops} if self.loops is not None else {}
-                logits = self.model(torch.tensor([window], device=self._device), state_seed=[_seed("gen", context)],
-                                    **kwargs).logits[0, -1].float()
-                logits[self.model.config.vocab_size:] = float("-inf")
-                token = int(logits.argmax())  # greedy, as lm-eval's generate_until expects by default
-                if token == self.eos:
-                    break
-                generated.append(token)
-                text = self.tok_decode(generated)
-                if any(stop in text for stop in until):
-                    break
-            for stop in until:  # cut at the first stop sequence
-                text = text.split(stop)[0]
-            outputs.append(text)
+            max_new = max(0, min(int(gen_kwargs.get("max_gen_toks", 256)), self.max_length - 1))
+            prompt = self.tok_encode(context)[-(self.max_length - max_new):]
+            engine = Engine(self.model, loops=self.loops, seed=_seed("gen", context))
+            text, halt = TextStream(self.tok), set()
+            for event in engine.stream([prompt], max_new, Sampling(temperature=0.0), stop_ids(self.tok), halt=halt):
+                text.push(event.tokens[0])
+                if any(stop in text.text for stop in until):
+                    halt.add(0)  # the first stop string is complete: no more tokens
+            outputs.append(min((text.text.split(stop)[0] for stop in until), key=len, default=text.text))
         return outputs
 
 

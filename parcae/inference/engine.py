@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from parcae.model import LoopedLM
+from parcae.model.loss import real_logits, token_nll
 from parcae.model.state import positional_noise
 
 from parcae.model.loop import Uniform, pick, put
@@ -430,8 +431,7 @@ class Engine:
                 depth.append(out.depth)
                 prev = out.state if self.continuous else None
             logits, depth = torch.cat(logits, 1), torch.cat(depth, 1)
-        logp = torch.log_softmax(logits[..., : self.config.vocab_size].float(), -1)
-        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+        nll = token_nll(logits, targets, self.config.vocab_size)
         n = [len(r) - 1 for r in rows]
         return [nll[b, : n[b]].tolist() for b in range(B)], [depth[b, : n[b]].tolist() for b in range(B)]
 
@@ -448,7 +448,7 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
     each row from its own generator (so a row's draws do not depend on the other rows). ``alive`` (host-side, one
     bool per row) skips the rows that draw nothing."""
     if sampling.temperature == 0:
-        return logits[:, :vocab_size].argmax(-1)
+        return real_logits(logits, vocab_size).argmax(-1)
     probs = sampling_probs(logits, sampling, vocab_size)
     out = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     for b, g in enumerate(generators):
@@ -459,7 +459,7 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
 
 def sampling_probs(logits: Tensor, sampling: Sampling, vocab_size: int) -> Tensor:
     """The distribution [B, V] a sampled token is drawn from: temperature, then top-k, then top-p (temperature > 0)."""
-    logits = logits[:, :vocab_size].float() / sampling.temperature
+    logits = real_logits(logits, vocab_size) / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

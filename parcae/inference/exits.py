@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from parcae.model.loop import pick, put
+from parcae.model.loss import real_logits
 
 AUTO_THRESHOLDS = {"latent-diff": 0.03, "cosine": 1e-3, "kl": 1e-3, "minp-kl": 1e-5, "entropy-diff": 1e-3,
                    "argmax-stability": 5}
@@ -101,7 +102,7 @@ class ExitTracker:
                 value = 1 - F.cosine_similarity(now, prev, dim=-1, eps=1e-12)
             self.prev_h = put(self.prev_h, rows, h)
             return value < thr, value
-        log_probs = F.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+        log_probs = F.log_softmax(real_logits(logits, self.vocab_size), dim=-1)
         if name == "minp-kl":
             probs = log_probs.exp()
             probs = torch.where(probs < MIN_P * probs.amax(-1, keepdim=True), 1.0 / self.vocab_size, probs)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from parcae.model import LoopedLM
+from parcae.model.loss import real_logits
 from parcae.model.state import positional_noise
 
 from .engine import Engine, Sampling, generator_seed, sample
@@ -302,7 +303,7 @@ class Scheduler:
         lp_rows = None
         if reported:
             slots = torch.tensor([r.slot for r in reported], device=dev)
-            logp = torch.log_softmax(logits[slots, : self.vocab_size].float(), -1)
+            logp = torch.log_softmax(real_logits(logits[slots], self.vocab_size), -1)
             top = torch.topk(logp, min(max(r.job.logprobs for r in reported), self.vocab_size), -1)
             chosen = logp.gather(1, nxt[slots][:, None])[:, 0]
             lp_rows = (chosen.tolist(), top.values.tolist(), top.indices.tolist())
