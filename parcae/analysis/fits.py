@@ -107,6 +107,15 @@ def _lse_objective(terms_fn: Callable, log_y: np.ndarray) -> Callable:
     return objective
 
 
+def law_at_loops(form: str, params: dict[str, float], T) -> np.ndarray:
+    """The loss one of Table 12's forms predicts at loop counts T, from its parameters (as fitted or stored)."""
+    T = np.asarray(T, dtype=float)
+    if form == "pure_power":
+        return params["Z"] * T ** (-params["z"])
+    x = {"exp": T, "shifted_power": np.log1p(T), "power": np.log(T)}[form]
+    return params["L_inf"] + params["Z"] * np.exp(-params["z"] * x)
+
+
 def fit_test_time(loops: Sequence[float], losses: Sequence[float], form: str = "exp",
                   fit_upto: Optional[float] = None) -> Fit:
     """Fit one of Table 12's forms to (loops, loss). ``fit_upto``: fit only T <= fit_upto and report the Huber
@@ -137,9 +146,7 @@ def fit_test_time(loops: Sequence[float], losses: Sequence[float], form: str = "
         params = {"L_inf": math.exp(theta[0]), "Z": math.exp(theta[1]), "z": math.exp(theta[2])}
 
     def predict(t):
-        t = np.asarray(t, dtype=float)
-        terms, _ = _tt_terms(form, theta, np.atleast_1d(t))
-        return np.exp(terms).sum(0).reshape(t.shape)
+        return law_at_loops(form, params, t)
 
     fit = Fit(form, params, float(huber(np.log(predict(T)) - np.log(L)).mean()), predict)
     if fit_upto is not None and (~keep).any():
@@ -281,27 +288,30 @@ def fit_loops_file(path: str | Path, mean_recurrence: Optional[int] = None, plot
     out = path.with_name(path.stem + "_fit.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     if plot and "params" in exp:
-        plot_test_time(T, L, fit_test_time(T, L, "exp"), mu, path.with_name(path.stem + "_fit.png"),
-                       title=data.get("model", ""))
+        plot_test_time(T, L, exp, mu, path.with_name(path.stem + "_fit.png"), title=data.get("model", ""))
     return result
 
 
-def plot_test_time(T, L, fit: Fit, mu: Optional[int], out: Path, title: str = "") -> Path:
+def plot_test_time(T, L, fit: Optional[dict], mu: Optional[int], out: Path, title: str = "",
+                   measured: str = "measured") -> Path:
+    """The loss-by-loops plot: measured losses at each loop count, the fitted L∞ + Z·e^(−zT) (``fit``: an entry of
+    ``fit_loops_file``'s ``fits``, i.e. ``Fit.to_dict()``; None draws the points alone) and μ_rec."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(T, L, "o", label="measured")
-    grid = np.linspace(min(T), max(T), 200)
-    p = fit.params
-    ax.plot(grid, fit.predict(grid), "-", label=f"L∞ + Z·e^(−zT): L∞={p['L_inf']:.4f}, Z={p['Z']:.3g}, z={p['z']:.3g}")
-    ax.axhline(p["L_inf"], color="grey", lw=0.8, ls=":")
+    ax.plot(T, L, "o", label=measured)
+    if fit is not None:
+        grid, p = np.linspace(min(T), max(T), 200), fit["params"]
+        ax.plot(grid, law_at_loops(fit.get("form", "exp"), p, grid), "-",
+                label=f"L∞ + Z·e^(−zT): L∞={p['L_inf']:.4f}, Z={p['Z']:.3g}, z={p['z']:.3g}")
+        ax.axhline(p["L_inf"], color="grey", lw=0.8, ls=":")
     if mu:
         ax.axvline(mu, color="grey", ls="--", label=f"μ_rec = {mu}")
-    ax.set_xlabel("loops T")
-    ax.set_ylabel("validation loss")
+    ax.set_xlabel("loops T at test time")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()

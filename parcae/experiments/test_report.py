@@ -57,34 +57,11 @@ def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str
             console.print(f"test-time fit L(T) = L∞ + Z·exp(−z·T): L∞ = {p['L_inf']:.4f}, Z = {p['Z']:.4g}, "
                           f"z = {p['z']:.4g} (mean Huber {fit['huber']:.2e}; all forms: parcae fit-loops {out_dir})")
     if len(rows) > 1:
-        written.append(_plot(rows, fit, out_dir / TEST_LOOPS_PLOT, model_name, mean_recurrence, looped,
-                             global_step, split))
+        from parcae.analysis.fits import plot_test_time
+
+        written.append(plot_test_time([r["loops"] for r in rows], [r["loss"] for r in rows], fit,
+                                      mean_recurrence if looped else None, out_dir / TEST_LOOPS_PLOT,
+                                      title=f"{model_name}, step {global_step}", measured=f"{split} loss"))
     console.print("[bold]results[/bold]: " + ", ".join(str(p) for p in written))
     return written
 
-
-def _plot(rows, fit, path: Path, model_name: str, mean_recurrence: int, looped: bool, global_step: int,
-          split: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    loops = [r["loops"] for r in rows]
-    ax.plot(loops, [r["loss"] for r in rows], "o", label=f"{split} loss")
-    if fit is not None:
-        p, grid = fit["params"], np.linspace(min(loops), max(loops), 200)
-        ax.plot(grid, p["L_inf"] + p["Z"] * np.exp(-p["z"] * grid), "-", lw=1,
-                label=f"L∞ + Z·e^(−zT): L∞ = {p['L_inf']:.3f}, z = {p['z']:.2f}")
-    if looped:
-        ax.axvline(mean_recurrence, color="grey", ls="--", label=f"μ_rec = {mean_recurrence}")
-    ax.set_xlabel("loops T at test time")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{model_name}, step {global_step}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from parcae.analysis.fits import (fit_parametric_law, fit_test_time, floor_error, huber, isoflop_optima, power_law)
+from parcae.analysis.fits import (fit_parametric_law, fit_test_time, floor_error, huber, isoflop_optima, law_at_loops,
+                                  plot_test_time, power_law)
 
 RNG = np.random.default_rng(0)
 
@@ -13,6 +14,23 @@ RNG = np.random.default_rng(0)
 def test_huber_is_quadratic_then_linear():
     assert huber(np.array([5e-4]))[0] == pytest.approx(0.5 * 25e-8)
     assert huber(np.array([-3e-3]))[0] == pytest.approx(1e-3 * (3e-3 - 0.5e-3))
+
+
+def test_law_at_loops_by_hand_and_the_one_loss_by_loops_plot(tmp_path):
+    """Each of Table 12's forms evaluated by hand; the plot (used by `parcae test` and `parcae fit-loops`) draws a
+    stored fit entry, or the points alone."""
+    p = {"L_inf": 3.0, "Z": 2.0, "z": 0.5}
+    T = np.array([1.0, 4.0])
+    assert law_at_loops("exp", p, T) == pytest.approx(3 + 2 * np.exp(-0.5 * T))
+    assert law_at_loops("shifted_power", p, T) == pytest.approx(3 + 2 * (1 + T) ** -0.5)
+    assert law_at_loops("power", p, T) == pytest.approx(3 + 2 * T ** -0.5)
+    assert law_at_loops("pure_power", p, T) == pytest.approx(2 * T ** -0.5)
+    L = law_at_loops("exp", p, np.arange(1, 9))
+    fit = fit_test_time(np.arange(1, 9), L, "exp")
+    assert fit.predict(T) == pytest.approx(law_at_loops("exp", p, T), rel=1e-4)
+    for name, entry in (("fit.png", fit.to_dict()), ("points.png", None)):
+        out = plot_test_time(list(range(1, 9)), list(L), entry, 4, tmp_path / name)
+        assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_test_time_exponential_law_is_recovered():
