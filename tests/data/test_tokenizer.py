@@ -4,7 +4,8 @@ import pytest
 
 from conftest import SHAKESPEARE_TOKENIZER, synthetic_documents
 from data_prep.tokenizer import capped_texts, new_tokenizer, train_tokenizer
-from parcae.data.tokenizer import load_tokenizer, special_ids, token_byte_lengths
+from parcae.data.tokenizer import (TextStream, encode_prompt, encode_text, load_tokenizer, special_ids, stop_ids,
+                                   token_byte_lengths)
 
 TEXTS = ["To be, or not to be, that is the question:", "Numbers 1234567 and 3.14159!",
          "Ünïcödé — “quotes”, 漢字 and emoji 🤖 all survive.", "  leading spaces\n\n\ttabs\r\nand CRLF  ", ""]
@@ -61,3 +62,17 @@ def test_character_caps():
     assert [len(t) for t in out] == [40, 40, 40]
     out = list(capped_texts([D("a" * 50), D("b" * 50)], max_chars=70, max_doc_chars=None))
     assert [len(t) for t in out] == [50, 20]
+
+
+def test_framing_and_streamed_text():
+    """One owner of the framing: <|bos|> (id 0) then the text's tokens; generation stops at <|eos|> (id 1); streamed
+    pieces never split a multi-byte character, skip special tokens and add up to the decoded text."""
+    tok = load_tokenizer(str(SHAKESPEARE_TOKENIZER))
+    text = "héllo wörld ✓ 日本"
+    ids = encode_text(tok, text)
+    assert encode_prompt(tok, text) == [0, *ids] and stop_ids(tok) == [1]
+    assert len(ids) > len(text.split())                  # several characters span more than one token
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in [*ids, 1]]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == stream.text == text
+    assert pieces[-1] == "" and pieces.count("") >= 3    # <|eos|> adds nothing; partial characters wait
