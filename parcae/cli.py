@@ -33,7 +33,7 @@ from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 
 # The verbs outside LightningCLI's fit/validate/test/predict: name -> (module:function, imported only when used;
 # one-line help). Each function is typed and documented, and `parcae <verb>` reads its flags from them
-# (parcae.command_line); `prepare` hands its arguments to the data-preparation scripts.
+# (parcae.command_line); `prepare <step>` parses the typed functions of data_prep (PREPARE_STEPS) the same way.
 VERBS = {
     "report": ("parcae.experiments.report:report",
                "the paper's tables beside our results (`parcae report table5`, `parcae report mini`, `--list`)"),
@@ -239,17 +239,19 @@ def _quiet_known_noise() -> None:
             handler.addFilter(_NoTips())
 
 
+PREPARE_STEPS = {  # `parcae prepare <step>`: typed functions of data_prep, parsed like every other verb
+    "shakespeare": "data_prep.shakespeare:shakespeare_command",
+    "shards": "data_prep.shards:shards_command",
+    "tokenizer": "data_prep.tokenizer:tokenizer_command",
+}
+
+
 def _prepare(rest: list[str]) -> None:
     if not rest or rest[0] in ("-h", "--help"):
-        print("usage: parcae prepare {shakespeare,shards,tokenizer} [options]\n  " + VERBS["prepare"][1])
+        print(f"usage: parcae prepare {{{','.join(PREPARE_STEPS)}}} [options]\n  " + VERBS["prepare"][1])
         return
     step, args = rest[0], rest[1:]
-    if step == "shakespeare":
-        from data_prep.shakespeare import main as run
-    elif step == "shards":
-        from data_prep.shards import main as run
-    elif step == "tokenizer":
-        from data_prep.tokenizer import main as run
-    else:
-        raise UsageError(f"unknown step {step!r} (shakespeare, shards, tokenizer)")
-    run(args)
+    if step not in PREPARE_STEPS:
+        raise UsageError(f"unknown step {step!r} ({', '.join(PREPARE_STEPS)})")
+    module, function = PREPARE_STEPS[step].split(":")
+    call_verb(f"prepare {step}", getattr(importlib.import_module(module), function), args)

@@ -11,7 +11,7 @@
     run_main("fit-loops", fit_loops)          # `parcae fit-loops RESULTS [--mean_recurrence N]`
 
 Parameters before ``/`` are positional (a list one takes several values), the others ``--name`` flags of the
-annotated type with the docstring's help; a bool is a switch (``--meta``, ``--meta false``, ``--no_meta``); a
+annotated type with the docstring's help (a list flag takes several values: ``--input a b c``); a bool is a switch (``--meta``, ``--meta false``, ``--no_meta``); a
 dataclass parameter (``DepthOptions``) adds its fields as flags of their own names, except those the function
 declares itself. Every verb also takes ``--config FILE`` (YAML, keys = flag names) and ``--print_config``.
 Parsing is jsonargparse's (what LightningCLI uses for fit/validate/test/predict); a mistake is one line.
@@ -68,6 +68,9 @@ def add_parameters(parser: ArgumentParser, function: Callable, skip: frozenset =
                                 help=helps.get(name), **given)
         elif hint is bool:
             parser.add_argument(f"--{name}", action=ActionYesNo, nargs="?", help=helps.get(name), **given)
+        elif typing.get_origin(hint) is list:  # `--input a b c`, as argparse's nargs="+"
+            parser.add_argument(f"--{name}", type=typing.get_args(hint)[0], nargs="+", help=helps.get(name),
+                                required=not given, **given)
         else:
             parser.add_argument(f"--{name}", type=hint, help=helps.get(name), required=not given, **given)
 

@@ -4,18 +4,19 @@ options are one dataclass (``parcae.inference.options.DepthOptions``) shared by 
 every mistake on the command line is one ``parcae <verb>: error: ...`` line."""
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from parcae.cli import VERBS, main, verb_function
+from parcae.cli import PREPARE_STEPS, VERBS, main, verb_function
 from parcae.command_line import verb_parser
 from parcae.inference.options import DepthOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-TYPED_VERBS = [v for v in VERBS if v != "prepare"]  # prepare hands its arguments to the data_prep scripts
+TYPED_VERBS = [v for v in VERBS if v != "prepare"]  # prepare's steps are below (PREPARE_STEPS)
 DEPTH_FLAGS = {f"--{f.name}" for f in dataclasses.fields(DepthOptions)}
 
 
@@ -32,6 +33,28 @@ def error_of(argv: list[str]) -> str:
 @pytest.mark.parametrize("verb", TYPED_VERBS)
 def test_every_verb_takes_a_config_file_and_prints_its_config(verb):
     assert {"--config", "--print_config", "--help"} <= flags(verb)
+
+
+@pytest.mark.parametrize("step", PREPARE_STEPS)
+def test_every_prepare_step_takes_a_config_file_and_prints_its_config(step):
+    module, function = PREPARE_STEPS[step].split(":")
+    parser = verb_parser(f"prepare {step}", getattr(importlib.import_module(module), function))
+    assert {"--config", "--print_config", "--help"} <= {s for a in parser._actions for s in a.option_strings}
+
+
+def test_prepare_reads_a_list_flag_from_the_command_line_and_from_a_config_file(tmp_path, capsys):
+    """`--input a b` (several values, as the documented shards command has it) and the same list in --config."""
+    with pytest.raises(SystemExit):
+        main(["prepare", "shards", "--input", "a.jsonl", "b.parquet", "--vocab_size", "300", "--output", "out",
+              "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["input"] == ["a.jsonl", "b.parquet"] and printed["vocab_size"] == 300
+    config = tmp_path / "shards.yaml"
+    config.write_text(yaml.safe_dump({**printed, "input": [str(tmp_path / "missing.jsonl")]}))
+    message = error_of(["prepare", "shards", "--config", str(config)])
+    assert message == f"parcae prepare: error: {tmp_path / 'missing.jsonl'}: no such file or folder"
+    assert error_of(["prepare", "shards", "--input", "a", "--output", "o"]) == \
+        "parcae prepare: error: give either --tokenizer or --vocab_size (to train one)"
 
 
 def test_print_config_then_config_file_round_trip(tmp_path, capsys):
