@@ -28,6 +28,9 @@ from parcae.data.tokenizer import TextStream, bos_id, encode_prompt, encode_text
 from parcae.model.loss import IGNORE_INDEX, real_logits, token_nll
 
 try:
+    # lm-eval imports its own models (hf, vllm, ...) only while its registry is empty; registering ours first would
+    # hide them from `--model hf` in the same process, so let it register them now.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -86,7 +86,8 @@ def test_generate_runs_on_an_imported_run_with_its_own_tokenizer(run, capsys):
         ids.append(int(logits.argmax()))
         if ids[-1] == tok.token_to_id("<|eos|>"):
             break
-    assert printed == ("The fox" + tok.decode(ids[n_prompt:], skip_special_tokens=True)).strip()
+    # a character whose bytes the last tokens only began is never printed (parcae.data.tokenizer.TextStream)
+    assert printed == ("The fox" + tok.decode(ids[n_prompt:], skip_special_tokens=True)).rstrip("\ufffd").strip()
 
 
 def test_core_runs_with_the_imported_tokenizer(run, tmp_path):

@@ -147,5 +147,5 @@ def test_consolidate_refuses_what_it_cannot_consolidate(tmp_path):
         main(["consolidate", str(tmp_path / "missing")])
     (tmp_path / "run").mkdir()
     torch.save({"state_dict": {}}, tmp_path / "run" / "last.ckpt")  # a single-file checkpoint
-    with pytest.raises(SystemExit, match="holds no sharded checkpoint folder"):
+    with pytest.raises(SystemExit, match="has no sharded checkpoint that loads"):
         main(["consolidate", str(tmp_path / "run")])
