@@ -101,3 +101,19 @@ def write_recipe(path, data_dir, runs_dir, run_name="tiny", max_steps=12, arch=N
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False) + extra)
     return path
+
+
+def write_choice_task(folder, name, items, metrics=("acc",)):
+    """A local lm-eval multiple-choice task ``name`` in ``folder`` (for ``TaskManager(include_path=folder)``):
+    one JSON line per (query, choices, gold) item."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "choices": c, "gold": g}) + "\n" for q, c, g in items))
+    metric_list = "".join(f"  - metric: {m}\n" for m in metrics)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        f"metric_list:\n{metric_list}")

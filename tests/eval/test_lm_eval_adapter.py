@@ -2,7 +2,6 @@
 log-likelihood and loglikelihood checked against the hand-computable bigram model (toy_models.py); generate_until
 (which decodes with the engine) against a greedy loop over a tiny real model's full forwards."""
 
-import json
 import math
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from parcae.eval.lm_eval_adapter import ParcaeEvalLM
-from conftest import perturb_weights
+from conftest import perturb_weights, write_choice_task
 from toy_models import Bigram, word_tokenizer
 
 ITEMS = [("cat", ["cat", "dog", "fish", "bird"], 0), ("cat", ["cat", "dog", "fish", "bird"], 1),
@@ -21,21 +20,7 @@ ITEMS = [("cat", ["cat", "dog", "fish", "bird"], 0), ("cat", ["cat", "dog", "fis
 
 
 def test_local_multiple_choice_task_through_simple_evaluate(tmp_path):
-    data = tmp_path / "toy_pets.jsonl"
-    data.write_text("".join(json.dumps({"query": "pet", "choices": c, "gold": g}) + "\n" for _, c, g in ITEMS))
-    (tmp_path / "toy_pets.yaml").write_text(f"""task: toy_pets
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-""")
+    write_choice_task(tmp_path, "toy_pets", [("pet", c, g) for _, c, g in ITEMS])
     model = Bigram()
     lm = ParcaeEvalLM(model=model, tokenizer_obj=word_tokenizer(), loops=6, batch_size=4)
     results = lm_eval.simple_evaluate(model=lm, tasks=["toy_pets"], task_manager=TaskManager(include_path=str(tmp_path)))

@@ -3,7 +3,6 @@
 initial state is zero; within the like-init noise otherwise, which parcae seeds per request and the folder per
 position)."""
 
-import json
 
 import pytest
 
@@ -11,6 +10,7 @@ pytest.importorskip("transformers")
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from conftest import write_choice_task  # noqa: E402
 from hf_runs import export, make_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,23 +21,7 @@ ITEMS = [("The cat sat on the", ["mat", "dog", "sky", "fish"], 0), ("Once upon a
 
 
 def _task(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "toy_choices.jsonl"
-    data.write_text("".join(json.dumps({"query": q, "choices": c, "gold": g}) + "\n" for q, c, g in ITEMS))
-    (folder / "toy_choices.yaml").write_text(f"""task: toy_choices
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-""")
+    write_choice_task(folder, "toy_choices", ITEMS, metrics=("acc", "acc_norm"))
     return folder
 
 
