@@ -105,12 +105,15 @@ class _ExitSchedule:
     def __init__(self, engine: "Engine", real: Tensor) -> None:
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
         self.every = engine.exit_every
-        self.vocab_size, self.counter = engine.config.vocab_size, engine._iterations
+        self.vocab_size, self.counter, self.readouts = engine.config.vocab_size, engine._iterations, engine._readouts
         self.keep_computing = engine.policy.kind == "full"
+        self.real = real
         self.deciding = real.clone()      # output not yet fixed
-        self.computing = real.clone()     # still iterating (storing their keys/values)
+        # still iterating (storing their keys/values): the deciding tokens, or under full every real token
+        self.computing = real if self.keep_computing else None
         self.active: Optional[Tensor] = None   # rows still computing (None: all)
         self.finished = False
+        self.ran = 0  # iterations run so far
         self.depth = torch.full(real.shape, self.iterations, dtype=torch.long, device=real.device)
         self.tracker = self.h_out = self.logits_out = None
 
@@ -118,19 +121,28 @@ class _ExitSchedule:
         return self.active
 
     def writes(self, t: int) -> Tensor:
-        return pick(self.computing, self.active)
+        return self.computing if self.keep_computing else pick(self.deciding, self.active)
 
     def done(self, t: int, h_before: Tensor, h: Tensor, rows: Optional[Tensor], read_out) -> None:
         if self.tracker is None:  # t = 0, every row: h_before is h₀
             self.tracker, self.h_out = self.rule.start(h_before, self.vocab_size), h_before
-        self.counter += pick(self.computing, rows).sum()
+        self.ran = t + 1
         last, n = t + 1 == self.iterations, t + 1 - self.min_loops
         if not last and (n < 0 or n % self.every):
             return  # not a checked iteration
         deciding = pick(self.deciding, rows)
         logits = read_out(h, deciding) if self.rule.needs_logits else None
-        converged, _ = self.tracker.update(h, logits, rows)
+        if logits is not None:  # the read-out ran on every row still computing
+            self.readouts += (self.computing if self.keep_computing else deciding).sum()
+        # the state rules compare with the previous iteration's state when that was the previous check
+        consecutive = self.every == 1 and t + 1 > self.min_loops
+        converged, _ = self.tracker.update(h, logits, rows, h_before if consecutive else None)
         stop = deciding if last else deciding & converged
+        reading = not (self.keep_computing or last)
+        if reading:  # the one device read of this iteration: which rows have a token stopping, which stay
+            stopping, still = torch.stack([stop.any(-1), (deciding & ~stop).any(-1)]).tolist()
+            if not any(stopping):
+                return  # nothing to record, nobody leaves
         self.h_out = put(self.h_out, rows, torch.where(stop[..., None], h, pick(self.h_out, rows)))
         self.depth = put(self.depth, rows, torch.where(stop, t + 1, pick(self.depth, rows)))
         if logits is not None:
@@ -139,12 +151,7 @@ class _ExitSchedule:
             self.logits_out = put(self.logits_out, rows,
                                   torch.where(stop[..., None], logits, pick(self.logits_out, rows)))
         self.deciding = put(self.deciding, rows, deciding & ~stop)
-        if self.keep_computing or last:
-            return
-        computing = pick(self.computing, rows) & ~stop
-        self.computing = put(self.computing, rows, computing)
-        still = computing.any(-1).tolist()  # the one device read of this iteration
-        if all(still):
+        if not reading or all(still):
             return
         keep = [i for i, s in enumerate(still) if s]
         self.finished = not keep
@@ -152,6 +159,9 @@ class _ExitSchedule:
         self.active = index if rows is None else rows.index_select(0, index)
 
     def output(self, h: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        # (token, iteration) pairs computed: under full every real token ran every iteration; otherwise a token
+        # computed exactly its depth (counted once here, not per iteration)
+        self.counter += self.real.sum() * self.ran if self.keep_computing else torch.where(self.real, self.depth, 0).sum()
         return self.h_out, self.logits_out
 
 
@@ -195,12 +205,18 @@ class Engine:
         from .speculative import parse_speculate  # (it builds on this module)
         self.speculate = parse_speculate(speculate, self) if speculate is not None else None
         self.device = next(model.parameters()).device
-        # (token, iteration) pairs computed by the recurrent blocks, for accounting; kept on the device
+        # (token, iteration) pairs computed by the recurrent blocks, and tokens read out through C, the coda and the
+        # head (once per token, or per check with an output-based exit rule), for accounting; kept on the device
         self._iterations = torch.zeros((), dtype=torch.long, device=self.device)
+        self._readouts = torch.zeros((), dtype=torch.long, device=self.device)
 
     @property
     def iterations_run(self) -> int:
         return int(self._iterations)
+
+    @property
+    def readouts_run(self) -> int:
+        return int(self._readouts)
 
     @property
     def adaptive(self) -> bool:
@@ -250,6 +266,8 @@ class Engine:
         out = self.model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
                               initial_state=initial_state, state_seed=self.seed, sequences=sequences,
                               need_logits=need_logits)
+        if out.logits is not None and not (isinstance(schedule, _ExitSchedule) and schedule.logits_out is not None):
+            self._readouts += real.sum()  # the model read the final states out once
         depth = schedule.depth if isinstance(schedule, _ExitSchedule) else \
             torch.full(tokens.shape, schedule.iterations, dtype=torch.long, device=tokens.device)
         logits, state = out.logits, out.state

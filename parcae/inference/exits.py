@@ -91,16 +91,21 @@ class ExitTracker:
         self.prev_argmax = torch.full(shape, -1, dtype=torch.long, device=h0.device)
         self.stable = torch.zeros(shape, dtype=torch.long, device=h0.device)
 
-    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """(converged [b, S] bool, rule value [b, S]) after one more iteration of rows ``rows`` (None: all)."""
+    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None,
+               h_before: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(converged [b, S] bool, rule value [b, S]) after one more iteration of rows ``rows`` (None: all).
+
+        ``h_before`` (the state before this iteration) says the previous check was the previous iteration, so the
+        state rules compare against it and keep no copy of their own (checks every iteration cost no bookkeeping)."""
         name, thr = self.rule.name, self.rule.threshold
         if name in ("latent-diff", "cosine"):
-            prev, now = pick(self.prev_h, rows).float(), h.float()
+            prev, now = (pick(self.prev_h, rows) if h_before is None else h_before).float(), h.float()
             if name == "latent-diff":
                 value = (now - prev).norm(dim=-1) / now.norm(dim=-1).clamp(min=1e-12)
             else:
                 value = 1 - F.cosine_similarity(now, prev, dim=-1, eps=1e-12)
-            self.prev_h = put(self.prev_h, rows, h)
+            if h_before is None:
+                self.prev_h = put(self.prev_h, rows, h)
             return value < thr, value
         log_probs = F.log_softmax(real_logits(logits, self.vocab_size), dim=-1)
         if name == "minp-kl":
@@ -147,7 +152,8 @@ class _ForcedTracker:
     def __init__(self, target: Tensor) -> None:
         self.target, self.done = target, torch.zeros_like(target)
 
-    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None,
+               h_before: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         done = pick(self.done, rows) + 1
         self.done = put(self.done, rows, done)
         return done >= pick(self.target, rows), done.float()

@@ -95,6 +95,31 @@ def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None, *,
                          attention_unit * attn_train_layers, per_token)
 
 
+def inference_flops_per_token(config: ModelConfig, iterations: float, readouts: float = 1.0,
+                               context: float = 0.0) -> float:
+    """Forward FLOPs per generated (or scored) token as the inference engine spends them: the prelude once, the
+    recurrent blocks + injection ``iterations`` times, and the read-out path (C, coda, final norm, tied head)
+    ``readouts`` times -- once per token at a fixed depth or with a state-based exit rule, once per checked
+    iteration with an output-based rule (kl, entropy-diff, ...). Matmuls count 2 FLOPs per multiplied parameter
+    (value-embedding lookups count nothing); attention adds 4·d·``context`` per attention layer, ``context`` being
+    the mean number of positions a token attends to."""
+    from .looped import LoopedLM  # local import: flops is imported by the model package
+
+    with torch.device("meta"):
+        counts = LoopedLM(config).parameter_counts()
+    head = counts["embeddings"]  # the tied table, used once per read-out as the head (value tables are lookups)
+    once = counts["prelude"] + counts["norms"]
+    per_iteration = counts["recurrent"] + counts["injection"]
+    per_readout = counts["readout"] + counts["coda"] + head
+    if not config.looped:  # a GPT runs its middle blocks once like the rest
+        once, per_iteration, iterations = once + per_iteration, 0, 0.0
+        attention_layers = config.n_layers - config.n_coda + readouts * config.n_coda
+    else:
+        attention_layers = config.n_prelude + iterations * config.n_recurrent + readouts * config.n_coda
+    return 2.0 * (once + iterations * per_iteration + readouts * per_readout) \
+        + 4.0 * config.d_model * context * attention_layers
+
+
 def effective_parameters(config: ModelConfig, mean_recurrence: Optional[float] = None) -> float:
     """N(μ_rec), the unrolled parameter count of the scaling laws (paper Eq. 4/7): non-embedding parameters
     with the per-iteration ones (recurrent blocks + injection) counted μ_rec times. The paper does not state

@@ -200,22 +200,31 @@ class LoopedLM(nn.Module):
 
     def _iterate(self, h: Tensor, drive: Tensor, schedule: Schedule, rope: Tensor,
                  value_embeddings: dict[int, Tensor], cache=None) -> Tensor:
-        """Run the iterations of ``schedule``, computing only the rows it names for each (cost ∝ Σ depths)."""
+        """Run the iterations of ``schedule``, computing only the rows it names for each (cost ∝ Σ depths).
+
+        The rows' slices (state, drive, RoPE, value embeddings) are gathered when the schedule names a different
+        set of rows and the state is scattered back only then, so a schedule whose rows change only when some
+        leave (the engine's exit rules) pays for the gather/scatter once per change, not per iteration."""
         step = self.recurrent_step
         if self.checkpoint_iterations and torch.is_grad_enabled():
             step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
+        current, h_in, drive_in, rope_in, ve_in = None, h, drive, rope, value_embeddings  # slices of rows `current`
         for t in range(schedule.first, schedule.iterations):
             if schedule.finished:
                 break
             rows, write = schedule.rows(t), schedule.writes(t)
-            h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() == 4 else rope
-            ve_in = value_embeddings if rows is None else {i: v.index_select(0, rows) for i, v in value_embeddings.items()}
+            if rows is not current:
+                h = h_in if current is None else h.index_copy(0, current, h_in)
+                h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() == 4 else rope
+                ve_in = value_embeddings if rows is None else \
+                    {i: v.index_select(0, rows) for i, v in value_embeddings.items()}
+                current = rows
             caches = None if cache is None else [cache.loop(r, t, rows, write) for r in range(len(self.recurrent))]
             h_out = step(h_in, drive_in, rope_in, ve_in, caches) if caches else step(h_in, drive_in, rope_in, ve_in)
             schedule.done(t, h_in, h_out, rows,
-                          lambda x, w: self.read_out(x, rope_in, ve_in, cache, rows, w))
-            h = h_out if rows is None else h.index_copy(0, rows, h_out)
-        return h
+                          lambda x, w, rope_in=rope_in, ve_in=ve_in: self.read_out(x, rope_in, ve_in, cache, rows, w))
+            h_in = h_out
+        return h_in if current is None else h.index_copy(0, current, h_in)
 
     # ----------------------------------------------------------------------------------------------
     def _check_input(self, input_ids: Tensor) -> tuple[int, int]:
