@@ -242,7 +242,7 @@ class CoreScorer:
 def core(*, ckpt_path: str, bundle: str, loops: Optional[int] = None, tasks: str = "core",
          seeds: str = ",".join(map(str, SEEDS)), max_per_task: Optional[int] = None, batch_size: int = 32,
          device: str = "cuda" if torch.cuda.is_available() else "cpu", tokenizer: Optional[str] = None,
-         out: Optional[Path] = None) -> None:
+         out: Optional[Path] = None, overwrite: bool = False) -> None:
     """CORE / Core-Extended at a chosen loop count, from a local eval bundle.
 
     Args:
@@ -256,16 +256,20 @@ def core(*, ckpt_path: str, bundle: str, loops: Optional[int] = None, tasks: str
         device: cpu, cuda, cuda:1, ...
         tokenizer: tokenizer.json (default: the run's own or its data folder's).
         out: JSON output (default: beside the checkpoint when that folder is writable, else printed only).
+        overwrite: replace an existing ``out`` file (otherwise refused before any work).
     """
     args = SimpleNamespace(ckpt_path=ckpt_path, bundle=bundle, loops=loops, tasks=tasks, seeds=str(seeds),
                            max_per_task=max_per_task, batch_size=batch_size, device=device, tokenizer=tokenizer,
                            out=out)
     from parcae.options import check_options
-    from parcae.runs import core_result, load_checkpoint, results_location
+    from parcae.runs import core_result, load_checkpoint, results_location, write_text_atomically
+    from parcae.runs.output import check_writable_output
 
     try:
         check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), max_per_task=(args.max_per_task, 1))
         out_dir, note = results_location(Path(args.ckpt_path).parent) if args.out is None else (None, None)
+        if args.out is not None:
+            check_writable_output(args.out, overwrite, flag="--out")
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         model = run.model
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -280,7 +284,7 @@ def core(*, ckpt_path: str, bundle: str, loops: Optional[int] = None, tasks: str
         raise UsageError(str(err)) from None
     out = args.out or (out_dir / core_result(args.tasks, scorer.loops) if out_dir is not None else None)
     if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     from rich.console import Console
     from rich.table import Table
 

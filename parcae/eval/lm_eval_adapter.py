@@ -159,7 +159,7 @@ def lm_eval_command(*, ckpt_path: str, tasks: str, loops: Optional[int] = None, 
     args = SimpleNamespace(ckpt_path=ckpt_path, tasks=tasks, loops=loops, num_fewshot=num_fewshot,
                            batch_size=batch_size, limit=limit, include_path=include_path, device=device)
     from parcae.options import check_options
-    from parcae.runs import lm_eval_result, results_location
+    from parcae.runs import lm_eval_result, results_location, write_text_atomically
 
     check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), num_fewshot=(args.num_fewshot, 0))
     out_dir, note = results_location(Path(args.ckpt_path).parent)
@@ -176,6 +176,6 @@ def lm_eval_command(*, ckpt_path: str, tasks: str, loops: Optional[int] = None, 
         print(f"[parcae] {note}")
         return
     out = out_dir / lm_eval_result(lm.loops)
-    out.write_text(json.dumps(results["results"], indent=2, default=str) + "\n")
+    write_text_atomically(out, json.dumps(results["results"], indent=2, default=str) + "\n")
     print(f"written: {out}")
 

@@ -106,7 +106,7 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         return _main_elastic(args, depth)
     from parcae.model import parse_loops
     from parcae.options import check_options, loop_cost_note
-    from parcae.runs import load_checkpoint, perplexity_result, results_location
+    from parcae.runs import load_checkpoint, perplexity_result, results_location, write_text_atomically
 
     try:
         check_options(window=(args.window, 1), context=(args.context, 1))
@@ -144,15 +144,15 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         print(f"[parcae] {note}")
         return
     out = out_dir / perplexity_result(args.text)
-    out.write_text(json.dumps({"text": str(args.text), "checkpoint": str(args.ckpt_path), "results": rows},
-                              indent=2) + "\n")
+    write_text_atomically(out, json.dumps({"text": str(args.text), "checkpoint": str(args.ckpt_path),
+                                           "results": rows}, indent=2) + "\n")
     print(f"written: {out}")
 
 
 def _main_elastic(args, depth: DepthOptions) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
     from parcae.inference.elastic import elastic_nll
-    from parcae.runs import load_checkpoint, perplexity_result, results_location
+    from parcae.runs import load_checkpoint, perplexity_result, results_location, write_text_atomically
 
     try:
         if args.loops:
@@ -173,6 +173,6 @@ def _main_elastic(args, depth: DepthOptions) -> None:
         print(note)
         return
     out = out_dir / perplexity_result(args.text, exit_rule=True)
-    out.write_text(json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
+    write_text_atomically(out, json.dumps({"text": str(args.text), "results": [row]}, indent=2) + "\n")
     print(f"written: {out}")
 

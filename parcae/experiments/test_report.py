@@ -7,11 +7,12 @@ the fitted law L(T) = L∞ + Z·exp(−zT) (paper §5.3, Eq. 6) and a PNG plot o
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
-from parcae.runs import TEST_LOOPS_CSV, TEST_LOOPS_JSON, TEST_LOOPS_PLOT
+from parcae.runs import TEST_LOOPS_CSV, TEST_LOOPS_JSON, TEST_LOOPS_PLOT, write_text_atomically
 
 
 def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str, mean_recurrence: int, looped: bool,
@@ -37,11 +38,12 @@ def write_test_report(rows: list[dict], out_dir: Optional[Path], model_name: str
     payload = {"model": model_name, "mean_recurrence": mean_recurrence, "global_step": global_step,
                "split": split, "checkpoint": checkpoint, "results": rows}
     written = [out_dir / TEST_LOOPS_JSON, out_dir / TEST_LOOPS_CSV]
-    written[0].write_text(json.dumps(payload, indent=2) + "\n")
-    with open(written[1], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["loops", "loss", "ppl", "bpb", "tokens_per_sec"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text_atomically(written[0], json.dumps(payload, indent=2) + "\n")
+    table_text = io.StringIO(newline="")
+    writer = csv.DictWriter(table_text, fieldnames=["loops", "loss", "ppl", "bpb", "tokens_per_sec"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(written[1], table_text.getvalue())
     fit = None
     if looped and len(rows) >= 3:
         from parcae.analysis.fits import fit_loops_file

@@ -16,7 +16,7 @@ from .layout import (CONFIG_FILE, IMPORT_RECORD, LAST_CHECKPOINT, TEST_LOOPS_CSV
                      is_sharded_checkpoint, lm_eval_result, perplexity_result, step_checkpoint_name)
 from .lock import RunLock, release_held_locks
 from .storage import (check_new_folder, copy_atomically, results_location, save_atomically,
-                      write_folder_atomically)
+                      write_folder_atomically, write_text_atomically)
 
 __all__ = [
     "CONFIG_FILE", "IMPORT_RECORD", "LAST_CHECKPOINT", "TEST_LOOPS_CSV", "TEST_LOOPS_FIT", "TEST_LOOPS_FIT_PLOT",
@@ -25,5 +25,5 @@ __all__ = [
     "copy_atomically", "core_result", "find_checkpoint", "has_checkpoint", "is_sharded_checkpoint",
     "lightning_checkpoint", "lm_eval_result", "load_checkpoint", "newest_checkpoint", "newest_good_checkpoint",
     "perplexity_result", "release_held_locks", "results_location", "resume_checkpoint", "run_tokenizer",
-    "save_atomically", "step_checkpoint_name", "write_folder_atomically",
+    "save_atomically", "step_checkpoint_name", "write_folder_atomically", "write_text_atomically",
 ]

@@ -2,6 +2,7 @@
 
     from parcae.runs.storage import save_atomically, write_folder_atomically
     save_atomically(checkpoint_dict, run_dir / "last.ckpt")       # staged beside it, fsynced, renamed
+    write_text_atomically(out_dir / "perplexity_x.json", text)      # a result file: complete or absent
     write_folder_atomically(out, lambda staging: ..., "output folder")
 
 A kill at any moment leaves either the previous file or the new one under the final name; the staging files
@@ -118,6 +119,20 @@ def copy_atomically(source: str | Path, target: str | Path, what: str = "file") 
         os.replace(tmp, target)
     except OSError as err:
         raise storage_error(what, target, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str, what: str = "result file") -> None:
+    """Write ``text`` to ``path`` through a staging file and a rename: a kill or a full disk never leaves a
+    half-written ``path`` (the previous version stays until the new one is complete)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise storage_error(what, path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
 

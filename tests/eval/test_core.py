@@ -78,3 +78,18 @@ def test_real_model_results_do_not_depend_on_batch_size(tiny_config):
     one = CoreScorer(model, tok, loops=3, batch_size=1).evaluate(BUNDLE, tasks, seeds=(1234,), progress=False)
     many = CoreScorer(model, tok, loops=3, batch_size=16).evaluate(BUNDLE, tasks, seeds=(1234,), progress=False)
     assert one["tasks"] == many["tasks"]
+
+
+def test_an_existing_out_file_is_refused_before_any_work(tmp_path):
+    from parcae.errors import UsageError
+    from parcae.eval.core import core
+
+    out = tmp_path / "core.json"
+    out.write_text("earlier results\n")
+    # the checkpoint does not even exist: the refusal comes first, and the file is untouched
+    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+        core(ckpt_path=str(tmp_path / "missing.ckpt"), bundle=str(tmp_path), out=out)
+    assert out.read_text() == "earlier results\n"
+    with pytest.raises(UsageError, match="missing.ckpt"):  # with --overwrite it goes on (and fails on the checkpoint)
+        core(ckpt_path=str(tmp_path / "missing.ckpt"), bundle=str(tmp_path), out=out, overwrite=True)
+    assert out.read_text() == "earlier results\n"
