@@ -28,6 +28,7 @@ from parcae.command_line import add_parameters, call_verb, exit_with_error, inte
 from parcae.errors import UsageError
 from parcae.inference.options import DepthOptions
 from parcae.runs import rundir
+from parcae.runs.checkpoint import run_relative_path
 from parcae.training.module import NonFiniteLossError, loop_rows
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
 
@@ -155,6 +156,15 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
     saved = yaml.safe_load(config.read_text())
     keep = {k: v for k, v in saved.items() if k in RUN_CONFIG_KEYS}
+    data = keep.get("data")
+    if isinstance(data, dict):  # relative data paths are relative to where the run was trained, not to here
+        keep["data"] = data = dict(data)
+        for key in ("datasets", "tokenizer"):
+            value = data.get(key)
+            if isinstance(value, str):
+                data[key] = _run_path(config.parent, saved, value)
+            elif isinstance(value, list):
+                data[key] = [_run_path(config.parent, saved, v) if isinstance(v, str) else v for v in value]
     if isinstance(keep.get("trainer"), dict):  # devices of the training run may not exist here
         keep["trainer"] = {k: v for k, v in keep["trainer"].items() if k in EVAL_TRAINER_KEYS}
     import atexit
@@ -165,6 +175,12 @@ def _with_run_config(argv: list[str]) -> list[str]:
     atexit.register(shutil.rmtree, derived.parent, ignore_errors=True)
     derived.write_text(yaml.safe_dump(keep, sort_keys=False))
     return [argv[0], "--config", str(derived), *argv[1:]]
+
+
+def _run_path(run_dir: Path, saved: dict, named: str) -> str:
+    """A path from a run's config.yaml as found from here (unchanged if it is found nowhere: the error names it)."""
+    found = run_relative_path(run_dir, saved, named)
+    return named if found is None else str(found)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -226,19 +226,33 @@ def run_tokenizer(run_dir: str | Path) -> Path:
     except (yaml.YAMLError, KeyError, IndexError, TypeError, AttributeError):
         raise CheckpointError(f"{config} names no tokenizer (data.tokenizer or data.datasets); pass --tokenizer") \
             from None
-    named = Path(named)
-    tried = [named] if named.is_absolute() else [Path.cwd() / named]
-    if not named.is_absolute():
-        runs_dir, run_name = Path(str(saved.get("runs_dir") or "")), str(saved.get("run_name") or run_dir.name)
-        if not runs_dir.is_absolute() and run_dir.name == run_name:
-            levels = len(runs_dir.parts)  # <trained from>/<runs_dir>/<run_name>
-            if run_dir.parent.parts[len(run_dir.parent.parts) - levels:] == runs_dir.parts or levels == 0:
-                tried.append(run_dir.parents[levels] / named)
-    for path in tried:
-        if path.is_file():
-            return path
-    raise CheckpointError(f"tokenizer {named} (from {config}) not found (looked in {', '.join(map(str, tried))}); "
-                          "pass --tokenizer")
+    tried = run_path_candidates(run_dir, saved, named)
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        tried = ", ".join(map(str, tried))
+        raise CheckpointError(f"tokenizer {named} (from {config}) not found (looked in {tried}); pass --tokenizer")
+    return found
+
+
+def run_path_candidates(run_dir: str | Path, saved: dict, named: str | Path) -> list[Path]:
+    """Where a path written in a run's ``config.yaml`` (``saved``) may be: itself if absolute; else relative to the
+    working directory, or to the folder the run was trained from (the folder above ``runs_dir`` when the run
+    directory sits where ``config.yaml`` says it was written)."""
+    named, run_dir = Path(named), Path(run_dir).resolve()
+    if named.is_absolute():
+        return [named]
+    tried = [Path.cwd() / named]
+    runs_dir, run_name = Path(str(saved.get("runs_dir") or "")), str(saved.get("run_name") or run_dir.name)
+    if not runs_dir.is_absolute() and run_dir.name == run_name:
+        levels = len(runs_dir.parts)  # <trained from>/<runs_dir>/<run_name>
+        if run_dir.parent.parts[len(run_dir.parent.parts) - levels:] == runs_dir.parts or levels == 0:
+            tried.append(run_dir.parents[levels] / named)
+    return tried
+
+
+def run_relative_path(run_dir: str | Path, saved: dict, named: str | Path) -> Optional[Path]:
+    """The first of :func:`run_path_candidates` that exists (None if none does)."""
+    return next((p for p in run_path_candidates(run_dir, saved, named) if p.exists()), None)
 
 
 # -- loading ----------------------------------------------------------------------------------------------------

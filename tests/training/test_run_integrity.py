@@ -481,6 +481,11 @@ def test_fit_keeps_a_copy_of_its_tokenizer_and_generate_finds_it_from_anywhere(t
     (project / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(config))
     loaded = load_checkpoint(project / "runs" / "old" / "last.ckpt")
     assert loaded.tokenizer_path == project / "data" / "tokenizer.json"
+    # parcae test from elsewhere reads the run's data where the run was trained (config.yaml says "data")
+    code, output = run(["test", "--ckpt_path", str(project / "runs" / "old" / "last.ckpt"), "--loops", "1",
+                        "--trainer.limit_test_batches", "1"], capsys)
+    assert code == 0, output
+    assert json.loads((project / "runs" / "old" / "test_loops.json").read_text())["results"][0]["loops"] == 1
 
 
 # -- issue 19 #10: a stale lock says what is known of its holder ----------------------------------------------------
