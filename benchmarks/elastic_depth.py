@@ -2,7 +2,7 @@
 T = 1..16 and every exit rule over a range of thresholds, all teacher-forced through the KV-cached engine
 (parcae.inference.elastic).
 
-    python benchmarks/elastic_depth.py --ckpt_path checkpoints/mini_demo/last.ckpt        # ~10 minutes on 2 CPU cores
+    python benchmarks/elastic_depth.py --ckpt_path checkpoints/mini_demo/last.ckpt        # ~3 minutes on 2 CPU cores
     python benchmarks/elastic_depth.py --ckpt_path ... --work tempest --windows 16 --window 128 --kv_policy latest
 
 The held-out text is a validation play of the embedded Shakespeare corpus (not used to train the tokenizer or the

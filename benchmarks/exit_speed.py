@@ -1,7 +1,7 @@
 """Elastic depth in tokens/s on a trained checkpoint: each exit rule and self-speculative decoding against fixed
 depth μ_rec, at batch 1 and batch 8, with the teacher-forced loss each setting pays on held-out text.
 
-    python benchmarks/exit_speed.py --ckpt_path checkpoints/mini_demo/last.ckpt          # ~4 minutes on 2 CPU cores
+    python benchmarks/exit_speed.py --ckpt_path checkpoints/mini_demo/last.ckpt          # ~15 minutes on 2 CPU cores
 
 Every setting is an :class:`parcae.inference.Engine` built as ``parcae generate`` builds it (an exit rule alone gets
 the saving defaults: max_loops = μ_rec, KV policy ``latest``, prompt at μ_rec). Generation: 8 prompts of
@@ -9,7 +9,8 @@ the saving defaults: max_loops = μ_rec, KV policy ``latest``, prompt at μ_rec)
 at a time (batch 1) and all 8 together (batch 8); settings run interleaved, the figure is the median of
 ``--repeats``. Loss: :func:`parcae.inference.elastic.elastic_nll` on ``--windows`` windows of the same play (each
 token its own engine step, so an exit rule decides per token as in generation), with the forward FLOPs per token
-it computed (exit checks included). Speculative settings (``--speculate D:K``) verify at μ_rec, so their output
+it computed (exit checks included), and at batch 8 the recurrent iterations a decode step ran (as many as its
+deepest row needs: exited rows cost nothing, but the step waits for the last). Speculative settings (``--speculate D:K``) verify at μ_rec, so their output
 and loss are fixed μ_rec's; their acceptance rate is printed. Writes <out>.json.
 """
 
@@ -70,12 +71,16 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {}
     depth: dict[str, float] = {}
     accepted: dict[str, float] = {}
+    step_iterations: dict[str, float] = {}  # recurrent iterations a batch-8 decode step ran (its deepest row)
+    calls = [0]
+    model.recurrent[0].register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
     for repeat in range(args.repeats):
         for setting in args.settings:
             for batch in (1, 8):
                 engine, tokens, loops = engine_for(model, setting), 0, 0
                 engine.generate(prompts[:1], 2)  # warm-up (allocations, first-call costs)
                 drafted = acc = 0
+                calls[0] = 0
                 start = time.perf_counter()
                 for i in range(0, 8, batch):
                     for g in engine.generate(prompts[i:i + batch], args.new_tokens, sequences=list(range(i, i + batch))):
@@ -84,6 +89,8 @@ def main() -> None:
                         drafted, acc = drafted + engine.speculation["drafted"], acc + engine.speculation["accepted"]
                 times.setdefault((setting, batch), []).append(tokens / (time.perf_counter() - start))
                 depth[setting] = loops / tokens
+                if batch == 8 and not engine.speculate:  # one prompt chunk (prefill_loops calls), then the steps
+                    step_iterations[setting] = (calls[0] - engine.prefill_loops) / args.new_tokens
                 if engine.speculate:
                     accepted[f"{setting} batch {batch}"] = acc / max(drafted, 1)
         print(f"[speed] repeat {repeat + 1}/{args.repeats} done", flush=True)
@@ -93,6 +100,7 @@ def main() -> None:
         scorer = Engine(model, loops=mu) if setting.startswith("speculate") else engine_for(model, setting)
         loss = elastic_nll(scorer, scored, 128, batch_size=args.windows)
         row = {"setting": setting, "loss": loss["loss"], "mean_loops": depth[setting],
+               "batch8_iterations_per_step": step_iterations.get(setting),
                "flops_per_token": loss["flops_per_token"], "scored_mean_loops": loss["mean_loops"]}
         for batch in (1, 8):
             tps = statistics.median(times[(setting, batch)])
@@ -103,12 +111,13 @@ def main() -> None:
                 row[f"acceptance_batch{batch}"] = accepted[f"{setting} batch {batch}"]
         rows.append(row)
     base = next(r for r in rows if r["setting"] == f"fixed:{mu}")
-    print(f"{'setting':<18} {'loss':>7} {'Δ vs μ':>7} {'loops':>6} {'MFLOP':>6} {'b1 tok/s':>9} {'×':>5} "
-          f"{'b8 tok/s':>9} {'×':>5}")
+    print(f"{'setting':<18} {'loss':>7} {'Δ vs μ':>7} {'loops':>6} {'b8 step':>7} {'MFLOP':>6} {'b1 tok/s':>9} "
+          f"{'×':>5} {'b8 tok/s':>9} {'×':>5}")
     for r in rows:
         extra = f"  acceptance {r['acceptance_batch1']:.0%}" if "acceptance_batch1" in r else ""
+        step = "-" if r["batch8_iterations_per_step"] is None else f"{r['batch8_iterations_per_step']:.2f}"
         print(f"{r['setting']:<18} {r['loss']:7.4f} {r['loss'] - base['loss']:+7.4f} {r['mean_loops']:6.2f} "
-              f"{r['flops_per_token'] / 1e6:6.2f} {r['tokens_per_s_batch1']:9.1f} {r['vs_fixed_mu_batch1']:5.2f} "
+              f"{step:>7} {r['flops_per_token'] / 1e6:6.2f} {r['tokens_per_s_batch1']:9.1f} {r['vs_fixed_mu_batch1']:5.2f} "
               f"{r['tokens_per_s_batch8']:9.1f} {r['vs_fixed_mu_batch8']:5.2f}{extra}")
     payload = {"checkpoint": str(args.ckpt_path), "model": model.config.name, "mean_recurrence": mu,
                "text": args.work, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

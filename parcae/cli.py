@@ -159,7 +159,7 @@ def _with_run_config(argv: list[str]) -> list[str]:
     data = keep.get("data")
     if isinstance(data, dict):  # relative data paths are relative to where the run was trained, not to here
         keep["data"] = data = dict(data)
-        for key in ("datasets", "tokenizer"):
+        for key in ("datasets", "val_dataset", "tokenizer"):
             value = data.get(key)
             if isinstance(value, str):
                 data[key] = _run_path(config.parent, saved, value)

@@ -216,6 +216,8 @@ class Engine:
 
     @property
     def readouts_run(self) -> int:
+        """Tokens read out to logits through C, the coda and the head (a prompt's prefill, which runs C and the
+        coda for their cache entries but not the head, is not counted)."""
         return int(self._readouts)
 
     @property

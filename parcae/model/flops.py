@@ -97,8 +97,8 @@ def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None, *,
 
 def inference_flops_per_token(config: ModelConfig, iterations: float, readouts: float = 1.0,
                                context: float = 0.0) -> float:
-    """Forward FLOPs per generated (or scored) token as the inference engine spends them: the prelude once, the
-    recurrent blocks + injection ``iterations`` times, and the read-out path (C, coda, final norm, tied head)
+    """Forward FLOPs per generated (or scored) token as the inference engine spends them: the prelude and the
+    injection's input term B̄e once, the recurrent blocks and Ā ``iterations`` times, and the read-out path (C, coda, final norm, tied head)
     ``readouts`` times -- once per token at a fixed depth or with a state-based exit rule, once per checked
     iteration with an output-based rule (kl, entropy-diff, ...). Matmuls count 2 FLOPs per multiplied parameter
     (value-embedding lookups count nothing); attention adds 4·d·``context`` per attention layer, ``context`` being
@@ -108,8 +108,11 @@ def inference_flops_per_token(config: ModelConfig, iterations: float, readouts: 
     with torch.device("meta"):
         counts = LoopedLM(config).parameter_counts()
     head = counts["embeddings"]  # the tied table, used once per read-out as the head (value tables are lookups)
-    once = counts["prelude"] + counts["norms"]
-    per_iteration = counts["recurrent"] + counts["injection"]
+    # B̄e (diagonal: B; concat: the e half of its projection) is computed once per token, before the loop; each
+    # iteration applies only Ā (or concat's h half) to the state
+    input_term = 0 if config.injection in ("add", "none") else config.d_model ** 2
+    once = counts["prelude"] + counts["norms"] + input_term
+    per_iteration = counts["recurrent"] + counts["injection"] - input_term
     per_readout = counts["readout"] + counts["coda"] + head
     if not config.looped:  # a GPT runs its middle blocks once like the rest
         once, per_iteration, iterations = once + per_iteration, 0, 0.0

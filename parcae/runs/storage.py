@@ -129,12 +129,18 @@ def write_text_atomically(path: str | Path, text: str, what: str = "result file"
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:  # written as given (CSV keeps its \r\n)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
         raise storage_error(what, path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def check_new_folder(target: str | Path, what: str) -> None:

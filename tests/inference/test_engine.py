@@ -305,7 +305,8 @@ def test_exited_rows_cost_nothing_the_recurrent_compute_is_the_sum_of_the_depths
     assert recurrent.count == prefill * engine.prefill_loops + sum(depths)
     # The output-based check (coda + head) runs on the rows still looping, once per iteration they run.
     assert coda.count == prefill + (sum(depths) if needs_logits else batch * n_new)
-    # The engine's own accounting (what elastic_nll turns into FLOPs) counts the same, padding left out.
+    # The engine's own accounting (what elastic_nll turns into FLOPs) counts the same, padding left out (and the
+    # prefill's pass through the coda, which reads nothing out to logits, is not a read-out).
     assert engine.iterations_run == sum(len(p) - 1 for p in prompts) * engine.prefill_loops + sum(depths)
     assert engine.readouts_run == (sum(depths) if needs_logits else batch * n_new)
 

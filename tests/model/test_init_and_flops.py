@@ -81,10 +81,10 @@ def test_tokens_for_budget_inverts_flops_per_token():
 
 def test_inference_flops_count_each_iteration_and_each_read_out():
     # mini-demo by hand: P/R/C 1/1/1 prenorm relu² blocks at d 64 (q k v o 4·64², up/down 2·64·256, 2 norms;
-    # the q/k norms have no weights), Ā and Δ (2·64) and B (64²), readout C (64²), prelude and final norm, tied
-    # head 4096·64.
+    # the q/k norms have no weights), Ā and Δ (2·64) per iteration and B (64²) once (B̄e is computed before the
+    # loop), readout C (64²), prelude and final norm, tied head 4096·64.
     d, block = 64, 4 * 64 * 64 + 2 * 64 * 256 + 2 * 64
-    once, per_iteration, per_readout = block + 2 * d, block + 2 * d + d * d, d * d + block + 4096 * d
+    once, per_iteration, per_readout = block + 2 * d + d * d, block + 2 * d, d * d + block + 4096 * d
     cfg = preset("mini-demo")
     assert inference_flops_per_token(cfg, 8) == 2 * (once + 8 * per_iteration + per_readout)
     # kl checked at 5 iterations: five read-outs; attention adds 4·d·context per layer (1 + 5 + 5 layers)

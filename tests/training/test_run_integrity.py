@@ -477,7 +477,7 @@ def test_fit_keeps_a_copy_of_its_tokenizer_and_generate_finds_it_from_anywhere(t
     (project / "runs" / "old" / "tokenizer.json").unlink()
     config = yaml.safe_load((project / "runs" / "old" / "config.yaml").read_text())
     config.update(runs_dir="runs", run_name="old")
-    config["data"]["datasets"] = ["data"]
+    config["data"].update(datasets=["data"], val_dataset="data")
     (project / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(config))
     loaded = load_checkpoint(project / "runs" / "old" / "last.ckpt")
     assert loaded.tokenizer_path == project / "data" / "tokenizer.json"
