@@ -80,12 +80,18 @@ class PerSequence:
     def __init__(self, counts: Tensor, iterations: int, device, record: Optional["LoopRecorder"] = None) -> None:
         self.counts, self.iterations, self.device, self.record = counts, iterations, device, record
         self._active: Optional[Tensor] = None
+        self._rows: Optional[Tensor] = None
 
     def rows(self, t: int) -> Optional[Tensor]:
-        self._active = (self.counts > t).nonzero().flatten()
-        if self._active.numel() == self.counts.numel():
+        active = (self.counts > t).nonzero().flatten()
+        if active.numel() == self.counts.numel():
+            self._active = active
             return None
-        return self._active.to(self.device, non_blocking=True)
+        # The set only shrinks with t, so the same size is the same set: hand back the same tensor, and the loop
+        # keeps its gathered rows instead of scattering and gathering them again (parcae.model.looped._iterate).
+        if self._rows is None or active.numel() != self._active.numel():
+            self._active, self._rows = active, active.to(self.device, non_blocking=True)
+        return self._rows
 
     def writes(self, t: int) -> Optional[Tensor]:
         return None
