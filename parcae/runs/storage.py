@@ -80,6 +80,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def interrupt_behind(err: BaseException) -> Optional[BaseException]:
+    """The Ctrl-C / SIGTERM (any BaseException that is not an Exception) that ``err`` was raised while handling, if
+    any. torch.save turns an interrupt that lands inside its file writes into a RuntimeError ("unexpected pos"),
+    which would otherwise read as a storage fault."""
+    seen = err.__context__
+    while seen is not None:
+        if not isinstance(seen, Exception):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
                     run_dir: Optional[str | Path] = None) -> None:
     """``torch.save(obj)`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, then ``os.replace``: a kill during the
@@ -99,6 +111,9 @@ def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
+        interrupt = interrupt_behind(err)
+        if interrupt is not None:  # the user stopped us mid-write: that, not a disk fault (the staging file goes)
+            raise interrupt from None
         if not is_storage_fault(err):
             raise
         raise storage_error(what, path, err, run_dir=run_dir) from None
