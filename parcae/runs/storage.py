@@ -92,21 +92,20 @@ def interrupt_behind(err: BaseException) -> Optional[BaseException]:
     return None
 
 
-def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
-                    run_dir: Optional[str | Path] = None) -> None:
-    """``torch.save(obj)`` to ``.<name>.tmp-<pid>`` beside ``path``, fsync, then ``os.replace``: a kill during the
-    save leaves the previous file intact. Staging files left by killed processes are removed first. A full or
-    read-only disk is one :class:`StorageError` naming the file and (``run_dir``) the run's last good checkpoint."""
-    import torch
-
-    path = Path(path)
+def _write_staged(path: Path, write: Callable[[Any], None], what: str, run_dir: Optional[str | Path] = None,
+                  any_os_error: bool = False) -> None:
+    """``write(file)`` into ``.<name>.tmp-<pid>`` beside ``path`` (binary), fsync, then ``os.replace``: a kill during
+    the write leaves the previous file intact. Staging files left by killed processes are removed first; an
+    interrupt that torch.save wrapped into a RuntimeError is re-raised as the interrupt. A storage fault (every
+    OSError with ``any_os_error``) is one :class:`StorageError` naming the file and (``run_dir``) the run's last
+    good checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -114,7 +113,7 @@ def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
         interrupt = interrupt_behind(err)
         if interrupt is not None:  # the user stopped us mid-write: that, not a disk fault (the staging file goes)
             raise interrupt from None
-        if not is_storage_fault(err):
+        if not (is_storage_fault(err) or (any_os_error and isinstance(err, OSError))):
             raise
         raise storage_error(what, path, err, run_dir=run_dir) from None
     finally:
@@ -123,6 +122,15 @@ def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
         except OSError:
             pass
     _fsync_dir(path.parent)
+
+
+def save_atomically(obj: Any, path: str | Path, what: str = "checkpoint",
+                    run_dir: Optional[str | Path] = None) -> None:
+    """``torch.save(obj)`` to ``path`` through a staging file, fsync and a rename (:func:`_write_staged`): a kill
+    during the save leaves the previous file intact; a full or read-only disk is one :class:`StorageError`."""
+    import torch
+
+    _write_staged(Path(path), lambda f: torch.save(obj, f), what, run_dir)
 
 
 def copy_atomically(source: str | Path, target: str | Path, what: str = "file") -> None:
@@ -139,23 +147,10 @@ def copy_atomically(source: str | Path, target: str | Path, what: str = "file") 
 
 
 def write_text_atomically(path: str | Path, text: str, what: str = "result file") -> None:
-    """Write ``text`` to ``path`` through a staging file and a rename: a kill or a full disk never leaves a
-    half-written ``path`` (the previous version stays until the new one is complete)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:  # written as given (CSV keeps its \r\n)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise storage_error(what, path, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    """Write ``text`` (UTF-8, as given: CSV keeps its \\r\\n) to ``path`` through a staging file and a rename: a
+    kill or a full disk never leaves a half-written ``path`` (the previous version stays until the new one is
+    complete)."""
+    _write_staged(Path(path), lambda f: f.write(text.encode("utf-8")), what, any_os_error=True)
 
 
 def check_new_folder(target: str | Path, what: str) -> None:
