@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from parcae.errors import UsageError
-from parcae.runs import TEST_LOOPS_JSON
+from parcae.runs import TEST_LOOPS_JSON, write_text_atomically
 
 HUBER_DELTA = 1e-3
 
@@ -286,7 +286,7 @@ def fit_loops_file(path: str | Path, mean_recurrence: Optional[int] = None, plot
     if mu in T and "params" in exp:
         result["floor_error_percent"] = floor_error(Fit("exp", exp["params"], 0, None), L[T.index(mu)])
     out = path.with_name(path.stem + "_fit.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     if plot and "params" in exp:
         plot_test_time(T, L, exp, mu, path.with_name(path.stem + "_fit.png"), title=data.get("model", ""))
     return result
