@@ -491,9 +491,25 @@ def test_speculative_greedy_equals_plain_greedy_at_the_target_depth(draft, k):
     engine = Engine(model, loops=5, speculate=(draft, k))
     spec = engine.generate(prompts, 20, stop_ids=[11, 12], sequences=[0, 1, 2])
     assert [g.tokens for g in spec] == [g.tokens for g in plain]
-    stats = engine.speculation
-    assert 0 <= stats["accepted"] <= stats["drafted"] and stats["rounds"] >= 20 // k
+    for g in spec:   # each row's statistics come back with its tokens (nothing is left on the engine)
+        s = g.speculation
+        assert 0 <= s.accepted <= s.drafted and s.rounds >= len(g.tokens) / k and s.drafted <= k * s.rounds
+    assert not hasattr(engine, "speculation")
 
+
+def test_speculative_sampling_gives_each_row_what_it_gives_alone():
+    """A row's random stream must not depend on its neighbours: with limits that differ per row, a shared draft
+    width per round made a row draw a different number of drafts and uniforms in a batch than alone."""
+    model = tiny_model("parcae", seed=19)
+    prompts = [[0, 5, 6, 7], [0, 40], [0, 3, 3, 50, 51, 2], [0, 9, 9]]
+    sampling = Sampling(temperature=1.0, seed=0)
+    engine = Engine(model, loops=5, speculate=(1, 4))    # a shallow draft: rejections happen
+    events = list(engine.stream(prompts, 30, sampling, limits=[30, 7, 19, 26], sequences=[0, 1, 2, 3]))
+    batched = [[e.tokens[b] for e in events if e.active[b]] for b in range(4)]
+    for b, (prompt, n) in enumerate(zip(prompts, [30, 7, 19, 26])):
+        alone = engine.generate([prompt], n, sampling, sequences=[b])[0]
+        assert batched[b] == alone.tokens
+        assert events[-1].speculation[b] == alone.speculation
 
 def test_speculative_sampling_draws_from_the_target_distribution():
     """The joint distribution of the first two tokens, estimated from 3,000 sampled rows, against the exact one
