@@ -13,6 +13,11 @@ leaves the loop (:mod:`parcae.inference.exits`). A prompt is prefilled in one ch
 or ``max_loops`` with an exit rule) except its last token, which goes through the same per-token step as every
 generated token, so the first new token's depth also follows the exit rule.
 
+Every token of ``stream``, of the server's scheduler and of a speculative draft comes from one function,
+:func:`decode_step` (engine, cache, the step's inputs, per-row sampling settings and generators -> tokens, depths,
+logits, log-probabilities, read back in one device -> host read), and every token is drawn by the rules of
+:func:`sample` (:func:`sampling_probs` then :func:`sample_from_probs`, each row from its own generator).
+
 The initial state h₀ of a token is :func:`parcae.model.state.positional_noise` of (seed, sequence, position), the
 same numbers the model's eval forward draws, so at a fixed loop count the cached logits equal the full forward.
 ``continuous=True`` instead starts a generated token from the previous token's final state (warm start).

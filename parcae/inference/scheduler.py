@@ -7,26 +7,34 @@
     scheduler.cancel(ticket)                            # e.g. the client went away: the row leaves at the next step
     scheduler.close()
 
-How it runs. Rows are grouped into *lanes*, one per distinct set of depth options (``loops``, ``exit``,
-``max_loops``, ``kv_policy``, ...): a lane is one :class:`~parcae.inference.engine.Engine` and one KV cache of
-``max_rows`` fixed slots, each slot the full context long. Depth options change the forward itself (how many
-iterations, whether and how tokens exit, what the cache keeps), so rows with different options cannot share a
-forward; a step runs one forward per lane that has work. Every step:
+How it runs. Rows are grouped into *lanes*, one per distinct :class:`DepthOptions` (resolved by
+:meth:`DepthOptions.resolved`, so ``kl``, ``kl:1e-3`` and ``kl:0.001``, or ``kv_policy`` omitted and ``latest``, are
+one lane; the options themselves are the lane's key): a lane is one :class:`~parcae.inference.engine.Engine` and
+one KV cache of ``max_rows`` fixed slots, each slot the full context long. Depth options change the forward itself
+(how many iterations, whether and how tokens exit, what the cache keeps), so rows with different options cannot
+share a forward; a step runs one forward per lane that has work. Every step:
 
 1. drops cancelled rows (their slot is released: :meth:`LoopKVCache.release` forgets its entries);
-2. admits queued requests, first come first served, while fewer than ``max_rows`` rows run (over all lanes);
+2. admits queued requests, first come first served, while fewer than ``max_rows`` rows run (over all lanes); at
+   most ``max_lanes`` lanes exist at once (each holds ``max_rows`` full-context caches): a request whose lane
+   cannot open yet stays queued while later requests of open lanes join theirs, and the lane with the fewest rows
+   admits no one until it empties, so the waiting request gets a lane in bounded time;
 3. prefills each new row's prompt but its last token into its slot, ``prefill_chunk`` tokens per step, so a long
    prompt is spread over several steps instead of stalling every other row for its whole length;
-4. runs one decode step for every row whose prompt is in: the last token of each row goes through
-   :meth:`Engine.forward` at the row's own column and position (``real`` is False for idle slots), the next
-   token is drawn with :func:`~parcae.inference.engine.sample` from the row's own generator, and a row that hit
-   a stop id or its token limit leaves at once, freeing its slot for the next request.
+4. runs one decode step for every row whose prompt is in — :func:`~parcae.inference.engine.decode_step`, the same
+   step :meth:`Engine.stream` runs — at the row's own column and position (idle slots cost nothing), the next
+   token drawn with the row's own sampling settings and generator; a row that hit a stop id or its token limit
+   leaves at once, freeing its slot for the next request.
+
+The queue holds at most ``max_queue`` requests (default 4 x ``max_rows``); :meth:`Scheduler.submit` raises
+:class:`Overloaded` beyond that (the server answers 429).
 
 A row's numbers are the ones :meth:`Engine.stream` gives the same prompt alone: each slot holds one sequence from
 column 0 (so column = position), the initial-state noise is that of sequence 0, and the sampling generator is
 seeded with :func:`~parcae.inference.engine.generator_seed` of (seed, 0). Nothing a request asks for can fail
-another: the caller validates a job before submitting it, and an exception in a lane's forward fails that lane's
-rows only (the lane is rebuilt for the next request).
+another: depth options are resolved at :meth:`submit`, a row whose sampling fails ends alone with an error event
+(its neighbours draw on), and an exception in a lane's forward fails that lane's rows only (the lane is rebuilt
+for the next request).
 """
 
 from __future__ import annotations
