@@ -355,9 +355,7 @@ class Engine:
             rows = [b for b in range(B) if alive[b]]
             step = decode_step(self, cache, step_tokens, col, pos, seq_ids, rows, max(col_host[b] for b in rows),
                                per_row, generators, initial_state=prev_state)
-            if step.errors:
-                b, message = next(iter(step.errors.items()))
-                raise RuntimeError(f"row {b}: sampling failed: {message}")
+            step.raise_errors()
             ids, depths, _ = step.read()
             finished = [alive[b] and (ids[b] in stops or i + 1 >= limit[b]) for b in range(B)]
             yield StepEvent(i, ids, depths, list(alive), [f or not a for f, a in zip(finished, alive)], step.logits)
@@ -549,6 +547,12 @@ class DecodeStep:
     errors: dict[int, str]         # rows whose sampling failed: their message (known on the host, no read)
     logprobs: Optional[Sequence[Optional[int]]] = None   # per row: None, or the top-N asked for
     _lp: Optional[tuple[Tensor, Tensor, Tensor]] = None  # chosen [B], top values [B, N], top ids [B, N]
+
+    def raise_errors(self) -> None:
+        """For a caller that has no per-row answer to fail (a plain generate call): the first row's failure."""
+        if self.errors:
+            b, message = next(iter(self.errors.items()))
+            raise RuntimeError(f"row {b}: sampling failed: {message}")
 
     def read(self) -> tuple[list[int], list[int], list[Optional[TokenLogprobs]]]:
         """(ids, depths, log-probabilities per row) in the step's one device -> host read."""

@@ -86,7 +86,7 @@ def speculative_stream(engine: Engine, prompts: Sequence[Sequence[int]], max_new
             step = decode_step(engine, cache, inputs[-1], cols0 + j, pos0 + j, seq_ids, drafting,
                                max(col[b] for b in drafting) + j, per_row, generators, loops=draft_loops,
                                want_probs=True)
-            _raise_failed(step.errors)
+            step.raise_errors()
             states.append(step.state)
             p.append(step.probs)
             inputs.append(step.tokens)
@@ -140,8 +140,3 @@ def speculative_stream(engine: Engine, prompts: Sequence[Sequence[int]], max_new
         for b in halt or ():
             alive[b] = False
 
-
-def _raise_failed(errors: dict[int, str]) -> None:
-    if errors:
-        b, message = next(iter(errors.items()))
-        raise RuntimeError(f"row {b}: sampling failed: {message}")

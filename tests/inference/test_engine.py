@@ -1,6 +1,7 @@
 """The generation engine against the model's own full forward: cached = uncached, batched = alone, exit rules and
 KV policies by their defining behaviour. Tiny random models (d = 64), CPU fp32."""
 
+import dataclasses
 import math
 
 import pytest
@@ -534,3 +535,35 @@ def test_speculative_sampling_draws_from_the_target_distribution():
     tv = lambda a, b: 0.5 * (a - b).abs().sum().item()  # noqa: E731
     assert tv(counts / n, target) < 0.06        # sampling noise at n = 3000 over 36 cells is ~0.03
     assert tv(draft, target) > 0.2             # a test that would notice sampling from the draft instead
+
+
+# -- depth options: checked and completed in one place -------------------------------------------------------------
+def test_depth_options_resolve_to_one_canonical_value():
+    from parcae.inference.options import DepthOptions
+
+    parcae, gpt = tiny_model("parcae"), tiny_model("gpt")
+    cfg, mu = parcae.config, parcae.config.mean_recurrence
+    kl = DepthOptions(exit="kl").resolved(cfg)
+    assert kl == DepthOptions(exit="kl:0.001", loops=None, min_loops=1, max_loops=mu, exit_every=1, kv_policy="latest")
+    assert kl.resolved(cfg) == kl and kl.exit == "kl:0.001"
+    assert DepthOptions(exit="kl:1e-3").resolved(cfg) == DepthOptions(exit="kl:0.001", kv_policy="latest").resolved(cfg)
+    assert DepthOptions(exit="kl:1.234567891e-3").resolved(cfg).exit == "kl:0.001234567891"  # no digits lost
+    assert DepthOptions(exit="argmax-stability").resolved(cfg) == DepthOptions(exit="argmax-stability:5.0").resolved(cfg)
+    fixed = DepthOptions().resolved(cfg)
+    assert fixed == DepthOptions(loops=mu, max_loops=mu, kv_policy="full") == DepthOptions(max_loops=mu).resolved(cfg)
+    assert DepthOptions(loops=2, min_loops=2, exit_every=3).resolved(cfg) == DepthOptions(loops=2).resolved(cfg)
+    assert DepthOptions().resolved(gpt.config).loops == 1 == DepthOptions(loops=1).resolved(gpt.config).loops
+    rule = ForcedDepth(lambda n, r: 1)
+    assert DepthOptions(exit=rule).resolved(cfg).exit is rule
+    assert len({DepthOptions(exit=e).resolved(cfg) for e in ("kl", "kl:auto", "kl:1e-3", " kl:0.001")}) == 1
+    engine = Engine.from_options(parcae, DepthOptions(exit="cosine:0.01"), seed=3)
+    assert (engine.options, engine.seed, engine.max_loops) == (DepthOptions(exit="cosine:0.01").resolved(cfg), 3, mu)
+    for depth, message in [(DepthOptions(loops=True), "loops must be an integer"),
+                           (DepthOptions(loops=0), "loops must be an integer"),
+                           (DepthOptions(continuous="yes"), "continuous must be"),
+                           (DepthOptions(exit="kl", loops=3), "not both"),
+                           (DepthOptions(kv_policy="ring:x"), "ring:K")]:
+        with pytest.raises(ValueError, match=message):
+            depth.resolved(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kl.loops = 3
