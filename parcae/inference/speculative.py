@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Iterator, Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from .engine import (Engine, Sampling, SpeculationStats, StepEvent, decode_step, row_generators, sample_from_probs,
                      sampling_probs)
