@@ -85,8 +85,8 @@ def main() -> None:
                 for i in range(0, 8, batch):
                     for g in engine.generate(prompts[i:i + batch], args.new_tokens, sequences=list(range(i, i + batch))):
                         tokens, loops = tokens + len(g.tokens), loops + sum(g.depths)
-                    if engine.speculate:
-                        drafted, acc = drafted + engine.speculation["drafted"], acc + engine.speculation["accepted"]
+                        if g.speculation is not None:
+                            drafted, acc = drafted + g.speculation.drafted, acc + g.speculation.accepted
                 times.setdefault((setting, batch), []).append(tokens / (time.perf_counter() - start))
                 depth[setting] = loops / tokens
                 if batch == 8 and not engine.speculate:  # one prompt chunk (prefill_loops calls), then the steps

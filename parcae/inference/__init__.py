@@ -8,8 +8,11 @@ See docs/inference.md for the design, the exit rules and the KV policies.
 """
 
 from .cache import KVPolicy, LoopKVCache
-from .engine import Engine, Generation, Sampling, StepEvent, generator_seed, sample
+from .engine import (DecodeStep, Engine, Generation, Sampling, SpeculationStats, StepEvent, decode_step,
+                     generator_seed, sample, sample_from_probs, sampling_probs)
 from .exits import AUTO_THRESHOLDS, ExitRule
+from .options import DepthOptions
 
-__all__ = ["AUTO_THRESHOLDS", "Engine", "ExitRule", "Generation", "KVPolicy", "LoopKVCache", "Sampling", "StepEvent",
-           "generator_seed", "sample"]
+__all__ = ["AUTO_THRESHOLDS", "DecodeStep", "DepthOptions", "Engine", "ExitRule", "Generation", "KVPolicy",
+           "LoopKVCache", "Sampling", "SpeculationStats", "StepEvent", "decode_step", "generator_seed", "sample",
+           "sample_from_probs", "sampling_probs"]

@@ -27,7 +27,7 @@ from parcae.data.tokenizer import TextStream, encode_prompt, stop_ids
 from parcae.errors import UsageError
 from parcae.runs.output import RecordFile, check_writable_output
 
-from .engine import Sampling
+from .engine import Engine, Sampling, SpeculationStats
 from .options import DepthOptions
 
 
@@ -102,7 +102,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
 
         run = load_checkpoint(ckpt_path, device, tokenizer)
         model, tok = run.model, run.tokenizer
-        engine = depth.engine(model, seed=seed, speculate=speculate)
+        engine = Engine.from_options(model, depth, seed=seed, speculate=speculate)
         sampling = Sampling(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
         encoded = [encode_prompt(tok, t) for t in texts]
         engine.check_request(encoded, max_new_tokens)
@@ -110,16 +110,20 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
         raise UsageError(str(err)) from None
     stop = stop_ids(tok)
     all_depths: list[int] = []
+    speculation = SpeculationStats()  # added up over the prompts (with --speculate)
     if prompt is not None:
         out = sys.stdout
         out.write(prompt)
         out.flush()
         text = TextStream(tok)  # pieces never end inside a multi-byte character
-        for event in engine.stream(encoded, max_new_tokens, sampling, stop):
-            all_depths.append(event.depths[0])
-            out.write(text.push(event.tokens[0]))
+        last = None
+        for last in engine.stream(encoded, max_new_tokens, sampling, stop):
+            all_depths.append(last.depths[0])
+            out.write(text.push(last.tokens[0]))
             out.flush()
         out.write("\n")
+        if last is not None and last.speculation is not None:
+            speculation = last.speculation[0]
     else:
         # a file is complete or named out.jsonl.partial (an interrupt keeps the finished records)
         records = RecordFile(output, expected=len(encoded), overwrite=overwrite) if output else None
@@ -131,6 +135,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
                                           sequences=list(range(start, start + len(batch))))
                 for i, r in enumerate(results):
                     all_depths += r.depths
+                    speculation = speculation + (r.speculation or SpeculationStats())
                     emit(json.dumps({"prompt": texts[start + i],
                                      "completion": tok.decode(r.tokens, skip_special_tokens=True),
                                      "tokens": len(r.tokens), "loops": r.depths, "stopped": r.stopped}))
@@ -141,8 +146,8 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
     if show_depth:
         print(depth_summary(all_depths), file=sys.stderr)
     if engine.speculate is not None:
-        s = engine.speculation
+        s = speculation
         print(f"[speculate] draft {engine.speculate[0]} loops, {engine.speculate[1]} per round: accepted "
-              f"{s['accepted']}/{s['drafted']} drafts ({s['accepted'] / max(s['drafted'], 1):.0%}) in {s['rounds']} "
-              "rounds of the last batch", file=sys.stderr)
+              f"{s.accepted}/{s.drafted} drafts ({s.acceptance:.0%}) in {s.rounds} rounds (summed over the "
+              "prompts)", file=sys.stderr)
 

@@ -13,6 +13,11 @@ leaves the loop (:mod:`parcae.inference.exits`). A prompt is prefilled in one ch
 or ``max_loops`` with an exit rule) except its last token, which goes through the same per-token step as every
 generated token, so the first new token's depth also follows the exit rule.
 
+Every token of ``stream``, of the server's scheduler and of a speculative draft comes from one function,
+:func:`decode_step` (engine, cache, the step's inputs, per-row sampling settings and generators -> tokens, depths,
+logits, log-probabilities, read back in one device -> host read), and every token is drawn by the rules of
+:func:`sample` (:func:`sampling_probs` then :func:`sample_from_probs`, each row from its own generator).
+
 The initial state h₀ of a token is :func:`parcae.model.state.positional_noise` of (seed, sequence, position), the
 same numbers the model's eval forward draws, so at a fixed loop count the cached logits equal the full forward.
 ``continuous=True`` instead starts a generated token from the previous token's final state (warm start).
@@ -20,6 +25,7 @@ same numbers the model's eval forward draws, so at a fixed loop count the cached
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -34,6 +40,7 @@ from parcae.model.loop import Uniform, pick, put
 
 from .cache import KVPolicy, LoopKVCache
 from .exits import ExitRule
+from .options import DepthOptions
 
 
 @dataclass
@@ -45,6 +52,10 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -62,6 +73,25 @@ class StepEvent:
     active: list[bool]     # the row produced a token at this step
     finished: list[bool]   # the row is done after this step (stop token or limit)
     logits: Optional[Tensor] = None  # [B, V] fp32 logits the tokens were drawn from
+    # self-speculative decoding: each row's counts so far (None without --speculate)
+    speculation: Optional[list["SpeculationStats"]] = None
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """What self-speculative decoding did for a row (or, added up, a batch): rounds it took part in, tokens drafted
+    and drafts accepted."""
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def __add__(self, other: "SpeculationStats") -> "SpeculationStats":
+        return SpeculationStats(self.rounds + other.rounds, self.drafted + other.drafted,
+                                self.accepted + other.accepted)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
 
 @dataclass
@@ -69,6 +99,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)   # generated ids (a stop token included, if one was hit)
     depths: list[int] = field(default_factory=list)   # loops used for each generated token
     stopped: bool = False                              # ended on a stop token (not on the limit)
+    speculation: Optional[SpeculationStats] = None     # with --speculate: this row's rounds, drafts, acceptances
 
 
 @dataclass
@@ -173,35 +204,19 @@ class Engine:
         """Fixed depth (``loops``, default μ_rec) or an exit rule. The defaults are the ones that save compute:
         with an exit rule, ``max_loops`` = μ_rec (Huginn also caps at μ), KV policy ``latest`` (an exited token
         stops computing) and the prompt runs at min(μ_rec, max_loops) (at ``max_loops`` under ``full``, where
-        every entry must exist). ``speculate`` = (draft loops, k) or "D:K": self-speculative decoding at the fixed
+        every entry must exist). The depth arguments are checked and completed by :meth:`DepthOptions.resolved`
+        (``self.options``). ``speculate`` = (draft loops, k) or "D:K": self-speculative decoding at the fixed
         depth (see :mod:`parcae.inference.speculative`)."""
         cfg = model.config
-        self.model, self.config, self.seed, self.continuous = model, cfg, seed, continuous
-        self.exit = ExitRule.parse(exit) if isinstance(exit, str) else exit
-        if kv_policy is None:
-            kv_policy = "latest" if self.exit is not None else "full"
-        self.policy = kv_policy if isinstance(kv_policy, KVPolicy) else KVPolicy.parse(kv_policy)
-        if not cfg.looped:
-            if self.exit is not None:
-                raise ValueError(f"--exit {self.exit.name}: {cfg.name} is a fixed-depth model (injection='none'); "
-                                 "it has no loop to exit")
-            if loops not in (None, 1):
-                raise ValueError(f"loops={loops}: {cfg.name} is a fixed-depth model; it has no loops to set")
-            if continuous:
-                raise ValueError(f"continuous warm start needs a looped model; {cfg.name} has no recurrent state")
-        for name, value in (("loops", loops), ("min_loops", min_loops), ("max_loops", max_loops),
-                            ("exit_every", exit_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.exit is not None and loops is not None:
-            raise ValueError("give either a fixed loop count or an exit rule, not both")
-        if self.exit is None and max_loops is not None and loops is None:
-            loops = max_loops
-        self.loops = loops if loops is not None else cfg.mean_recurrence
-        self.max_loops = max_loops if max_loops is not None else (cfg.mean_recurrence if self.exit else self.loops)
-        self.min_loops, self.exit_every = min_loops, exit_every
-        if self.exit is not None and self.max_loops < self.min_loops:
-            raise ValueError(f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
+        self.model, self.config, self.seed = model, cfg, seed
+        self.options = DepthOptions(loops=loops, exit=exit, min_loops=min_loops, max_loops=max_loops,
+                                    exit_every=exit_every, kv_policy=kv_policy, continuous=continuous).resolved(cfg)
+        o = self.options
+        self.exit = ExitRule.parse(o.exit) if isinstance(o.exit, str) else o.exit
+        self.policy = KVPolicy.parse(o.kv_policy)
+        self.continuous, self.min_loops, self.exit_every = o.continuous, o.min_loops, o.exit_every
+        self.loops = o.loops if o.loops is not None else cfg.mean_recurrence
+        self.max_loops = o.max_loops
         from .speculative import parse_speculate  # (it builds on this module)
         self.speculate = parse_speculate(speculate, self) if speculate is not None else None
         self.device = next(model.parameters()).device
@@ -209,6 +224,12 @@ class Engine:
         # head (once per token, or per check with an output-based exit rule), for accounting; kept on the device
         self._iterations = torch.zeros((), dtype=torch.long, device=self.device)
         self._readouts = torch.zeros((), dtype=torch.long, device=self.device)
+
+    @classmethod
+    def from_options(cls, model: LoopedLM, options: DepthOptions, *, seed: int = 0,
+                     speculate: Optional[str | tuple[int, int]] = None) -> "Engine":
+        """The engine for ``model`` at the depth ``options`` (resolved here if they are not yet)."""
+        return cls(model, seed=seed, speculate=speculate, **options.as_kwargs())
 
     @property
     def iterations_run(self) -> int:
@@ -322,41 +343,30 @@ class Engine:
             return
         dev = self.device
         start = self.start(prompts, max_new_tokens, padding, sequences, limits)
-        B, cache, seq_ids, seq_list, limit = start.B, start.cache, start.seq_ids, start.sequences, start.limits
+        B, cache, seq_ids, limit = start.B, start.cache, start.seq_ids, start.limits
         prev_state, col_host = start.state, list(start.cols)
         col, pos = torch.tensor(start.cols, device=dev), torch.tensor(start.positions, device=dev)
-        step_tokens = start.tokens
+        step_tokens = start.tokens[:, 0]
         alive = [n > 0 for n in limit]
         per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
-        generators = [torch.Generator(device=dev).manual_seed(generator_seed(s.seed, int(q)))
-                      for s, q in zip(per_row, seq_list)]
+        generators = row_generators(per_row, start.sequences, dev)
         stops = set(int(t) for t in stop_ids)
         for i in range(max_new_tokens):
             rows = [b for b in range(B) if alive[b]]
-            live = torch.tensor(alive, device=dev)[:, None]
-            out = self.forward(cache, step_tokens, col[:, None], pos[:, None], live, seq_ids,
-                               adaptive=self.adaptive, initial_state=prev_state, rows=rows,
-                               max_col=max(col_host[b] for b in rows))
-            if isinstance(sampling, Sampling):
-                nxt = sample(out.logits[:, -1], sampling, generators, self.config.vocab_size, alive)
-            else:
-                nxt = torch.stack([sample(out.logits[b:b + 1, -1], per_row[b], generators[b:b + 1],
-                                          self.config.vocab_size, alive[b:b + 1])[0] for b in range(B)])
-            if self.adaptive:  # the ids and the depths in one read
-                ids, depths = torch.stack([nxt, out.depth[:, -1]]).tolist()
-            else:
-                ids, depths = nxt.tolist(), [self.loops if self.config.looped else 1] * B
+            step = decode_step(self, cache, step_tokens, col, pos, seq_ids, rows, max(col_host[b] for b in rows),
+                               per_row, generators, initial_state=prev_state)
+            step.raise_errors()
+            ids, depths, _ = step.read()
             finished = [alive[b] and (ids[b] in stops or i + 1 >= limit[b]) for b in range(B)]
-            yield StepEvent(i, ids, depths, list(alive), [f or not a for f, a in zip(finished, alive)],
-                            out.logits[:, -1])
+            yield StepEvent(i, ids, depths, list(alive), [f or not a for f, a in zip(finished, alive)], step.logits)
             alive = [a and not f for a, f in zip(alive, finished)]
             for b in halt or ():
                 alive[b] = False
             if not any(alive):
                 return
             if self.continuous:
-                prev_state = out.state
-            step_tokens, col, pos = nxt[:, None], col + 1, pos + 1
+                prev_state = step.state
+            step_tokens, col, pos = step.tokens, col + 1, pos + 1
             col_host = [c + 1 for c in col_host]
 
     def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, padding: str = "left",
@@ -400,16 +410,19 @@ class Engine:
         step_tokens = tokens.gather(1, torch.tensor(last_col, device=dev)[:, None])
         return _Start(B, cache, seq_ids, seq_list, limit, last_col, [n - 1 for n in lengths], step_tokens, prev_state)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids: Sequence[int] = (), padding: str = "left",
-                 sequences: Optional[Sequence[int]] = None) -> list[Generation]:
-        results = [Generation() for _ in prompts]
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
+                 padding: str = "left", sequences: Optional[Sequence[int]] = None) -> list[Generation]:
+        """:meth:`stream`'s tokens gathered per row (with speculation, each row's :class:`SpeculationStats`)."""
+        results = [Generation(speculation=SpeculationStats() if self.speculate else None) for _ in prompts]
         for event in self.stream(prompts, max_new_tokens, sampling, stop_ids, padding, sequences):
             for b, r in enumerate(results):
                 if event.active[b]:
                     r.tokens.append(event.tokens[b])
                     r.depths.append(event.depths[b])
                     r.stopped = event.tokens[b] in stop_ids
+                if event.speculation is not None:
+                    r.speculation = event.speculation[b]
         return results
 
     def _noise(self, sequences: Tensor, positions: Tensor) -> Tensor:
@@ -462,6 +475,13 @@ def generator_seed(seed: int, sequence: int) -> int:
     return (int(seed) * 1_000_003 + int(sequence)) % 2**64
 
 
+def row_generators(samplings: Sequence[Sampling], sequences: Sequence[int], device) -> list[torch.Generator]:
+    """One sampling generator per row, seeded by (its sampling seed, its sequence): a row draws the same numbers
+    alone or in any batch."""
+    return [torch.Generator(device=device).manual_seed(generator_seed(s.seed, int(q)))
+            for s, q in zip(samplings, sequences)]
+
+
 def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Generator], vocab_size: int,
            alive: Optional[Sequence[bool]] = None) -> Tensor:
     """Next token per row from logits [B, V]: greedy at temperature 0, else temperature / top-k / top-p sampling,
@@ -469,8 +489,15 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
     bool per row) skips the rows that draw nothing."""
     if sampling.temperature == 0:
         return real_logits(logits, vocab_size).argmax(-1)
-    probs = sampling_probs(logits, sampling, vocab_size)
-    out = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return sample_from_probs(sampling_probs(logits, sampling, vocab_size), generators, alive)
+
+
+def sample_from_probs(probs: Tensor, generators: Sequence[torch.Generator],
+                      alive: Optional[Sequence[bool]] = None) -> Tensor:
+    """One token per row drawn from the distributions ``probs`` [B, V] (:func:`sampling_probs`, or one derived
+    from it such as speculative decoding's residual), one draw from each row's own generator; rows with ``alive``
+    False draw nothing (and get 0)."""
+    out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     for b, g in enumerate(generators):
         if alive is None or bool(alive[b]):
             out[b] = torch.multinomial(probs[b], 1, generator=g)[0]
@@ -478,8 +505,16 @@ def sample(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Genera
 
 
 def sampling_probs(logits: Tensor, sampling: Sampling, vocab_size: int) -> Tensor:
-    """The distribution [B, V] a sampled token is drawn from: temperature, then top-k, then top-p (temperature > 0)."""
-    logits = real_logits(logits, vocab_size) / sampling.temperature
+    """The distribution [B, vocab_size] a token is drawn from: one-hot on the argmax at temperature 0; else
+    temperature, then top-k, then top-p, over the real vocabulary (the padded rows dropped). The row's largest
+    logit is subtracted before dividing by the temperature, so a tiny temperature (1e-300) is greedy (uniform
+    over exact ties), never inf/inf or 0/0 = NaN."""
+    logits = real_logits(logits, vocab_size)
+    if sampling.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), vocab_size).float()
+    shifted = logits - logits.amax(-1, keepdim=True)              # <= 0, the most likely token(s) at 0
+    # (a temperature below fp32's range becomes 0 there: 0 / 0 would be NaN where the largest logit sits)
+    logits = torch.where(shifted == 0, 0.0, shifted / sampling.temperature)
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -490,3 +525,124 @@ def sampling_probs(logits: Tensor, sampling: Sampling, vocab_size: int) -> Tenso
         drop = before >= sampling.top_p            # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.softmax(logits, -1)
+
+
+# -- the decode step ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenLogprobs:
+    """The chosen token's log-probability under the model's distribution (before temperature / top-k / top-p) and
+    the ``top`` most likely (token, log-probability) pairs (empty when 0 were asked for)."""
+    chosen: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class DecodeStep:
+    """One decode step of a batch, on the device until :meth:`read` (rows that did not decode hold 0)."""
+    tokens: Tensor                 # [B] the drawn ids
+    depth: Tensor                  # [B] loops whose state gave each row's output
+    logits: Tensor                 # [B, V] fp32 logits the tokens were drawn from
+    state: Optional[Tensor]        # [B, 1, d] the state read out (looped models)
+    probs: Optional[Tensor]        # [B, vocab_size] the distributions drawn from (when asked for)
+    errors: dict[int, str]         # rows whose sampling failed: their message (known on the host, no read)
+    logprobs: Optional[Sequence[Optional[int]]] = None   # per row: None, or the top-N asked for
+    _lp: Optional[tuple[Tensor, Tensor, Tensor]] = None  # chosen [B], top values [B, N], top ids [B, N]
+
+    def raise_errors(self) -> None:
+        """For a caller that has no per-row answer to fail (a plain generate call): the first row's failure."""
+        if self.errors:
+            b, message = next(iter(self.errors.items()))
+            raise RuntimeError(f"row {b}: sampling failed: {message}")
+
+    def read(self) -> tuple[list[int], list[int], list[Optional[TokenLogprobs]]]:
+        """(ids, depths, log-probabilities per row) in the step's one device -> host read."""
+        B = self.tokens.shape[0]
+        parts = [self.tokens, self.depth]
+        if self._lp is None:
+            values = torch.stack(parts).tolist()
+            return values[0], values[1], [None] * B
+        chosen, top_values, top_ids = self._lp
+        flat = torch.cat([torch.stack(parts).double().flatten(), chosen.double(), top_values.double().flatten(),
+                          top_ids.double().flatten()]).tolist()
+        N = top_values.shape[1]
+        ids, depths = [int(x) for x in flat[:B]], [int(x) for x in flat[B:2 * B]]
+        chosen_l, rest = flat[2 * B:3 * B], flat[3 * B:]
+        values, indices = rest[:B * N], rest[B * N:]
+        out: list[Optional[TokenLogprobs]] = []
+        for b, n in enumerate(self.logprobs):
+            out.append(None if n is None else TokenLogprobs(
+                chosen_l[b], [(int(indices[b * N + j]), values[b * N + j]) for j in range(min(n, N))]))
+        return ids, depths, out
+
+
+@torch.no_grad()
+def decode_step(engine: Engine, cache: LoopKVCache, tokens: Tensor, cols: Tensor, positions: Tensor,
+                sequences: Tensor, rows: Sequence[int], max_col: int, samplings: Sequence[Sampling],
+                generators: Sequence[torch.Generator], *, initial_state: Optional[Tensor] = None,
+                loops: Optional[int] = None, first_loop: int = 0,
+                logprobs: Optional[Sequence[Optional[int]]] = None, want_probs: bool = False) -> DecodeStep:
+    """One token for each row of ``rows`` (host-side row numbers; the batch's other rows cost nothing and draw
+    nothing): the input ``tokens`` [B] at cache columns ``cols`` [B] and ``positions`` [B] through the model (at
+    the engine's depth: its exit rule, or ``loops`` iterations from ``first_loop`` on), then the next token drawn
+    with the row's own ``samplings[b]`` and ``generators[b]`` through :func:`sample` (rows with equal settings are
+    drawn together). ``logprobs[b]`` (None: not asked) adds the chosen token's log-probability and the top N;
+    ``want_probs`` keeps the distributions drawn from (speculative decoding's p and q).
+
+    The serving loops (:meth:`Engine.stream`, the scheduler, the speculative draft) call this one function. Nothing
+    is read back to the host here: :meth:`DecodeStep.read` is the step's one read. A row whose sampling raises
+    (a distribution torch refuses) gets 0 and its message in ``errors``; the other rows are unaffected."""
+    B, dev = tokens.shape[0], tokens.device
+    real = torch.zeros(B, 1, dtype=torch.bool)
+    real[list(rows)] = True
+    out = engine.forward(cache, tokens[:, None], cols[:, None], positions[:, None], real.to(dev), sequences,
+                         adaptive=engine.adaptive and loops is None, initial_state=initial_state, rows=rows,
+                         max_col=max_col, loops=loops, first_loop=first_loop)
+    logits, V = out.logits[:, -1], engine.config.vocab_size
+    nxt = torch.zeros(B, dtype=torch.long, device=dev)
+    probs = torch.zeros(B, V, device=dev) if want_probs else None
+    errors: dict[int, str] = {}
+    groups: dict[tuple, list[int]] = {}
+    for b in rows:
+        s = samplings[b]
+        groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(b)
+    for group in groups.values():
+        _draw_group(logits, samplings[group[0]], generators, group, V, nxt, probs, errors)
+    lp = None
+    if logprobs is not None and any(logprobs[b] is not None for b in rows):
+        logp = torch.log_softmax(real_logits(logits, V), -1)
+        n = min(max((logprobs[b] or 0) for b in rows if logprobs[b] is not None), V)
+        top = torch.topk(logp, n, -1)
+        lp = (logp.gather(1, nxt[:, None])[:, 0], top.values, top.indices)
+    return DecodeStep(nxt, out.depth[:, -1], logits, out.state, probs, errors, logprobs, lp)
+
+
+def _draw_group(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Generator], group: list[int],
+                V: int, nxt: Tensor, probs: Optional[Tensor], errors: dict[int, str]) -> None:
+    """Draw the rows of ``group`` (equal settings): their distributions together (each row alone if that
+    raises), then one draw per row from its own generator; a row whose distribution or draw raises is marked in
+    ``errors`` and draws nothing, the others are unaffected."""
+    index = torch.tensor(group, dtype=torch.long, device=logits.device)
+    if sampling.temperature == 0 and probs is None:
+        nxt[index] = real_logits(logits.index_select(0, index), V).argmax(-1)   # greedy: no distribution, no draw
+        return
+    try:
+        parts = [(group, sampling_probs(logits.index_select(0, index), sampling, V))]
+    except Exception:
+        parts = []
+        for b in group:
+            try:
+                parts.append(([b], sampling_probs(logits[b:b + 1], sampling, V)))
+            except Exception as err:
+                errors[b] = f"{type(err).__name__}: {err}"
+    for members, p in parts:
+        where = torch.tensor(members, dtype=torch.long, device=logits.device)
+        if probs is not None:
+            probs[where] = p
+        if sampling.temperature == 0:
+            nxt[where] = p.argmax(-1)
+            continue
+        for j, b in enumerate(members):
+            try:
+                nxt[b] = sample_from_probs(p[j:j + 1], [generators[b]])[0]
+            except Exception as err:  # e.g. torch.multinomial refusing a distribution with inf / nan
+                errors[b] = f"{type(err).__name__}: {err}"

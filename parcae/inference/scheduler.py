@@ -7,30 +7,39 @@
     scheduler.cancel(ticket)                            # e.g. the client went away: the row leaves at the next step
     scheduler.close()
 
-How it runs. Rows are grouped into *lanes*, one per distinct set of depth options (``loops``, ``exit``,
-``max_loops``, ``kv_policy``, ...): a lane is one :class:`~parcae.inference.engine.Engine` and one KV cache of
-``max_rows`` fixed slots, each slot the full context long. Depth options change the forward itself (how many
-iterations, whether and how tokens exit, what the cache keeps), so rows with different options cannot share a
-forward; a step runs one forward per lane that has work. Every step:
+How it runs. Rows are grouped into *lanes*, one per distinct :class:`DepthOptions` (resolved by
+:meth:`DepthOptions.resolved`, so ``kl``, ``kl:1e-3`` and ``kl:0.001``, or ``kv_policy`` omitted and ``latest``, are
+one lane; the options themselves are the lane's key): a lane is one :class:`~parcae.inference.engine.Engine` and
+one KV cache of ``max_rows`` fixed slots, each slot the full context long. Depth options change the forward itself
+(how many iterations, whether and how tokens exit, what the cache keeps), so rows with different options cannot
+share a forward; a step runs one forward per lane that has work. Every step:
 
 1. drops cancelled rows (their slot is released: :meth:`LoopKVCache.release` forgets its entries);
-2. admits queued requests, first come first served, while fewer than ``max_rows`` rows run (over all lanes);
+2. admits queued requests, first come first served, while fewer than ``max_rows`` rows run (over all lanes); at
+   most ``max_lanes`` lanes exist at once (each holds ``max_rows`` full-context caches): a request whose lane
+   cannot open yet stays queued while later requests of open lanes join theirs, and the lane with the fewest rows
+   admits no one until it empties, so the waiting request gets a lane in bounded time;
 3. prefills each new row's prompt but its last token into its slot, ``prefill_chunk`` tokens per step, so a long
    prompt is spread over several steps instead of stalling every other row for its whole length;
-4. runs one decode step for every row whose prompt is in: the last token of each row goes through
-   :meth:`Engine.forward` at the row's own column and position (``real`` is False for idle slots), the next
-   token is drawn with :func:`~parcae.inference.engine.sample` from the row's own generator, and a row that hit
-   a stop id or its token limit leaves at once, freeing its slot for the next request.
+4. runs one decode step for every row whose prompt is in — :func:`~parcae.inference.engine.decode_step`, the same
+   step :meth:`Engine.stream` runs — at the row's own column and position (idle slots cost nothing), the next
+   token drawn with the row's own sampling settings and generator; a row that hit a stop id or its token limit
+   leaves at once, freeing its slot for the next request.
+
+The queue holds at most ``max_queue`` requests (default 4 x ``max_rows``); :meth:`Scheduler.submit` raises
+:class:`Overloaded` beyond that (the server answers 429).
 
 A row's numbers are the ones :meth:`Engine.stream` gives the same prompt alone: each slot holds one sequence from
 column 0 (so column = position), the initial-state noise is that of sequence 0, and the sampling generator is
 seeded with :func:`~parcae.inference.engine.generator_seed` of (seed, 0). Nothing a request asks for can fail
-another: the caller validates a job before submitting it, and an exception in a lane's forward fails that lane's
-rows only (the lane is rebuilt for the next request).
+another: depth options are resolved at :meth:`submit`, a row whose sampling fails ends alone with an error event
+(its neighbours draw on), and an exception in a lane's forward fails that lane's rows only (the lane is rebuilt
+for the next request).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections import deque
@@ -41,22 +50,27 @@ import torch
 from torch import Tensor
 
 from parcae.model import LoopedLM
-from parcae.model.loss import real_logits
 from parcae.model.state import positional_noise
 
-from .engine import Engine, Sampling, generator_seed, sample
+from .engine import Engine, Sampling, decode_step, generator_seed
+from .options import DepthOptions
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the request is refused now rather than left waiting without bound (HTTP 429)."""
 
 
 @dataclass
 class Job:
-    """What one request asks for. ``depth`` holds :class:`Engine` keyword arguments (loops, exit, min_loops,
-    max_loops, kv_policy, continuous); ``logprobs`` > 0 reports the chosen token's log-probability and the top N."""
+    """What one request asks for. ``depth``: its :class:`DepthOptions` (resolved by :meth:`Scheduler.submit` if
+    the caller has not; equal resolved options share one lane). ``logprobs``: None reports none; 0 the chosen
+    token's log-probability (with an empty top list, as OpenAI answers ``logprobs: 0``); N > 0 also the top N."""
     prompt: list[int]
     max_new_tokens: int
-    depth: dict = field(default_factory=dict)
+    depth: DepthOptions = field(default_factory=DepthOptions)
     sampling: Sampling = field(default_factory=Sampling)
     seed: int = 0
-    logprobs: int = 0
+    logprobs: Optional[int] = None
 
 
 @dataclass
@@ -98,6 +112,7 @@ class _Lane:
 
     def __init__(self, engine: Engine, slots: int, capacity: int) -> None:
         self.engine, self.capacity = engine, capacity
+        self.sequences = torch.zeros(slots, dtype=torch.long, device=engine.device)  # every slot is sequence 0
         self.cache = engine.new_cache(slots, capacity)
         self.rows: list[Optional[_Row]] = [None] * slots
         self.token = [0] * slots    # the token each slot feeds at the next decode step
@@ -113,38 +128,49 @@ class _Lane:
         return [r for r in self.rows if r is not None]
 
 
-def _depth_key(depth: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in depth.items()))
-
-
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
-                 prefill_chunk: int = 256) -> None:
-        if max_rows < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_rows and prefill_chunk must be >= 1, got {max_rows}, {prefill_chunk}")
+                 prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None) -> None:
+        """``max_rows`` rows decode at once over all lanes; at most ``max_lanes`` lanes (distinct depth options)
+        exist at once, each holding ``max_rows`` full-context KV caches; at most ``max_queue`` (default
+        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`."""
+        max_queue = 4 * max_rows if max_queue is None else max_queue
+        for name, value in (("max_rows", max_rows), ("prefill_chunk", prefill_chunk), ("max_lanes", max_lanes),
+                            ("max_queue", max_queue)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
+        self.max_lanes, self.max_queue = max_lanes, max_queue
         self.stop_ids = set(int(s) for s in stop_ids)
         self.capacity = model.config.block_size
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
-        self._lanes: dict[tuple, _Lane] = {}
+        self._lanes: dict[DepthOptions, _Lane] = {}   # by resolved depth options
         self._queue: deque[_Row] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
-        self.counts = {"submitted": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.counts = {"submitted": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                       "refused": 0}
 
     # -- the caller's side (any thread) ----------------------------------------------------------------------
     def submit(self, job: Job, sink: Callable[[TokenEvent], None]) -> Ticket:
-        """Queue a validated job; ``sink`` is called from the scheduler's thread with each event (keep it quick)."""
+        """Queue a job; ``sink`` is called from the scheduler's thread with each event (keep it quick). Its depth
+        options are resolved here (ValueError if the model cannot take them); :class:`Overloaded` if ``max_queue``
+        requests already wait."""
         if job.max_new_tokens < 1 or not job.prompt:
             raise ValueError("a job needs a prompt and max_new_tokens >= 1")
+        job = dataclasses.replace(job, depth=job.depth.resolved(self.model.config))  # the lane key
         ticket = Ticket(next(self._ids))
         generator = torch.Generator(device=self.device).manual_seed(generator_seed(job.seed, 0))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
+            if len(self._queue) >= self.max_queue:
+                self.counts["refused"] += 1
+                raise Overloaded(f"the server is busy: {len(self._queue)} requests already wait (max_queue "
+                                 f"{self.max_queue}); retry later")
             self._queue.append(_Row(ticket, job, sink, generator, slot=-1))
             self.counts["submitted"] += 1
             self._cond.notify()
@@ -161,7 +187,8 @@ class Scheduler:
         with self._cond:
             active = sum(len(lane.live()) for lane in lanes)
             return {**self.counts, "active": active, "queued": len(self._queue), "lanes": len(lanes),
-                    "max_rows": self.max_rows, "running": self.running}
+                    "max_rows": self.max_rows, "max_lanes": self.max_lanes, "max_queue": self.max_queue,
+                    "running": self.running}
 
     @property
     def running(self) -> bool:
@@ -218,30 +245,50 @@ class Scheduler:
                 del self._lanes[key]   # its cache is freed; the next request with these options allocates anew
 
     def _admit(self) -> None:
-        while True:
-            with self._cond:
-                active = sum(len(lane.live()) for lane in self._lanes.values())
-                if not self._queue or active >= self.max_rows:
-                    return
-                row = self._queue.popleft()
+        """Queued jobs in arrival order while rows are free: a job joins its lane, or opens one if fewer than
+        ``max_lanes`` exist; a job whose lane cannot open yet stays queued and the jobs behind it still join their
+        lanes. So that it does not wait forever, the lane with the fewest rows then admits no one until it empties
+        and closes (draining), which frees a lane for the oldest waiting job."""
+        with self._cond:
+            queue = list(self._queue)
+        waiting: Optional[DepthOptions] = None   # the depth of the oldest job that needs a lane that is not there
+        taken: set[int] = set()
+        for row in queue:
+            if sum(len(lane.live()) for lane in self._lanes.values()) >= self.max_rows:
+                break
             if row.ticket.cancelled:
+                taken.add(id(row))
                 self._end(row, TokenEvent(None, finish="cancelled"), "cancelled")
                 continue
-            key = _depth_key(row.job.depth)
+            key = row.job.depth
             lane = self._lanes.get(key)
+            if lane is None and len(self._lanes) >= self.max_lanes:
+                waiting = waiting or key
+                continue
+            if lane is not None and waiting is not None and key == self._draining():
+                continue   # the draining lane takes no one new
             if lane is None:
                 try:
-                    lane = self._lanes[key] = _Lane(Engine(self.model, **row.job.depth), self.max_rows,
+                    lane = self._lanes[key] = _Lane(Engine.from_options(self.model, key), self.max_rows,
                                                     self.capacity)
                 except Exception as err:
+                    taken.add(id(row))
                     self._end(row, TokenEvent(None, finish="error", error=f"{type(err).__name__}: {err}"), "failed")
                     continue
+            taken.add(id(row))
             row.slot = lane.free_slot()
             lane.rows[row.slot] = row
             lane.token[row.slot] = row.job.prompt[-1]
             self.counts["admitted"] += 1
             if len(row.job.prompt) == 1 and lane.state is not None:  # no earlier token: the initial noise
                 lane.state[row.slot] = self._noise(lane.engine, 0)
+        if taken:
+            with self._cond:
+                self._queue = deque(r for r in self._queue if id(r) not in taken)
+
+    def _draining(self) -> Optional[DepthOptions]:
+        """The lane that admits no one while a job waits for a lane: the one with the fewest rows (the first such)."""
+        return min(self._lanes, key=lambda k: len(self._lanes[k].live()), default=None)
 
     def _prefill(self, lane: _Lane) -> None:
         """One chunk of every new row's prompt (all but its last token) into the row's slot."""
@@ -274,51 +321,39 @@ class Scheduler:
                 lane.state[r.slot] = out.state[r.slot, n - 1: n]
 
     def _decode(self, lane: _Lane) -> None:
+        """One token for every row whose prompt is in (:func:`~parcae.inference.engine.decode_step`, the step
+        :meth:`Engine.stream` runs); a row whose sampling fails ends with an error, the others go on."""
         rows = [r for r in lane.live() if r.decoding]
         if not rows:
             return
         B, dev = len(lane.rows), self.device
-        alive = torch.zeros(B, dtype=torch.bool)
         cols = torch.zeros(B, dtype=torch.long)
+        samplings: list[Sampling] = [Sampling()] * B
+        generators: list[Optional[torch.Generator]] = [None] * B
+        logprobs: list[Optional[int]] = [None] * B
         for r in rows:
-            alive[r.slot], cols[r.slot] = True, r.fed + r.generated
+            cols[r.slot] = r.fed + r.generated
+            samplings[r.slot], generators[r.slot], logprobs[r.slot] = r.job.sampling, r.generator, r.job.logprobs
         slots = sorted(r.slot for r in rows)
-        max_col = int(cols[slots].max())
-        alive, cols = alive.to(dev), cols.to(dev)[:, None]
-        tokens = torch.tensor(lane.token, dtype=torch.long, device=dev)[:, None]
-        engine = lane.engine
-        out = engine.forward(lane.cache, tokens, cols, cols, alive[:, None], torch.zeros(B, dtype=torch.long,
-                             device=dev), adaptive=engine.adaptive, initial_state=lane.state, rows=slots,
-                             max_col=max_col)
-        logits = out.logits[:, -1]
-        nxt = torch.zeros(B, dtype=torch.long, device=dev)
-        groups: dict[tuple, list[_Row]] = {}
-        for r in rows:
-            s = r.job.sampling
-            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(r)
-        for group in groups.values():
-            slots = torch.tensor([r.slot for r in group], device=dev)
-            nxt[slots] = sample(logits[slots], group[0].job.sampling, [r.generator for r in group], self.vocab_size)
-        reported = [r for r in rows if r.job.logprobs > 0]
-        lp_rows = None
-        if reported:
-            slots = torch.tensor([r.slot for r in reported], device=dev)
-            logp = torch.log_softmax(real_logits(logits[slots], self.vocab_size), -1)
-            top = torch.topk(logp, min(max(r.job.logprobs for r in reported), self.vocab_size), -1)
-            chosen = logp.gather(1, nxt[slots][:, None])[:, 0]
-            lp_rows = (chosen.tolist(), top.values.tolist(), top.indices.tolist())
-        tokens_now, depths = nxt.tolist(), out.depth[:, -1].tolist()   # the step's one device -> host read
+        cols = cols.to(dev)
+        step = decode_step(lane.engine, lane.cache, torch.tensor(lane.token, dtype=torch.long, device=dev), cols,
+                           cols, lane.sequences, slots, max(r.fed + r.generated for r in rows), samplings,
+                           generators, initial_state=lane.state, logprobs=logprobs)
+        tokens_now, depths, lps = step.read()   # the step's one device -> host read
         if lane.state is not None:
-            lane.state = torch.where(alive[:, None, None], out.state, lane.state)
+            decoded = torch.zeros(B, dtype=torch.bool)
+            decoded[slots] = True
+            lane.state = torch.where(decoded.to(dev)[:, None, None], step.state, lane.state)
         self.counts["steps"] += 1
         for r in rows:
+            if r.slot in step.errors:
+                self._leave(lane, r, TokenEvent(None, finish="error", error=step.errors[r.slot]), "failed")
+                continue
             t = tokens_now[r.slot]
             r.generated += 1
             event = TokenEvent(t, depths[r.slot])
-            if lp_rows is not None and r.job.logprobs > 0:
-                i = reported.index(r)
-                event.logprob = lp_rows[0][i]
-                event.top = list(zip(lp_rows[2][i][: r.job.logprobs], lp_rows[1][i][: r.job.logprobs]))
+            if lps[r.slot] is not None:
+                event.logprob, event.top = lps[r.slot].chosen, lps[r.slot].top
             if t in self.stop_ids or r.generated >= r.job.max_new_tokens:
                 event.finish = "stop" if t in self.stop_ids else "length"
                 self._leave(lane, r, event, "finished")

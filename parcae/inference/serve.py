@@ -108,25 +108,23 @@ class Limits:
         if not 0 < r.top_p <= 1:
             raise BadRequest(f"top_p must be in (0, 1], got {r.top_p}")
         sampling = Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p if r.top_p < 1 else None)
-        depth = DepthOptions.of(r)
-        engine = depth.engine(self.model)
+        depth = DepthOptions.of(r).resolved(self.model.config)   # the one check of the depth options
         cap = self.max_request_loops
-        if max(engine.loops, engine.max_loops) > cap:
+        if max(depth.loops or 0, depth.max_loops) > cap:
             if r.loops is not None or r.max_loops is not None:
                 raise BadRequest(f"at most {cap} loops per token on this server (--max_request_loops); "
                                  f"asked for {max(x for x in (r.loops, r.max_loops) if x is not None)}")
-            depth = dataclasses.replace(depth, max_loops=cap)  # an exit rule's default ceiling, lowered to the cap
-            engine = depth.engine(self.model)
+            # an exit rule's default ceiling, lowered to the cap
+            depth = dataclasses.replace(depth, max_loops=cap).resolved(self.model.config)
         ids = encode_prompt(self.tok, r.prompt)
         context = self.model.config.block_size
         if len(ids) + r.max_tokens > context:
             raise BadRequest(f"the prompt is {len(ids)} tokens; with max_tokens={r.max_tokens} that exceeds the "
                              f"model's context of {context} tokens (shorten the prompt or ask for fewer tokens)")
-        engine.check_request([ids], r.max_tokens)
         # an unseeded sampled request draws its own seed (reported in the answer), so repeats differ
         seed = r.seed if r.seed is not None else secrets.randbits(63)
         stops = [s for s in ([r.stop] if isinstance(r.stop, str) else (r.stop or [])) if s]
-        return Job(ids, r.max_tokens, dataclasses.asdict(depth), sampling, seed, r.logprobs or 0), stops
+        return Job(ids, r.max_tokens, depth, sampling, seed, r.logprobs), stops
 
 
 class StopText:

@@ -16,7 +16,7 @@ and reads the device once.
 
     engine = Engine(model, loops=8, speculate=(2, 4))       # or speculate="2:4": draft at 2 loops, 4 per round
     out = engine.generate([[bos, *ids]], 64)
-    engine.speculation                                       # {"rounds": ..., "drafted": ..., "accepted": ...}
+    out[0].speculation                                       # SpeculationStats(rounds=..., drafted=..., accepted=...)
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from __future__ import annotations
 from typing import Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from .engine import Engine, Sampling, StepEvent, generator_seed, sampling_probs
+from .engine import (Engine, Sampling, SpeculationStats, StepEvent, decode_step, row_generators, sample_from_probs,
+                     sampling_probs)
 
 
 def parse_speculate(spec: str | tuple[int, int], engine: Engine) -> tuple[int, int]:
@@ -52,97 +51,91 @@ def parse_speculate(spec: str | tuple[int, int], engine: Engine) -> tuple[int, i
     return draft, k
 
 
-def _distribution(logits: Tensor, sampling: Sampling, vocab_size: int) -> Tensor:
-    """[V] the distribution a token is drawn from; one-hot on the argmax for greedy decoding."""
-    if sampling.temperature == 0:
-        return F.one_hot(logits[:vocab_size].argmax(), vocab_size).float()
-    return sampling_probs(logits[None], sampling, vocab_size)[0]
-
-
 @torch.no_grad()
 def speculative_stream(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        sampling: Sampling | Sequence[Sampling], stop_ids: Sequence[int], padding: str,
                        sequences: Optional[Sequence[int]], limits: Optional[Sequence[int]],
                        halt: Optional[set]) -> Iterator[StepEvent]:
-    """:meth:`Engine.stream` with self-speculative rounds; one event per emitted token index."""
+    """:meth:`Engine.stream` with self-speculative rounds; one event per emitted token index, each carrying every
+    row's :class:`SpeculationStats` so far.
+
+    A row's round depends on the row alone: it drafts n_b = min(k, tokens it may still emit) tokens (a row with
+    fewer left sits out the batch's later draft steps and verify columns), and its generator gives, in order, its
+    n_b draft draws, n_b acceptance uniforms and one residual draw, so its random stream — and its tokens — are
+    the same alone or in any batch."""
     draft_loops, k = engine.speculate
     V, dev = engine.config.vocab_size, engine.device
     start = engine.start(prompts, max_new_tokens, padding, sequences, limits, extra_columns=k)
     B, cache, seq_ids, limit = start.B, start.cache, start.seq_ids, start.limits
     per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
-    generators = [torch.Generator(device=dev).manual_seed(generator_seed(s.seed, q))
-                  for s, q in zip(per_row, start.sequences)]
+    generators = row_generators(per_row, start.sequences, dev)
     stops = {int(t) for t in stop_ids}
     x, col, pos = start.tokens[:, 0], list(start.cols), list(start.positions)
     made, alive, index = [0] * B, [n > 0 for n in limit], 0
-    engine.speculation = stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+    stats = [SpeculationStats() for _ in range(B)]
     while any(alive):
         rows = [b for b in range(B) if alive[b]]
-        n = min(k, max(limit[b] - made[b] for b in rows))   # never draft past what every row may still emit
-        live = torch.tensor(alive, device=dev)
-        # Draft: n steps at draft_loops, each feeding its token to the next.
-        inputs, states, drafts, p = [x], [], [], []
+        width = {b: min(k, limit[b] - made[b]) for b in rows}   # never draft past what the row may still emit
+        n = max(width.values())
+        cols0, pos0 = torch.tensor(col, device=dev), torch.tensor(pos, device=dev)
+        # Draft: n steps at draft_loops, each feeding its token to the next; row b takes part in its first n_b.
+        inputs, states, p = [x], [], []
         for j in range(n):
-            out = engine.forward(cache, inputs[-1][:, None], torch.tensor(col, device=dev)[:, None] + j,
-                                 torch.tensor(pos, device=dev)[:, None] + j, live[:, None], seq_ids, adaptive=False,
-                                 rows=rows, max_col=max(col[b] for b in rows) + j, loops=draft_loops)
-            dist = torch.stack([_distribution(out.logits[b, -1], per_row[b], V) for b in range(B)])
-            token = torch.stack([torch.multinomial(dist[b], 1, generator=generators[b])[0] if alive[b]
-                                 else torch.zeros((), dtype=torch.long, device=dev) for b in range(B)])
-            states.append(out.state)
-            drafts.append(token)
-            p.append(dist)
-            inputs.append(token)
-        # Verify: the n inputs continue from their state after draft_loops iterations to the full depth, in one chunk.
+            drafting = [b for b in rows if j < width[b]]
+            step = decode_step(engine, cache, inputs[-1], cols0 + j, pos0 + j, seq_ids, drafting,
+                               max(col[b] for b in drafting) + j, per_row, generators, loops=draft_loops,
+                               want_probs=True)
+            step.raise_errors()
+            states.append(step.state)
+            p.append(step.probs)
+            inputs.append(step.tokens)
+        # Verify: the inputs continue from their state after draft_loops iterations to the full depth, in one chunk.
         chunk = torch.stack(inputs[:n], 1)
-        cols = torch.tensor(col, device=dev)[:, None] + torch.arange(n, device=dev)
-        positions = torch.tensor(pos, device=dev)[:, None] + torch.arange(n, device=dev)
-        out = engine.forward(cache, chunk, cols, positions, live[:, None].expand(B, n), seq_ids, adaptive=False,
-                             initial_state=torch.cat(states, 1), rows=rows, max_col=max(col[b] for b in rows) + n - 1,
-                             first_loop=draft_loops)
-        drafted, p = torch.stack(drafts, 1), torch.stack(p, 1)                       # [B, n], [B, n, V]
-        accepted, correction = [], []
+        offsets = torch.arange(n, device=dev)
+        real = torch.tensor([[alive[b] and j < width.get(b, 0) for j in range(n)] for b in range(B)], device=dev)
+        out = engine.forward(cache, chunk, cols0[:, None] + offsets, pos0[:, None] + offsets, real, seq_ids,
+                             adaptive=False, initial_state=torch.cat(states, 1), rows=rows,
+                             max_col=max(col[b] for b in rows) + n - 1, first_loop=draft_loops)
+        drafted, p = torch.stack(inputs[1:], 1), torch.stack(p, 1)                     # [B, n], [B, n, V]
         zero = torch.zeros((), dtype=torch.long, device=dev)
-        for b in range(B):
-            if not alive[b]:
-                accepted.append(zero)
-                correction.append(zero)
-                continue
-            q = torch.stack([_distribution(out.logits[b, j], per_row[b], V) for j in range(n)])   # [n, V]
-            d = drafted[b]
-            ratio = q.gather(1, d[:, None])[:, 0] / p[b].gather(1, d[:, None])[:, 0].clamp(min=1e-30)
-            keep = torch.rand(n, generator=generators[b], device=dev) < ratio
+        accepted, correction = [zero] * B, [zero] * B
+        for b in rows:
+            w = width[b]
+            q = sampling_probs(out.logits[b, :w], per_row[b], V)                          # [w, V]
+            d = drafted[b, :w]
+            ratio = q.gather(1, d[:, None])[:, 0] / p[b, :w].gather(1, d[:, None])[:, 0].clamp(min=1e-30)
+            keep = torch.rand(w, generator=generators[b], device=dev) < ratio
             m = keep.long().cumprod(0).sum()                                           # leading accepted drafts
-            at = m.clamp(max=n - 1)
+            at = m.clamp(max=w - 1)
             residual = (q[at] - p[b, at]).clamp(min=0)
             residual = torch.where(residual.sum() > 0, residual, q[at])
-            accepted.append(m)
-            correction.append(torch.multinomial(residual / residual.sum(), 1, generator=generators[b])[0])
+            accepted[b] = m
+            correction[b] = sample_from_probs((residual / residual.sum())[None], [generators[b]])[0]
         values = torch.cat([torch.stack(accepted), torch.stack(correction), drafted.flatten()]).tolist()  # one read
         m_list, c_list, d_list = values[:B], values[B:2 * B], values[2 * B:]
-        stats["rounds"] += 1
         emitted: list[list[int]] = [[] for _ in range(B)]
         finished = [False] * B
         for b in rows:
-            m = m_list[b]
-            stats["drafted"] += n
-            stats["accepted"] += m
-            proposal = d_list[b * n: b * n + m] + ([c_list[b]] if m < n else [])
+            m, w = m_list[b], width[b]
+            stats[b] = stats[b] + SpeculationStats(1, w, m)
+            proposal = d_list[b * n: b * n + m] + ([c_list[b]] if m < w else [])
             for t in proposal:
                 emitted[b].append(t)
                 made[b] += 1
                 if t in stops or made[b] >= limit[b]:
                     finished[b] = True
                     break
-            step = min(m + 1, n)                 # the next input's column: the correction's, or the last draft's
-            cache.forget(b, col[b] + step)       # the rejected drafts' columns
-            col[b], pos[b] = col[b] + step, pos[b] + step
+            step_cols = min(m + 1, w)            # the next input's column: the correction's, or the last draft's
+            cache.forget(b, col[b] + step_cols)  # the rejected drafts' columns
+            col[b], pos[b] = col[b] + step_cols, pos[b] + step_cols
         x = torch.tensor([e[-1] if e else 0 for e in emitted], device=dev)
         for j in range(max(map(len, emitted))):
             active = [j < len(e) for e in emitted]
             done = [(a and finished[b] and j == len(emitted[b]) - 1) or not alive[b] for b, a in enumerate(active)]
-            yield StepEvent(index, [e[j] if j < len(e) else 0 for e in emitted], [engine.loops] * B, active, done)
+            yield StepEvent(index, [e[j] if j < len(e) else 0 for e in emitted], [engine.loops] * B, active, done,
+                            speculation=list(stats))
             index += 1
         alive = [a and not f for a, f in zip(alive, finished)]
         for b in halt or ():
             alive[b] = False
+

@@ -314,7 +314,7 @@ class LoopedLMModule(L.LightningModule):
     def predict_step(self, request: "GenerationRequest", batch_idx: int) -> list[int]:
         """The prompt's ids followed by the generated ones, decoded by the KV-cached engine (as ``parcae
         generate`` decodes)."""
-        engine = request.depth.engine(self.net, seed=request.sampling.seed)
+        engine = DepthOptions(**request.depth).engine(self.net, seed=request.sampling.seed)
         out = engine.generate([request.prompt], request.max_new_tokens, request.sampling, request.stop_ids)[0]
         return list(request.prompt) + out.tokens
 
@@ -326,7 +326,13 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: Sampling
     stop_ids: list[int]
-    depth: DepthOptions = dataclasses.field(default_factory=DepthOptions)  # loops per token (default: μ_rec)
+    # loops per token (default: μ_rec): DepthOptions' fields, kept as a dict because Lightning's batch transfer
+    # rebuilds the dataclasses it carries and DepthOptions is frozen
+    depth: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.depth, DepthOptions):
+            self.depth = self.depth.as_kwargs()
 
 
 _LOOP_TAG = re.compile(r"^(test|test_on_val)/(loss|bpb|tokens_per_sec)_T(\d+)$")

@@ -1,6 +1,7 @@
 """The generation engine against the model's own full forward: cached = uncached, batched = alone, exit rules and
 KV policies by their defining behaviour. Tiny random models (d = 64), CPU fp32."""
 
+import dataclasses
 import math
 
 import pytest
@@ -491,9 +492,25 @@ def test_speculative_greedy_equals_plain_greedy_at_the_target_depth(draft, k):
     engine = Engine(model, loops=5, speculate=(draft, k))
     spec = engine.generate(prompts, 20, stop_ids=[11, 12], sequences=[0, 1, 2])
     assert [g.tokens for g in spec] == [g.tokens for g in plain]
-    stats = engine.speculation
-    assert 0 <= stats["accepted"] <= stats["drafted"] and stats["rounds"] >= 20 // k
+    for g in spec:   # each row's statistics come back with its tokens (nothing is left on the engine)
+        s = g.speculation
+        assert 0 <= s.accepted <= s.drafted and s.rounds >= len(g.tokens) / k and s.drafted <= k * s.rounds
+    assert not hasattr(engine, "speculation")
 
+
+def test_speculative_sampling_gives_each_row_what_it_gives_alone():
+    """A row's random stream must not depend on its neighbours: with limits that differ per row, a shared draft
+    width per round made a row draw a different number of drafts and uniforms in a batch than alone."""
+    model = tiny_model("parcae", seed=19)
+    prompts = [[0, 5, 6, 7], [0, 40], [0, 3, 3, 50, 51, 2], [0, 9, 9]]
+    sampling = Sampling(temperature=1.0, seed=0)
+    engine = Engine(model, loops=5, speculate=(1, 4))    # a shallow draft: rejections happen
+    events = list(engine.stream(prompts, 30, sampling, limits=[30, 7, 19, 26], sequences=[0, 1, 2, 3]))
+    batched = [[e.tokens[b] for e in events if e.active[b]] for b in range(4)]
+    for b, (prompt, n) in enumerate(zip(prompts, [30, 7, 19, 26])):
+        alone = engine.generate([prompt], n, sampling, sequences=[b])[0]
+        assert batched[b] == alone.tokens
+        assert events[-1].speculation[b] == alone.speculation
 
 def test_speculative_sampling_draws_from_the_target_distribution():
     """The joint distribution of the first two tokens, estimated from 3,000 sampled rows, against the exact one
@@ -518,3 +535,35 @@ def test_speculative_sampling_draws_from_the_target_distribution():
     tv = lambda a, b: 0.5 * (a - b).abs().sum().item()  # noqa: E731
     assert tv(counts / n, target) < 0.06        # sampling noise at n = 3000 over 36 cells is ~0.03
     assert tv(draft, target) > 0.2             # a test that would notice sampling from the draft instead
+
+
+# -- depth options: checked and completed in one place -------------------------------------------------------------
+def test_depth_options_resolve_to_one_canonical_value():
+    from parcae.inference.options import DepthOptions
+
+    parcae, gpt = tiny_model("parcae"), tiny_model("gpt")
+    cfg, mu = parcae.config, parcae.config.mean_recurrence
+    kl = DepthOptions(exit="kl").resolved(cfg)
+    assert kl == DepthOptions(exit="kl:0.001", loops=None, min_loops=1, max_loops=mu, exit_every=1, kv_policy="latest")
+    assert kl.resolved(cfg) == kl and kl.exit == "kl:0.001"
+    assert DepthOptions(exit="kl:1e-3").resolved(cfg) == DepthOptions(exit="kl:0.001", kv_policy="latest").resolved(cfg)
+    assert DepthOptions(exit="kl:1.234567891e-3").resolved(cfg).exit == "kl:0.001234567891"  # no digits lost
+    assert DepthOptions(exit="argmax-stability").resolved(cfg) == DepthOptions(exit="argmax-stability:5.0").resolved(cfg)
+    fixed = DepthOptions().resolved(cfg)
+    assert fixed == DepthOptions(loops=mu, max_loops=mu, kv_policy="full") == DepthOptions(max_loops=mu).resolved(cfg)
+    assert DepthOptions(loops=2, min_loops=2, exit_every=3).resolved(cfg) == DepthOptions(loops=2).resolved(cfg)
+    assert DepthOptions().resolved(gpt.config).loops == 1 == DepthOptions(loops=1).resolved(gpt.config).loops
+    rule = ForcedDepth(lambda n, r: 1)
+    assert DepthOptions(exit=rule).resolved(cfg).exit is rule
+    assert len({DepthOptions(exit=e).resolved(cfg) for e in ("kl", "kl:auto", "kl:1e-3", " kl:0.001")}) == 1
+    engine = Engine.from_options(parcae, DepthOptions(exit="cosine:0.01"), seed=3)
+    assert (engine.options, engine.seed, engine.max_loops) == (DepthOptions(exit="cosine:0.01").resolved(cfg), 3, mu)
+    for depth, message in [(DepthOptions(loops=True), "loops must be an integer"),
+                           (DepthOptions(loops=0), "loops must be an integer"),
+                           (DepthOptions(continuous="yes"), "continuous must be"),
+                           (DepthOptions(exit="kl", loops=3), "not both"),
+                           (DepthOptions(kv_policy="ring:x"), "ring:K")]:
+        with pytest.raises(ValueError, match=message):
+            depth.resolved(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kl.loops = 3

@@ -116,3 +116,19 @@ def test_perplexity_exit_reports_loss_and_mean_loops(runs, tmp_path, capsys):
     assert 1 <= saved["mean_loops"] <= 4 and saved["loss"] > 0 and f"mean loops/token {saved['mean_loops']:.2f}" in out
     with pytest.raises(SystemExit, match="unknown exit rule"):
         main(["perplexity", "--ckpt_path", str(ckpt), "--text", str(text), "--exit", "sometimes"])
+
+
+def test_speculate_with_no_new_tokens_exits_cleanly_and_reports_the_counts(runs, tmp_path, capsys):
+    """--speculate with --max_new_tokens 0 used to end in AttributeError (the statistics lived on the engine and
+    were set only by a round); they are return values now, reported summed over the prompts."""
+    ckpt, _ = runs["parcae"]
+    main(["generate", "--ckpt_path", str(ckpt), "--prompt", "hi", "--speculate", "2:4", "--max_new_tokens", "0"])
+    assert "accepted 0/0 drafts" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"To be"\n"KING:"\n"a"\n')
+    main(["generate", "--ckpt_path", str(ckpt), "--prompts", str(prompts), "--speculate", "1:3", "--loops", "3",
+          "--max_new_tokens", "6", "--batch_size", "2", "--temperature", "0"])
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("[speculate]"))
+    accepted, drafted = (int(v) for v in line.split("accepted ")[1].split(" ")[0].split("/"))
+    assert 0 <= accepted <= drafted and drafted >= 3 * 6 // 3   # every prompt's rounds counted, not the last batch's
