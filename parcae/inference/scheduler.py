@@ -47,16 +47,21 @@ from parcae.model.state import positional_noise
 from .engine import Engine, Sampling, generator_seed, sample
 
 
+class Overloaded(RuntimeError):
+    """The queue is full: the request is refused now rather than left waiting without bound (HTTP 429)."""
+
+
 @dataclass
 class Job:
     """What one request asks for. ``depth`` holds :class:`Engine` keyword arguments (loops, exit, min_loops,
-    max_loops, kv_policy, continuous); ``logprobs`` > 0 reports the chosen token's log-probability and the top N."""
+    max_loops, kv_policy, continuous). ``logprobs``: None reports none; 0 the chosen token's log-probability (with
+    an empty top list, as OpenAI answers ``logprobs: 0``); N > 0 also the top N."""
     prompt: list[int]
     max_new_tokens: int
     depth: dict = field(default_factory=dict)
     sampling: Sampling = field(default_factory=Sampling)
     seed: int = 0
-    logprobs: int = 0
+    logprobs: Optional[int] = None
 
 
 @dataclass
@@ -119,10 +124,15 @@ def _depth_key(depth: dict) -> tuple:
 
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
-                 prefill_chunk: int = 256) -> None:
-        if max_rows < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_rows and prefill_chunk must be >= 1, got {max_rows}, {prefill_chunk}")
+                 prefill_chunk: int = 256, max_queue: Optional[int] = None) -> None:
+        """At most ``max_queue`` (default 4 x max_rows) requests wait, beyond which :meth:`submit` raises
+        :class:`Overloaded`."""
+        max_queue = 4 * max_rows if max_queue is None else max_queue
+        if max_rows < 1 or prefill_chunk < 1 or max_queue < 1:
+            raise ValueError(f"max_rows, prefill_chunk and max_queue must be >= 1, got {max_rows}, {prefill_chunk}, "
+                             f"{max_queue}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
+        self.max_queue = max_queue
         self.stop_ids = set(int(s) for s in stop_ids)
         self.capacity = model.config.block_size
         self.vocab_size = model.config.vocab_size
@@ -133,7 +143,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
-        self.counts = {"submitted": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0}
+        self.counts = {"submitted": 0, "admitted": 0, "finished": 0, "cancelled": 0, "failed": 0, "steps": 0,
+                       "refused": 0}
 
     # -- the caller's side (any thread) ----------------------------------------------------------------------
     def submit(self, job: Job, sink: Callable[[TokenEvent], None]) -> Ticket:
@@ -145,6 +156,10 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
+            if len(self._queue) >= self.max_queue:
+                self.counts["refused"] += 1
+                raise Overloaded(f"the server is busy: {len(self._queue)} requests already wait (max_queue "
+                                 f"{self.max_queue}); retry later")
             self._queue.append(_Row(ticket, job, sink, generator, slot=-1))
             self.counts["submitted"] += 1
             self._cond.notify()
@@ -161,7 +176,7 @@ class Scheduler:
         with self._cond:
             active = sum(len(lane.live()) for lane in lanes)
             return {**self.counts, "active": active, "queued": len(self._queue), "lanes": len(lanes),
-                    "max_rows": self.max_rows, "running": self.running}
+                    "max_rows": self.max_rows, "max_queue": self.max_queue, "running": self.running}
 
     @property
     def running(self) -> bool:
@@ -299,7 +314,7 @@ class Scheduler:
         for group in groups.values():
             slots = torch.tensor([r.slot for r in group], device=dev)
             nxt[slots] = sample(logits[slots], group[0].job.sampling, [r.generator for r in group], self.vocab_size)
-        reported = [r for r in rows if r.job.logprobs > 0]
+        reported = [r for r in rows if r.job.logprobs is not None]
         lp_rows = None
         if reported:
             slots = torch.tensor([r.slot for r in reported], device=dev)
@@ -315,7 +330,7 @@ class Scheduler:
             t = tokens_now[r.slot]
             r.generated += 1
             event = TokenEvent(t, depths[r.slot])
-            if lp_rows is not None and r.job.logprobs > 0:
+            if lp_rows is not None and r.job.logprobs is not None:
                 i = reported.index(r)
                 event.logprob = lp_rows[0][i]
                 event.top = list(zip(lp_rows[2][i][: r.job.logprobs], lp_rows[1][i][: r.job.logprobs]))
