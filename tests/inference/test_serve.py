@@ -593,24 +593,28 @@ STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 WORDS = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SIGTERM)"}
 
 
-def start_server(root, ckpt, *flags):
-    """`parcae serve`'s own module in a subprocess (the CLI's imports spared), in its own process group."""
+def launch(root, ckpt, *flags):
+    """`parcae serve`'s own module in a subprocess (the CLI's imports spared), in its own process group:
+    (process, port, log)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     log = root / f"server-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "parcae.inference.serve", "--ckpt_path", str(ckpt), "--port",
                              str(port), *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)  # its own process group: the test can check nothing is left
+    return proc, port, log
+
+
+def wait_ready(proc, port, log):
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("server exited:\n" + log.read_text())
         try:
             if get(port, "/health")["status"] == "ok":
-                return proc, port, log
+                return
         except (ConnectionError, OSError):
             time.sleep(0.2)
-    stop_group(proc)
     raise RuntimeError("server did not come up in 120 s:\n" + log.read_text())
 
 
@@ -623,15 +627,28 @@ def stop_group(proc):
         pass
 
 
+@pytest.fixture(scope="module")
+def servers(run):
+    """One server process per signal, started together (their start-up is most of these tests' time)."""
+    root, ckpt, _, _ = run
+    started = {signum: launch(root, ckpt) for signum in STATUS}
+    try:
+        for proc, port, log in started.values():
+            wait_ready(proc, port, log)
+        yield started
+    finally:
+        for proc, _, _ in started.values():
+            stop_group(proc)
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_ends_every_request_and_stops_the_server(run, signum):
+def test_a_signal_ends_every_request_and_stops_the_server(servers, signum):
     """SIGTERM (what a process manager sends) or Ctrl-C while one request streams and another waits for its
     answer: the stream ends with an error event and [DONE], the other gets a JSON 503, the server exits within
     seconds with parcae's one line and status 143 / 130, no traceback in its log, nothing of its process group left,
     and the port can be taken again."""
-    root, ckpt, _, _ = run
-    proc, port, log = start_server(root, ckpt)
+    proc, port, log = servers[signum]
     try:
         conn, r = open_stream(port, LONG)
         next_event(r)
