@@ -530,7 +530,7 @@ def test_a_full_queue_answers_429_at_once(run):
             answers = list(pool.map(timed, range(64)))
     served = [a for a in answers if a[0] == 200]
     refused = [a for a in answers if a[0] == 429]
-    assert len(served) + len(refused) == 64 and refused and len(served) >= 3
+    assert len(served) + len(refused) == 64 and refused and len(served) >= 2
     for status, body, headers, _ in refused:
         assert headers["retry-after"] == "1" and body["error"]["type"] == "rate_limit_error"
         assert body["error"]["code"] == 429 and "max_queue 2" in body["error"]["message"]
