@@ -8,8 +8,9 @@ that come with imported models.
 This module is the one owner of that framing for every verb: :func:`bos_id` / :func:`eos_id` (never the literal
 strings elsewhere), :func:`encode_prompt` (a text as the start of a document: what generation continues and
 what every scorer — perplexity, CORE, lm-eval contexts — conditions on), :func:`encode_text` (a text inside a
-document: a continuation), :func:`stop_ids` (where generation ends) and :class:`TextStream` (generated ids to
-text as it becomes final, for streaming).
+document: a continuation; both keep a special token's spelling in the text as text unless told otherwise),
+:func:`max_token_chars` (a prompt's least token count from its length), :func:`stop_ids` (where generation ends)
+and :class:`TextStream` (generated ids to text as it becomes final, for streaming).
 
     tok = load_tokenizer("data/shakespeare/tokenizer.json")
     ids = encode_prompt(tok, "ROMEO:")            # [bos, ...]
@@ -20,8 +21,11 @@ text as it becomes final, for streaming).
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tokenizers import Tokenizer, pre_tokenizers
@@ -85,14 +89,48 @@ def stop_ids(tok: Tokenizer) -> list[int]:
     return [eos_id(tok)]
 
 
-def encode_text(tok: Tokenizer, text: str) -> list[int]:
-    """A text's tokens as they appear inside a document (no special tokens added)."""
-    return tok.encode(text, add_special_tokens=False).ids
+def encode_text(tok: Tokenizer, text: str, *, special_tokens: bool = False) -> list[int]:
+    """A text's tokens as they appear inside a document (no special tokens added).
+
+    Text is text: the spelling of a special token in it (``"<|eos|>"``) is encoded as the characters it is made
+    of, never as the control token, so a user cannot end a document or start another by typing one. A ``tokenizers``
+    Tokenizer matches added special tokens in any text it encodes; a copy of it with ``encode_special_tokens``
+    set splits them like ordinary text instead. ``special_tokens=True`` (``--special_tokens``: the caller trusts
+    the text) lets their spellings through as the control tokens."""
+    return (tok if special_tokens else _text_only(tok)).encode(text, add_special_tokens=False).ids
 
 
-def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
-    """A text as the model sees the start of a document: ``<|bos|>`` then its tokens (no end of text)."""
-    return [bos_id(tok), *encode_text(tok, text)]
+def encode_prompt(tok: Tokenizer, text: str, *, special_tokens: bool = False) -> list[int]:
+    """A text as the model sees the start of a document: ``<|bos|>`` then its tokens (no end of text); the text's
+    own special-token spellings stay text unless ``special_tokens`` (:func:`encode_text`)."""
+    return [bos_id(tok), *encode_text(tok, text, special_tokens=special_tokens)]
+
+
+_TEXT_ONLY: "weakref.WeakKeyDictionary[Tokenizer, Tokenizer]" = weakref.WeakKeyDictionary()
+_TEXT_ONLY_LOCK = threading.Lock()
+
+
+def _text_only(tok: Tokenizer) -> Tokenizer:
+    """``tok``'s copy that encodes special-token spellings as ordinary text (made once per tokenizer; ``tok``
+    itself is shared, e.g. by :func:`load_tokenizer`'s cache, so it is never changed)."""
+    with _TEXT_ONLY_LOCK:
+        copy = _TEXT_ONLY.get(tok)
+        if copy is None:
+            copy = _TEXT_ONLY[tok] = Tokenizer.from_str(tok.to_str())
+            copy.encode_special_tokens = True
+        return copy
+
+
+def max_token_chars(tok: Tokenizer) -> Optional[int]:
+    """The most characters one token can stand for, so a text of ``n`` characters has at least ``n /
+    max_token_chars`` tokens: a size check that needs no tokenizing. A token's text has at most as many
+    characters as UTF-8 bytes (:func:`token_byte_lengths`); an added token (``<|bos|>``) is matched as its spelling.
+    None where the tokenizer has a normalizer (one may shorten a text before it is split, e.g. NFKC composing two
+    characters into one)."""
+    if tok.normalizer is not None:
+        return None
+    added = [len(t.content) for t in tok.get_added_tokens_decoder().values()]
+    return max(int(token_byte_lengths(tok).max()), *added, 1)
 
 
 class TextStream:

@@ -8,7 +8,8 @@ A single ``--prompt`` streams its continuation to the terminal; ``--prompts FILE
 {"text": ...} per line) is generated in batches and written as JSON lines (to ``--output``, else to stdout). The
 output file is ``out.jsonl.partial`` until every prompt is done (an interrupt keeps the finished records there);
 an existing ``--output`` is refused unless ``--overwrite``.
-Every prompt starts with <|bos|>; an empty prompt is just <|bos|>.
+Every prompt starts with <|bos|>; an empty prompt is just <|bos|>. A special token's spelling in a prompt
+(``<|eos|>``) is plain text unless ``--special_tokens``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
              depth: DepthOptions = DepthOptions(), speculate: Optional[str] = None,
              max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: Optional[float] = None,
              seed: int = 0, show_depth: bool = False, device: str = "cuda" if torch.cuda.is_available() else "cpu",
-             tokenizer: Optional[str] = None) -> None:
+             tokenizer: Optional[str] = None, special_tokens: bool = False) -> None:
     """Generate text with the KV-cached engine, at fixed or adaptive depth.
 
     Args:
@@ -87,6 +88,8 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
         show_depth: print loops used per token (mean and histogram).
         device: cpu, cuda, cuda:1, ...
         tokenizer: tokenizer.json (default: the run's own or its data folder's).
+        special_tokens: read special-token spellings in the prompts (<|eos|>, <|bos|>) as the control tokens; by
+            default they are plain text.
     """
     if (prompt is None) == (prompts is None):
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (one of them)")
@@ -104,7 +107,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
         model, tok = run.model, run.tokenizer
         engine = Engine.from_options(model, depth, seed=seed, speculate=speculate)
         sampling = Sampling(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
-        encoded = [encode_prompt(tok, t) for t in texts]
+        encoded = [encode_prompt(tok, t, special_tokens=special_tokens) for t in texts]
         engine.check_request(encoded, max_new_tokens)
     except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
         raise UsageError(str(err)) from None

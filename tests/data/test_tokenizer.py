@@ -4,8 +4,8 @@ import pytest
 
 from conftest import SHAKESPEARE_TOKENIZER, synthetic_documents
 from data_prep.tokenizer import capped_texts, new_tokenizer, train_tokenizer
-from parcae.data.tokenizer import (TextStream, encode_prompt, encode_text, load_tokenizer, special_ids, stop_ids,
-                                   token_byte_lengths)
+from parcae.data.tokenizer import (TextStream, encode_prompt, encode_text, load_tokenizer, max_token_chars,
+                                   special_ids, stop_ids, token_byte_lengths)
 
 TEXTS = ["To be, or not to be, that is the question:", "Numbers 1234567 and 3.14159!",
          "Ünïcödé — “quotes”, 漢字 and emoji 🤖 all survive.", "  leading spaces\n\n\ttabs\r\nand CRLF  ", ""]
@@ -76,3 +76,29 @@ def test_framing_and_streamed_text():
     pieces = [stream.push(t) for t in [*ids, 1]]
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == stream.text == text
     assert pieces[-1] == "" and pieces.count("") >= 3    # <|eos|> adds nothing; partial characters wait
+
+
+def test_prompt_text_never_becomes_control_tokens(tok):
+    """A special token's spelling typed in a prompt is text (it decodes back to what was typed; no special id
+    appears); only ``special_tokens=True`` makes it the control token. <|bos|> still comes first."""
+    specials = set(special_ids(tok).values())
+    for text in ["hi <|eos|> <|bos|>", "<|bos|>", "<|eos|><|pad|>", "a<|pad|>b", "<|eos", "ROMEO:<|eos|>\n"]:
+        ids = encode_prompt(tok, text)
+        assert ids[0] == 0 and not specials & set(ids[1:]), (text, ids)
+        assert tok.decode(ids[1:], skip_special_tokens=False) == text
+        assert not specials & set(encode_text(tok, text))
+    assert encode_prompt(tok, "hi <|eos|> <|bos|>", special_tokens=True) == [0, *encode_text(tok, "hi"), 223, 1,
+                                                                                 223, 0]
+    assert encode_prompt(tok, "hi there") == encode_prompt(tok, "hi there", special_tokens=True)  # plain text: same
+    assert tok.encode_special_tokens is False   # the shared tokenizer is not changed
+
+
+def test_max_token_chars_bounds_the_token_count_from_below(tok):
+    """No text has fewer tokens than len(text) / max_token_chars: the server refuses an over-long prompt by its
+    length alone. The bound is reached by the longest token."""
+    bound = max_token_chars(tok)
+    text = tok.decode([int(token_byte_lengths(tok).argmax())])
+    assert len(text) == bound and len(encode_text(tok, text)) == 1  # a tight bound here (an ASCII token)
+    for t in [*TEXTS, "<|bos|>" * 3, text * 5, "x" * 999]:
+        for special_tokens in (False, True):
+            assert len(encode_text(tok, t, special_tokens=special_tokens)) * bound >= len(t)
