@@ -302,13 +302,13 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
-              prefill_chunk: int = 256, max_queue: Optional[int] = None,
+              prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
               max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread. ``app.state.stopping``
     ends every open request (:class:`Stopping`); :func:`serve` calls it on SIGTERM / SIGINT."""
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence, special_tokens)
     scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=stop_ids(tok), prefill_chunk=prefill_chunk,
-                          max_queue=max_queue)
+                          max_queue=max_queue, max_lanes=max_lanes)
     stopping = Stopping()
 
     @asynccontextmanager
@@ -480,8 +480,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           tokenizer: Optional[str] = None, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
-          prefill_chunk: int = 256, max_queue: Optional[int] = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-          special_tokens: bool = False) -> None:
+          prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
+          max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False) -> None:
     """OpenAI-style /v1/completions with continuous batching; each request carries its own depth options.
 
     Args:
@@ -495,12 +495,14 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
         prefill_chunk: prompt tokens prefilled per step, so a long prompt does not stall the running requests.
         max_queue: requests that may wait for a place in the batch (default 4 x max_batch_size); past it a request
             is answered 429 with Retry-After at once.
+        max_lanes: distinct depth settings (loops, exit rule, KV policy, ...) decoded at once, each with its own
+            max_batch_size full-context KV caches; a request needing another waits in the queue.
         max_request_bytes: the largest request body (default 1 MiB); a larger one is answered 413 unread.
         special_tokens: read special-token spellings in prompts (<|eos|>, <|bos|>) as the control tokens; by default
             they are plain text, so a client cannot inject them.
     """
     for flag, value in (("max_batch_size", max_batch_size), ("max_request_loops", max_request_loops),
-                        ("prefill_chunk", prefill_chunk), ("max_queue", max_queue),
+                        ("prefill_chunk", prefill_chunk), ("max_queue", max_queue), ("max_lanes", max_lanes),
                         ("max_request_bytes", max_request_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"--{flag} must be an integer >= 1, got {value!r}")
@@ -515,7 +517,8 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
     import uvicorn
 
     app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,
-                    prefill_chunk=prefill_chunk, max_queue=max_queue, max_request_bytes=max_request_bytes,
+                    prefill_chunk=prefill_chunk, max_queue=max_queue, max_lanes=max_lanes,
+                    max_request_bytes=max_request_bytes,
                     special_tokens=special_tokens)
 
     class Server(uvicorn.Server):
