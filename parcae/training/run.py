@@ -324,8 +324,7 @@ class RecipeCLI(LightningCLI):
             # the checkpoint's folder when it can be written, or nowhere (printed, with a note).
             self.save_config_callback = None
             ckpt_path = cfg.get("ckpt_path")
-            self.results_dir, note = rundir.results_location(Path(ckpt_path).parent if ckpt_path else run_dir,
-                                                             cfg.get("output_dir"))
+            self.results_dir, note = rundir.results_dir_for(ckpt_path or run_dir, cfg.get("output_dir"))
             if note and self.subcommand != "predict":
                 print(f"[parcae] {note}", flush=True)
             if self.results_dir is None or self.subcommand == "predict":
