@@ -235,6 +235,7 @@ class RecipeCLI(LightningCLI):
         if not ckpt_path or ckpt_path == "last":
             return
         ckpt = rundir.check_checkpoint(ckpt_path, allow_sharded=subcommand == "fit")
+        self.opened_checkpoint = (ckpt_path, ckpt)  # what the checks below read, instead of opening it again
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         if not hparams:
             return  # a sharded folder: its hyperparameters stay in meta.pt, and the config describes the model
@@ -243,6 +244,11 @@ class RecipeCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
             raise
+
+    def _opened(self, ckpt_path: str) -> dict:
+        """The checkpoint ``_parse_ckpt_path`` checked, when it is this path; else checked (opened) now."""
+        path, ckpt = getattr(self, "opened_checkpoint", (None, None))
+        return ckpt if path == ckpt_path else rundir.check_checkpoint(ckpt_path)
 
     # -- run directory rules ----------------------------------------------------------------------------
     def _cfg(self):
@@ -268,7 +274,7 @@ class RecipeCLI(LightningCLI):
         arch = dataclasses.asdict(model_config)
         if self.subcommand not in ("fit", None):
             if cfg.get("ckpt_path"):
-                rundir.check_same_model(rundir.check_checkpoint(cfg.ckpt_path), cfg.ckpt_path, arch)
+                rundir.check_same_model(self._opened(cfg.ckpt_path), cfg.ckpt_path, arch)
             return
         resolve_run_length(cfg)
         self._check_schedule(cfg)
