@@ -302,9 +302,8 @@ def load_checkpoint(ckpt_path: str | Path, device: Any = "cpu", tokenizer: Optio
         with torch.device("meta"):
             model = LoopedLM(config).eval()
     else:
-        model = LoopedLM(config)
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        model.load_state_dict(state, strict=True)
+        model = LoopedLM.from_state_dict(config, state)  # no initialization of weights the checkpoint replaces
         model.to(device).eval()
     metadata = {k: v for k, v in ckpt.items() if k not in _HEAVY_KEYS}
     return LoadedRun(model=model, tokenizer=tok, tokenizer_path=tok_path, checkpoint=path,

@@ -165,3 +165,27 @@ def test_a_run_directory_without_a_loadable_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["test", "--ckpt_path", str(tmp_path / "empty_run")])
     assert "has no checkpoint that loads" in str(info.value) and "\n" not in str(info.value)
+
+
+# -- loading without initializing what the checkpoint replaces ----------------------------------------------------
+def test_loading_skips_the_initialization_and_gives_the_same_model(imported_run, monkeypatch):
+    """load_checkpoint builds the model without its (orthogonal, QR-heavy) initialization, which was most of a
+    one-token `parcae generate`; the model is the one LoopedLM(config) + load_state_dict gives, output for output."""
+    import parcae.model.looped as looped
+    from parcae.model import LoopedLM, ModelConfig
+    from parcae.runs import load_checkpoint
+
+    ckpt = check_checkpoint(imported_run / "last.ckpt")
+    reference = LoopedLM(ModelConfig(**ckpt["hyper_parameters"]["arch"])).eval()
+    reference.load_state_dict({k[len("net."):]: v for k, v in ckpt["state_dict"].items()})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_checkpoint initialized weights it then replaced")
+
+    monkeypatch.setattr(looped, "initialize", refuse)
+    model = load_checkpoint(imported_run).model
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 4000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert torch.equal(model.rope, reference.rope)
