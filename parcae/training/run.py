@@ -5,7 +5,7 @@ run directory, run length from paper quantities (tokens, global batch), and pars
     cfg = parse_recipe("recipes/table5_140m_parcae.yaml", ["--model.arch.mean_recurrence", "4"])
     model_config_of(cfg).mean_recurrence     # 4
 
-The ``parcae`` command (parcae/cli.py) subclasses :class:`RecipeCLI` and adds the verbs; this module holds what
+The ``parcae`` command (parcae/lightning_cli.py) subclasses :class:`RecipeCLI` and adds the verbs; this module holds what
 a training run needs, so that sweeps and analyses can parse recipes without importing the command line.
 """
 
@@ -41,7 +41,7 @@ EVAL_TRAINER_KEYS = ("accelerator", "precision", "limit_test_batches", "limit_va
 
 class ParcaeTrainer(Trainer):
     """Trainer whose ``predict`` generates text from ``--prompt`` (``test``'s ``--loops`` is the module's
-    ``test_loops`` argument, see parcae.cli.ParcaeCLI)."""
+    ``test_loops`` argument, see parcae.lightning_cli.ParcaeCLI)."""
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
                 weights_only=None, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
