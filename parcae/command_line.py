@@ -121,8 +121,30 @@ def call_verb(verb: str, function: Callable, argv: list[str]) -> Any:
     try:
         parsed = parser.parse_args(argv)
     except ArgumentError as err:
+        if str(err).startswith("Unexpected config"):  # jsonargparse says only this, then the file's text
+            raise UsageError(_config_problem(argv)) from None
         raise UsageError(_one_line(err, parser)) from None
     return _call(function, parsed)
+
+
+def _config_problem(argv: list[str]) -> str:
+    """Why a ``--config`` is not a set of options, in one line naming the file: empty, or not ``name: value``."""
+    import yaml
+
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    named += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for value in named:
+        try:
+            with open(value, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # the parser's own message covers files it could not read
+        if loaded is None:
+            return f"--config {value} is empty: write the options as `name: value`, one a line"
+        if not isinstance(loaded, dict):
+            return (f"--config {value} holds a {type(loaded).__name__}, not options: write them as `name: value`, "
+                    "one a line")
+    return "--config: not options: write them as `name: value`, one a line"
 
 
 class Interrupted(BaseException):

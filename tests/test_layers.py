@@ -1,10 +1,15 @@
-"""The one-way direction of imports between parcae's layers (README "Layout"), checked on the source itself.
+"""The one-way direction of imports between parcae's layers (README "Layout", docs/layout.md), checked on the source.
 
-Each module's imports — top-level and inside functions — are read with ``ast``; a module may import from its own
-layer and the layers below it, never from a layer above, and never from a sibling beside it (eval, interop and
-training share layer 5 and use none of each other). ``parcae.model``, ``parcae.runs`` and ``parcae.inference`` are
-plain PyTorch: they must not import Lightning at all. Only ``parcae.cli`` and ``parcae.experiments`` may use
-``parcae.training`` from outside it.
+Layers, lowest first (``a | b``: side by side, neither imports the other)::
+
+    ground <- model <- hf <- data <- runs <- inference <- training | eval | interop <- analysis <- experiments <- cli
+
+Every module of ``parcae/`` and ``data_prep/`` is named in :data:`MODULES` (a module not named there fails
+:func:`test_every_module_is_named_in_the_table`: nothing falls into a layer by default). Each module's imports —
+top-level and inside functions — are read with ``ast``; a module may import from its own layer and the layers
+below it, never from a layer above, and never from a sibling beside it. Ground, model, hf, runs and inference are
+plain PyTorch: they must not import Lightning or LitData at all (and a fresh interpreter shows that importing
+them loads neither). Only the cli and experiments layers use ``parcae.training`` from outside it.
 
 Calls go the same way: a function is never parked on another object (``model.generate_fn = predict``: the object
 would call code it cannot see), and a module never hands a lower layer a function imported from a layer above that
@@ -13,36 +18,64 @@ passed down as callbacks (``write_folder_atomically(out, fill)``): they are the 
 """
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# lower number = lower layer; a module may import from layers with a number <= its own
-LAYERS = {
-    "parcae": 0, "parcae.errors": 0, "parcae.validation": 0, "parcae.options": 0,
-    "parcae.model": 1,
-    "parcae.hf": 1,  # self-contained transformers classes: imports nothing from parcae (tests/hf checks)
-    "parcae.data": 2, "data_prep": 2,
-    "parcae.runs": 3,
-    "parcae.inference": 4,
-    "parcae.eval": 5, "parcae.interop": 5, "parcae.training": 5,
-    "parcae.analysis": 6,
-    "parcae.experiments": 7,
-    "parcae.cli": 8, "parcae.__main__": 8,
+# Layer -> its number, lowest first; a module may import from layers with a number <= its own.
+LAYERS = {"ground": 0, "model": 1, "hf": 2, "data": 3, "runs": 4, "inference": 5,
+          "training": 6, "eval": 6, "interop": 6, "analysis": 7, "experiments": 8, "cli": 9}
+SIBLINGS = {"training", "eval", "interop"}  # share a number, sit beside each other: none imports another
+PLAIN_PYTORCH = ("ground", "model", "hf", "runs", "inference")  # no Lightning, no LitData
+TRAINING_USERS = ("training", "cli", "experiments")  # who may import parcae.training
+LIGHTNING = ("lightning", "pytorch_lightning", "litdata")
+# Every module, by name, in its layer. Add a new module here (and to the README table when it is a new package).
+MODULES = {
+    # imports nothing of parcae above it: errors, checks of configs and options, resource limits, verb parsing
+    "ground": ["parcae", "parcae.errors", "parcae.validation", "parcae.options", "parcae.resources",
+               "parcae.command_line"],
+    "model": ["parcae.model", "parcae.model.__main__", "parcae.model.config", "parcae.model.depth",
+              "parcae.model.flops", "parcae.model.init", "parcae.model.injection", "parcae.model.layers",
+              "parcae.model.loop", "parcae.model.looped", "parcae.model.loss", "parcae.model.official",
+              "parcae.model.state"],
+    # transformers classes and the vLLM plugin, copied into exported folders (tests/hf checks what they import)
+    "hf": ["parcae.hf", "parcae.hf.configuration_parcae", "parcae.hf.modeling_parcae", "parcae.hf.vllm_model",
+           "parcae.hf.vllm_plugin"],
+    "data": ["parcae.data", "parcae.data.datamodule", "parcae.data.shards", "parcae.data.tokenizer",
+             "data_prep", "data_prep.shakespeare", "data_prep.shards", "data_prep.sources", "data_prep.tokenizer"],
+    "runs": ["parcae.runs", "parcae.runs.checkpoint", "parcae.runs.errors", "parcae.runs.layout",
+             "parcae.runs.lock", "parcae.runs.output", "parcae.runs.rundir", "parcae.runs.storage"],
+    "inference": ["parcae.inference", "parcae.inference.cache", "parcae.inference.cli", "parcae.inference.elastic",
+                  "parcae.inference.engine", "parcae.inference.exits", "parcae.inference.options",
+                  "parcae.inference.scheduler", "parcae.inference.serve", "parcae.inference.speculative"],
+    "training": ["parcae.training", "parcae.training.callbacks", "parcae.training.consolidate",
+                 "parcae.training.module", "parcae.training.optim", "parcae.training.run",
+                 "parcae.training.sharding"],
+    "eval": ["parcae.eval", "parcae.eval.core", "parcae.eval.lm_eval_adapter", "parcae.eval.perplexity"],
+    "interop": ["parcae.interop", "parcae.interop.commands", "parcae.interop.hf_folder", "parcae.interop.release",
+                "parcae.interop.runs"],
+    "analysis": ["parcae.analysis", "parcae.analysis.fits", "parcae.analysis.scaling"],
+    "experiments": ["parcae.experiments", "parcae.experiments.miniatures", "parcae.experiments.report",
+                    "parcae.experiments.scaling_study", "parcae.experiments.sweep",
+                    "parcae.experiments.test_report"],
+    "cli": ["parcae.cli", "parcae.__main__", "parcae.lightning_cli"],
 }
-# Layers that share a number but sit beside each other: none imports another.
-SIBLINGS = {"parcae.eval", "parcae.interop", "parcae.training"}
-PLAIN_PYTORCH = ("parcae.model", "parcae.runs", "parcae.inference")
-TRAINING_USERS = ("parcae.training", "parcae.cli", "parcae.experiments")  # who may import parcae.training
+LAYER_OF_MODULE = {module: layer for layer, modules in MODULES.items() for module in modules}
 
 
 def layer_of(module: str) -> str | None:
-    best = None
-    for name in LAYERS:
-        if module == name or module.startswith(name + "."):
-            best = name if best is None or len(name) > len(best) else best
-    return best
+    """The layer of a module, or of a name inside one (``parcae.runs.load_checkpoint``): the longest listed module
+    it starts with. None for anything outside parcae and data_prep."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        layer = LAYER_OF_MODULE.get(".".join(parts[:n]))
+        if layer is not None:
+            return layer
+    return None
 
 
 def module_name(path: Path) -> str:
@@ -53,7 +86,8 @@ def module_name(path: Path) -> str:
 
 
 def imported_modules(text: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in ``text``, the source of ``module``."""
+    """(line, absolute module name) of every import in ``text``, the source of ``module``; ``from parcae import
+    training`` counts as an import of ``parcae.training``."""
     tree = ast.parse(text)
     package = module if is_package else module.rsplit(".", 1)[0]
     found = []
@@ -67,8 +101,10 @@ def imported_modules(text: str, module: str, is_package: bool = False) -> list[t
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
-            found.append((node.lineno, target))
-    return found
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((node.lineno, sub if sub in LAYER_OF_MODULE else target))
+    return sorted(set(found))
 
 
 def upward_imports(text: str, module: str, is_package: bool = False) -> list[str]:
@@ -80,7 +116,7 @@ def upward_imports(text: str, module: str, is_package: bool = False) -> list[str
             problems.append(f"line {line} imports {target} ({other} is above {own})")
         elif other is not None and other != own and {other, own} <= SIBLINGS:
             problems.append(f"line {line} imports {target} ({other} sits beside {own}, not below it)")
-        if own in PLAIN_PYTORCH and target.split(".")[0] in ("lightning", "pytorch_lightning", "litdata"):
+        if own in PLAIN_PYTORCH and target.split(".")[0] in LIGHTNING:
             problems.append(f"line {line} imports {target}: {own} is plain PyTorch")
     return problems
 
@@ -166,15 +202,22 @@ def upward_calls(text: str, module: str, is_package: bool = False) -> list[str]:
 SOURCES = sorted(p for d in ("parcae", "data_prep") for p in (ROOT / d).rglob("*.py"))
 
 
-def test_every_module_belongs_to_a_layer():
+def test_every_module_is_named_in_the_table():
+    """No default layer: a module that MODULES does not name fails here, and a name with no module is stale."""
     assert SOURCES
-    unplaced = [module_name(p) for p in SOURCES if layer_of(module_name(p)) is None]
-    assert not unplaced, f"modules outside every layer (add them to LAYERS and the README layout): {unplaced}"
+    found = {module_name(p) for p in SOURCES}
+    unnamed = sorted(found - set(LAYER_OF_MODULE))
+    assert not unnamed, f"modules named in no layer (add them to MODULES and, if a package, the README): {unnamed}"
+    stale = sorted(set(LAYER_OF_MODULE) - found)
+    assert not stale, f"MODULES names modules that do not exist: {stale}"
+    assert sum(map(len, MODULES.values())) == len(LAYER_OF_MODULE), "a module is named in two layers"
+    assert set(MODULES) == set(LAYERS)
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_and_calls_flow_one_way(path):
     text, module, package = path.read_text(), module_name(path), path.name == "__init__.py"
+    assert module in LAYER_OF_MODULE, f"{module} is named in no layer"
     problems = upward_imports(text, module, package) + upward_calls(text, module, package)
     assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
 
@@ -182,23 +225,65 @@ def test_imports_and_calls_flow_one_way(path):
 def test_only_the_command_line_and_experiments_use_training():
     users = sorted({module_name(p) for p in SOURCES
                     for _, target in imported_modules(p.read_text(), module_name(p), p.name == "__init__.py")
-                    if layer_of(target) == "parcae.training"})
+                    if layer_of(target) == "training"})
     assert users and all(layer_of(u) in TRAINING_USERS for u in users), \
         [u for u in users if layer_of(u) not in TRAINING_USERS]
+
+
+def layer_chain() -> str:
+    """The layer order as README.md and docs/layout.md write it: ``ground ← model ← ... ← cli``."""
+    by_number: dict[int, list[str]] = {}
+    for layer, number in LAYERS.items():
+        by_number.setdefault(number, []).append(layer)
+    return " ← ".join(" | ".join(by_number[n]) for n in sorted(by_number))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/layout.md"])
+def test_the_docs_state_this_order(doc):
+    """README.md and docs/layout.md write the same layer order as this test enforces, word for word."""
+    chain = layer_chain()
+    assert chain == ("ground ← model ← hf ← data ← runs ← inference ← training | eval | interop ← analysis ← "
+                     "experiments ← cli")
+    assert chain in " ".join((ROOT / doc).read_text().split()), f"{doc} does not state the layer order {chain!r}"
+
+
+def test_plain_pytorch_layers_load_no_lightning_in_a_fresh_interpreter():
+    """Importing the model, the runs and the inference engine (and the command line's entry module) in a new
+    interpreter loads no Lightning or LitData module: ``parcae generate`` and ``parcae serve`` never pay for them."""
+    code = ("import sys, parcae.model, parcae.runs, parcae.inference, parcae.inference.cli, parcae.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'litdata'}))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_fresh_interpreter_check_sees_lightning():
+    """The check above can fail: importing the training module in the same way shows Lightning."""
+    code = ("import sys, parcae.training.module\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'litdata'}))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "lightning" in out.stdout, out.stdout + out.stderr
 
 
 def test_the_check_catches_upward_and_lightning_imports():
     """The checker itself, on made-up sources: function-level and relative imports are seen."""
     inside_function = "def f():\n    from parcae.training.module import LoopedLMModule\n"
     assert upward_imports(inside_function, "parcae.model.looped") == [
-        "line 2 imports parcae.training.module (parcae.training is above parcae.model)"]
+        "line 2 imports parcae.training.module (training is above model)"]
     relative = "from ..experiments import sweep\n"
     assert upward_imports(relative, "parcae.analysis.fits") == [
-        "line 1 imports parcae.experiments (parcae.experiments is above parcae.analysis)"]
+        "line 1 imports parcae.experiments.sweep (experiments is above analysis)"]
+    assert upward_imports("from parcae import training\n", "parcae.eval.core") == [
+        "line 1 imports parcae.training (training sits beside eval, not below it)"]
+    assert upward_imports("from parcae.cli import main\n", "parcae.command_line") == [
+        "line 1 imports parcae.cli (cli is above ground)"]
+    assert upward_imports("import litdata\n", "parcae.runs.checkpoint")[0].endswith("is plain PyTorch")
     assert upward_imports("import lightning as L\n", "parcae.inference.engine")[0].endswith("is plain PyTorch")
     assert upward_imports("from parcae.model import LoopedLM\nfrom .module import X\n", "parcae.training.run") == []
     assert upward_imports("from parcae.training.module import M\n", "parcae.eval.core") == [
-        "line 1 imports parcae.training.module (parcae.training sits beside parcae.eval, not below it)"]
+        "line 1 imports parcae.training.module (training sits beside eval, not below it)"]
     assert upward_imports("from ..inference import Engine\n", "parcae.eval.core") == []
 
 
@@ -215,7 +300,7 @@ def test_the_check_catches_parked_functions_and_callables_handed_down():
     handed = ("from parcae.runs import save\nfrom parcae.eval.core import score\n"
               "def f():\n    save(callback=score)\n")
     assert upward_calls(handed, "parcae.cli") == [
-        "line 4 hands parcae.eval.core.score (parcae.eval) to parcae.runs.save (parcae.runs), which may not call it"]
+        "line 4 hands parcae.eval.core.score (eval) to parcae.runs.save (runs), which may not call it"]
     sideways = "from parcae import training, eval\ndef f():\n    training.fit(eval.core.score)\n"
     assert len(upward_calls(sideways, "parcae.cli")) == 1
     # allowed: own attributes, objects (not functions), a lower function handed to a higher one, local callbacks

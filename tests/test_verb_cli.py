@@ -141,3 +141,36 @@ def test_no_verb_writes_its_own_error_line():
             if re.search(r"(sys\.exit|SystemExit)\(f?[\"']parcae", line):
                 hand_written.append(f"{path.relative_to(ROOT)}:{n}")
     assert not hand_written, hand_written
+
+
+@pytest.mark.parametrize("content, says", [("", "is empty"), ("# only a comment\n", "is empty"),
+                                           ("- 1\n- 2\n", "holds a list, not options"),
+                                           ("hello\n", "holds a str, not options")])
+def test_a_config_that_is_not_options_is_one_clear_line(tmp_path, content, says):
+    """Issue 26: `parcae generate --config empty.yaml` said "Unexpected config:" and nothing after it."""
+    config = tmp_path / "c.yaml"
+    config.write_text(content)
+    for verb in ("generate", "model"):
+        message = error_of([verb, "--config", str(config)])
+        assert message == (f"parcae {verb}: error: --config {config} {says}: write them as `name: value`, one a line"
+                           if "not options" in says else
+                           f"parcae {verb}: error: --config {config} is empty: write the options as `name: value`, "
+                           "one a line"), message
+
+
+def test_help_and_an_unknown_command_need_neither_torch_nor_lightning():
+    """`parcae --help` prints every command (the Lightning verbs too) from the table alone, in a fresh interpreter
+    that never imports torch or Lightning; an unknown command is one line."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom parcae.cli import main\nmain(['--help'])\n"
+            "print('loaded:', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'litdata'}))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = set(re.findall(r"^  (\S+) ", out.stdout, flags=re.M))
+    assert {"fit", "validate", "test", "predict", *VERBS} <= listed
+    assert "parcae fit --help" in out.stdout and out.stdout.strip().endswith("loaded: []")
+    assert error_of(["no-such-verb"]) == "parcae no-such-verb: error: no such command (`parcae --help` lists them)"

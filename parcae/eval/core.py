@@ -262,12 +262,12 @@ def core(*, ckpt_path: str, bundle: str, loops: Optional[int] = None, tasks: str
                            max_per_task=max_per_task, batch_size=batch_size, device=device, tokenizer=tokenizer,
                            out=out)
     from parcae.options import check_options
-    from parcae.runs import core_result, load_checkpoint, results_location, write_text_atomically
+    from parcae.runs import core_result, load_checkpoint, results_dir_for, write_text_atomically
     from parcae.runs.output import check_writable_output
 
     try:
         check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), max_per_task=(args.max_per_task, 1))
-        out_dir, note = results_location(Path(args.ckpt_path).parent) if args.out is None else (None, None)
+        out_dir, note = results_dir_for(args.ckpt_path) if args.out is None else (None, None)
         if args.out is not None:
             check_writable_output(args.out, overwrite, flag="--out")
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)

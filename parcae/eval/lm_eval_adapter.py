@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
@@ -159,10 +158,10 @@ def lm_eval_command(*, ckpt_path: str, tasks: str, loops: Optional[int] = None, 
     args = SimpleNamespace(ckpt_path=ckpt_path, tasks=tasks, loops=loops, num_fewshot=num_fewshot,
                            batch_size=batch_size, limit=limit, include_path=include_path, device=device)
     from parcae.options import check_options
-    from parcae.runs import lm_eval_result, results_location, write_text_atomically
+    from parcae.runs import lm_eval_result, results_dir_for, write_text_atomically
 
     check_options(loops=(args.loops, 1), batch_size=(args.batch_size, 1), num_fewshot=(args.num_fewshot, 0))
-    out_dir, note = results_location(Path(args.ckpt_path).parent)
+    out_dir, note = results_dir_for(args.ckpt_path)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

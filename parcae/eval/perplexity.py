@@ -106,7 +106,7 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         return _main_elastic(args, depth)
     from parcae.model import parse_loops
     from parcae.options import check_options, loop_cost_note
-    from parcae.runs import load_checkpoint, perplexity_result, results_location, write_text_atomically
+    from parcae.runs import load_checkpoint, perplexity_result, results_dir_for, write_text_atomically
 
     try:
         check_options(window=(args.window, 1), context=(args.context, 1))
@@ -115,7 +115,7 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         requested = parse_loops(args.loops) if args.loops is not None else None
         if not args.text.is_file():
             raise FileNotFoundError(f"--text {args.text}: no such file")
-        out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)
+        out_dir, note = results_dir_for(args.ckpt_path, args.output_dir)
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         model, tokenizer = run.model, run.tokenizer  # load_checkpoint checked that it fits the model
         loops = requested or [model.config.mean_recurrence]
@@ -144,7 +144,7 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         print(f"[parcae] {note}")
         return
     out = out_dir / perplexity_result(args.text)
-    write_text_atomically(out, json.dumps({"text": str(args.text), "checkpoint": str(args.ckpt_path),
+    write_text_atomically(out, json.dumps({"text": str(args.text), "checkpoint": str(run.checkpoint),
                                            "results": rows}, indent=2) + "\n")
     print(f"written: {out}")
 
@@ -152,12 +152,12 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
 def _main_elastic(args, depth: DepthOptions) -> None:
     """perplexity --exit: teacher-forced decoding through the engine; loss and mean loops per token."""
     from parcae.inference.elastic import elastic_nll
-    from parcae.runs import load_checkpoint, perplexity_result, results_location, write_text_atomically
+    from parcae.runs import load_checkpoint, perplexity_result, results_dir_for, write_text_atomically
 
     try:
         if args.loops:
             raise ValueError("give either --loops or --exit, not both")
-        out_dir, note = results_location(Path(args.ckpt_path).parent, args.output_dir)  # before the work
+        out_dir, note = results_dir_for(args.ckpt_path, args.output_dir)  # before the work
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         model, tok = run.model, run.tokenizer
         engine = depth.engine(model)

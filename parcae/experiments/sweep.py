@@ -53,9 +53,11 @@ class Run:
         return args
 
     def test_args(self, runs_dir: str = "checkpoints") -> Optional[list[str]]:
+        """``parcae test`` of this run: given the run directory, so that the test takes the checkpoint runs' one
+        rule picks (its newest good one, parcae.runs.newest_checkpoint), and writes its results into it."""
         if not self.test_loops:
             return None
-        return ["test", "--ckpt_path", f"{runs_dir}/{self.name}/last.ckpt", "--loops", str(self.test_loops)]
+        return ["test", "--ckpt_path", f"{runs_dir}/{self.name}", "--loops", str(self.test_loops)]
 
 
 def _format(value: Any) -> str:

@@ -59,7 +59,7 @@ class LoopOutput:
 class LoopedLM(nn.Module):
     check_token_ids = True  # validate ids in forward (a host sync); off where ids were checked on entry
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, init: bool = True) -> None:
         super().__init__()
         self.config = config
         V, d, P, R = config.padded_vocab_size, config.d_model, config.n_prelude, config.n_recurrent
@@ -82,7 +82,19 @@ class LoopedLM(nn.Module):
         # Optional hook for sharded training: list of local iteration counts -> their maxima over all ranks
         # (see the module docstring). None: each forward runs only as many iterations as its own rows need.
         self.depth_sync: Optional[Callable[[list[int]], list[int]]] = None
-        initialize(self, config)
+        if init:  # init=False: the weights are about to be replaced (from_state_dict)
+            initialize(self, config)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor]) -> "LoopedLM":
+        """A model holding ``state`` (a checkpoint's weights, e.g. memory-mapped), without running the
+        initialization whose weights ``state`` replaces (the orthogonal inits are most of the start-up of
+        ``parcae generate``): ``state``'s tensors are taken as they are (cast to the model's dtypes; strict).
+        Equal, weight for weight, to ``LoopedLM(config)`` followed by ``load_state_dict(state)``."""
+        model = cls(config, init=False)
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        model.load_state_dict({k: v.to(dtypes.get(k, v.dtype)) for k, v in state.items()}, strict=True, assign=True)
+        return model
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None, *, loops: Optional[int] = None,

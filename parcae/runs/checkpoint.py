@@ -25,20 +25,11 @@ from .layout import (CONFIG_FILE, LAST_CHECKPOINT, SHARDED_METADATA, TOKENIZER_F
 from .storage import describe_os_error
 
 # -- checking one checkpoint ------------------------------------------------------------------------------------
-_CHECKED: dict[tuple, dict] = {}  # the last checked file, by identity: a command that checks twice opens once
-
-
-def _identity(path: Path) -> Optional[tuple]:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
     """Open a checkpoint lazily (memory-mapped, tensors and plain values only) and check it is a parcae Lightning
-    checkpoint; return it. Every problem is a one-line :class:`CheckpointError` naming the file.
+    checkpoint; return it. Every problem is a one-line :class:`CheckpointError` naming the file. Nothing is kept
+    here: a command that checks and then loads passes on what this returned (:func:`open_checkpoint`), so the file
+    is opened once and each caller holds its own dict.
 
     A sharded (FSDP) checkpoint is a folder with ``meta.pt``: a resume accepts it as it is (``allow_sharded``;
     returns ``{"sharded": True, "global_step": ...}``), every other use needs the consolidated file."""
@@ -54,9 +45,6 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file")
-    key = _identity(path)
-    if key is not None and key in _CHECKED:
-        return _CHECKED[key]
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -79,9 +67,6 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (no state_dict)")
     if "arch" not in (ckpt.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path} is a Lightning checkpoint but not a parcae one (no hyper_parameters.arch)")
-    _CHECKED.clear()
-    if key is not None:
-        _CHECKED[key] = ckpt
     return ckpt
 
 
@@ -112,13 +97,15 @@ _UNKNOWN_NEWEST = 1 << 62  # the step of a last.ckpt folder whose metadata canno
 
 @dataclasses.dataclass
 class Found:
-    """The checkpoint a run means: its path and step, why it is not ``last.ckpt`` (``note``), and the damaged
-    checkpoints newer than it (a resume keeps them aside, see :func:`parcae.runs.rundir.set_aside_unreadable`)."""
+    """The checkpoint a run means: its path and step, why it is not ``last.ckpt`` (``note``), the damaged
+    checkpoints newer than it (a resume keeps them aside, see :func:`parcae.runs.rundir.set_aside_unreadable`)
+    and the checkpoint as :func:`check_checkpoint` opened it (memory-mapped; use it instead of opening it again)."""
 
     path: Path
     step: Optional[int]         # None: a sharded last.ckpt whose metadata could not be read
     note: Optional[str]
     unreadable: list[Path]
+    checkpoint: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def newest_checkpoint(run_dir: str | Path, allow_sharded: bool = True, only_sharded: bool = False) -> Found:
@@ -133,10 +120,11 @@ def newest_checkpoint(run_dir: str | Path, allow_sharded: bool = True, only_shar
     problems: list[str] = []
     damaged: list[tuple[Optional[int], Path]] = []  # (step its name says, path); None for last*.ckpt
     best: Optional[tuple[int, Path]] = None
+    opened: dict[Path, dict] = {}  # the checkpoints this call opened (the one chosen is handed back in Found)
 
     def check(path: Path) -> Optional[int]:
         try:
-            ckpt = check_checkpoint(path, allow_sharded=allow_sharded)
+            ckpt = opened[path] = check_checkpoint(path, allow_sharded=allow_sharded)
         except CheckpointError as err:
             problems.append(str(err).replace(str(path), path.name, 1))
             damaged.append((step_of_name(path.name), path))
@@ -170,7 +158,7 @@ def newest_checkpoint(run_dir: str | Path, allow_sharded: bool = True, only_shar
     step, path = best
     newer = [p for s, p in damaged if s is None or s > step]
     note = None if path.name == LAST_CHECKPOINT else f"resuming from {path}: {'; '.join(problems)}"
-    return Found(path, None if step == _UNKNOWN_NEWEST else step, note, newer)
+    return Found(path, None if step == _UNKNOWN_NEWEST else step, note, newer, opened[path])
 
 
 def resume_checkpoint(run_dir: str | Path, unreadable: Optional[list[Path]] = None) -> tuple[Path, Optional[str]]:
@@ -192,12 +180,24 @@ def newest_good_checkpoint(run_dir: str | Path) -> Optional[Path]:
 
 def find_checkpoint(run: str | Path) -> Path:
     """A checkpoint file as given, or a run directory's newest good single-file checkpoint."""
+    return _resolve(run)[0]
+
+
+def open_checkpoint(run: str | Path) -> tuple[Path, dict]:
+    """The checkpoint ``run`` means (a file as given, or a run directory's :func:`newest_checkpoint`), checked
+    and opened once: ``(path, checkpoint)``. What every verb that takes ``--ckpt_path`` calls before loading."""
+    path, ckpt = _resolve(run)
+    return path, ckpt if ckpt is not None else check_checkpoint(path)
+
+
+def _resolve(run: str | Path) -> tuple[Path, Optional[dict]]:
     run = Path(run)
     if run.is_file() or is_sharded_checkpoint(run):
-        return run
+        return run, None
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run directory or checkpoint file")
-    return newest_checkpoint(run, allow_sharded=False).path
+    found = newest_checkpoint(run, allow_sharded=False)
+    return found.path, found.checkpoint
 
 
 # -- the tokenizer of a run -------------------------------------------------------------------------------------
@@ -287,8 +287,7 @@ def load_checkpoint(ckpt_path: str | Path, device: Any = "cpu", tokenizer: Optio
     from parcae.data import check_tokenizer_fits, load_tokenizer
     from parcae.model import LoopedLM, ModelConfig
 
-    path = find_checkpoint(ckpt_path)
-    ckpt = check_checkpoint(path)  # one-line CheckpointError for missing, truncated, sharded or foreign files
+    path, ckpt = open_checkpoint(ckpt_path)  # one-line CheckpointError: missing, truncated, sharded, foreign
     hp = dict(ckpt["hyper_parameters"])
     tok_path = Path(tokenizer) if tokenizer is not None else run_tokenizer(path.parent)
     if not tok_path.is_file():
@@ -303,20 +302,44 @@ def load_checkpoint(ckpt_path: str | Path, device: Any = "cpu", tokenizer: Optio
         with torch.device("meta"):
             model = LoopedLM(config).eval()
     else:
-        model = LoopedLM(config)
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        model.load_state_dict(state, strict=True)
+        model = LoopedLM.from_state_dict(config, state)  # no initialization of weights the checkpoint replaces
         model.to(device).eval()
     metadata = {k: v for k, v in ckpt.items() if k not in _HEAVY_KEYS}
     return LoadedRun(model=model, tokenizer=tok, tokenizer_path=tok_path, checkpoint=path,
                      step=int(ckpt.get("global_step") or 0), hyper_parameters=hp, metadata=metadata)
 
 
-# -- writing a checkpoint of a model trained elsewhere ----------------------------------------------------------
+# -- writing: the one owner of the checkpoint format ------------------------------------------------------------
+# Every parcae checkpoint holds Lightning's keys and parcae's own state under "parcae" (PARCAE_STATE_KEYS). Training
+# writes them through Lightning plus :func:`parcae_state` (LoopedLMModule.on_save_checkpoint); a model trained
+# elsewhere (``parcae import``) gets all of them from :func:`lightning_checkpoint`, which calls the same function.
+LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "hyper_parameters", "loops",
+                  "callbacks", "optimizer_states", "lr_schedulers")
+PARCAE_KEY = "parcae"
+PARCAE_STATE_KEYS = ("micro_step", "skipped_steps", "nonfinite_streak", "world_size")
+
+
+def parcae_state(micro_step: int = 0, skipped_steps: int = 0, nonfinite_streak: int = 0,
+                 world_size: Optional[int] = None) -> dict:
+    """parcae's state in a checkpoint (``checkpoint["parcae"]``): the micro-step (it seeds the depth sampler and
+    the initial-state noise, so a resumed run draws what an uninterrupted one would), the skipped steps and the
+    current streak of non-finite losses, and the number of processes that trained it (a resume on another count
+    is refused unless ``--inexact_data_resume``; None: not trained here, nothing to keep)."""
+    return {"micro_step": int(micro_step), "skipped_steps": int(skipped_steps),
+            "nonfinite_streak": int(nonfinite_streak), "world_size": None if world_size is None else int(world_size)}
+
+
+def read_parcae_state(checkpoint: dict) -> dict:
+    """:func:`parcae_state` of a checkpoint, with the defaults for entries older checkpoints lack."""
+    return parcae_state(**{k: v for k, v in (checkpoint.get(PARCAE_KEY) or {}).items() if k in PARCAE_STATE_KEYS})
+
+
 def lightning_checkpoint(model, hyper_parameters: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
     """A checkpoint of ``model`` that ``LoopedLMModule`` loads (``parcae test``, ``parcae fit --ckpt_path``), at
     step 0 with no optimizer state: its weights under ``net.``, ``hyper_parameters.arch`` = the model's config
-    (the module's other hyper-parameters keep their defaults unless given) and the keys Lightning reads."""
+    (the module's other hyper-parameters keep their defaults unless given), :data:`LIGHTNING_KEYS` and
+    :func:`parcae_state` (no training here: step 0, no world size). ``extra`` adds entries (never replaces these)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -328,8 +351,10 @@ def lightning_checkpoint(model, hyper_parameters: Optional[dict] = None, extra: 
         "state_dict": {f"net.{k}": v.detach().contiguous() for k, v in model.state_dict().items()},  # no copy
         "hyper_parameters": {**(hyper_parameters or {}), "arch": dataclasses.asdict(model.config)},
         "loops": None, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
-        "parcae": {"micro_step": 0, "skipped_steps": 0, "nonfinite_streak": 0},
+        PARCAE_KEY: parcae_state(),
     }
-    if extra:
-        payload.update(extra)
+    clash = sorted(set(extra or {}) & set(payload))
+    if clash:
+        raise ValueError(f"lightning_checkpoint: extra entries {clash} would replace the checkpoint format's own")
+    payload.update(extra or {})
     return payload

@@ -20,7 +20,7 @@ from .checkpoint import (check_checkpoint, check_same_model, find_checkpoint, ne
 from .errors import CheckpointError, RunDirError, RunLockedError, StorageError  # noqa: F401
 from .layout import LOCK_FILE, has_checkpoint
 from .lock import LOCK_NAME, RunLock, release_held_locks  # noqa: F401
-from .storage import (WRITE_FAULT_ERRNOS, describe_os_error, is_storage_fault, results_location,  # noqa: F401
+from .storage import (WRITE_FAULT_ERRNOS, describe_os_error, is_storage_fault, results_dir_for,  # noqa: F401
                       storage_error, writable_dir)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import RunDirError, StorageError
+from .layout import is_sharded_checkpoint
 
 # Disk full, quota, file too large, read-only or permission: a write that failed for the storage, not the program.
 WRITE_FAULT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -180,10 +181,14 @@ def write_folder_atomically(target: str | Path, fill: Callable[[Path], None], wh
         raise
 
 
-def results_location(default_dir: str | Path, output_dir: Optional[str | Path] = None) \
+def results_dir_for(checkpoint: str | Path, output_dir: Optional[str | Path] = None) \
         -> tuple[Optional[Path], Optional[str]]:
-    """Where an evaluation writes its results: ``output_dir`` when given (created), else ``default_dir`` (the
-    checkpoint's folder) when it can be written, else nowhere, with a note that results are only printed."""
+    """Where an evaluation of ``checkpoint`` writes its results (the one rule every verb follows):
+
+    - ``output_dir`` when given (created; one-line :class:`StorageError` when it cannot be written);
+    - else the run directory: ``checkpoint`` itself when it is a run directory, else the folder holding the
+      checkpoint file (or the sharded checkpoint folder), when it can be written;
+    - else nowhere: ``(None, note)``, the note saying that results are only printed."""
     if output_dir:
         out = Path(output_dir)
         try:
@@ -193,7 +198,8 @@ def results_location(default_dir: str | Path, output_dir: Optional[str | Path] =
         if not writable_dir(out):
             raise StorageError(f"--output_dir {out} cannot be written")
         return out, None
-    default_dir = Path(default_dir)
-    if writable_dir(default_dir):
-        return default_dir, None
-    return None, (f"{default_dir} is not writable: results are printed only (pass --output_dir to save them)")
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint if checkpoint.is_dir() and not is_sharded_checkpoint(checkpoint) else checkpoint.parent
+    if writable_dir(run_dir):
+        return run_dir, None
+    return None, (f"{run_dir} is not writable: results are printed only (pass --output_dir to save them)")

@@ -33,6 +33,7 @@ from parcae.inference import Sampling
 from parcae.inference.options import DepthOptions
 from parcae.model import DepthSampler, LoopedLM, ModelConfig, parse_loops
 from parcae.model.loss import token_nll
+from parcae.runs import PARCAE_KEY, parcae_state, read_parcae_state
 
 from .optim import (LRSchedule, OptimizerConfig, ScheduleConfig, build_optimizer, update_muon_schedules)
 
@@ -156,16 +157,17 @@ class LoopedLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint state beyond parameters ---------------------------------------------------------------
+    # The format is parcae.runs' (one writer for trained and imported runs): Lightning's keys plus parcae_state.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["parcae"] = {"micro_step": self.micro_step, "skipped_steps": self.skipped_steps,
-                                "nonfinite_streak": self.nonfinite_streak, "world_size": self.trainer.world_size}
+        checkpoint[PARCAE_KEY] = parcae_state(self.micro_step, self.skipped_steps, self.nonfinite_streak,
+                                              self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")  # test/validate report the step they evaluate
-        state = checkpoint.get("parcae", {})
-        self.micro_step = state.get("micro_step", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        state = read_parcae_state(checkpoint)
+        self.micro_step = state["micro_step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.nonfinite_streak = state["nonfinite_streak"]
 
     # -- training -------------------------------------------------------------------------------------------
     def _state_seeds(self, batch_size: int) -> list[int]:

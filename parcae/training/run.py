@@ -5,7 +5,7 @@ run directory, run length from paper quantities (tokens, global batch), and pars
     cfg = parse_recipe("recipes/table5_140m_parcae.yaml", ["--model.arch.mean_recurrence", "4"])
     model_config_of(cfg).mean_recurrence     # 4
 
-The ``parcae`` command (parcae/cli.py) subclasses :class:`RecipeCLI` and adds the verbs; this module holds what
+The ``parcae`` command (parcae/lightning_cli.py) subclasses :class:`RecipeCLI` and adds the verbs; this module holds what
 a training run needs, so that sweeps and analyses can parse recipes without importing the command line.
 """
 
@@ -41,7 +41,7 @@ EVAL_TRAINER_KEYS = ("accelerator", "precision", "limit_test_batches", "limit_va
 
 class ParcaeTrainer(Trainer):
     """Trainer whose ``predict`` generates text from ``--prompt`` (``test``'s ``--loops`` is the module's
-    ``test_loops`` argument, see parcae.cli.ParcaeCLI)."""
+    ``test_loops`` argument, see parcae.lightning_cli.ParcaeCLI)."""
 
     def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
                 weights_only=None, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
@@ -235,6 +235,7 @@ class RecipeCLI(LightningCLI):
         if not ckpt_path or ckpt_path == "last":
             return
         ckpt = rundir.check_checkpoint(ckpt_path, allow_sharded=subcommand == "fit")
+        self.opened_checkpoint = (ckpt_path, ckpt)  # what the checks below read, instead of opening it again
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         if not hparams:
             return  # a sharded folder: its hyperparameters stay in meta.pt, and the config describes the model
@@ -243,6 +244,11 @@ class RecipeCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
             raise
+
+    def _opened(self, ckpt_path: str) -> dict:
+        """The checkpoint ``_parse_ckpt_path`` checked, when it is this path; else checked (opened) now."""
+        path, ckpt = getattr(self, "opened_checkpoint", (None, None))
+        return ckpt if path == ckpt_path else rundir.check_checkpoint(ckpt_path)
 
     # -- run directory rules ----------------------------------------------------------------------------
     def _cfg(self):
@@ -268,7 +274,7 @@ class RecipeCLI(LightningCLI):
         arch = dataclasses.asdict(model_config)
         if self.subcommand not in ("fit", None):
             if cfg.get("ckpt_path"):
-                rundir.check_same_model(rundir.check_checkpoint(cfg.ckpt_path), cfg.ckpt_path, arch)
+                rundir.check_same_model(self._opened(cfg.ckpt_path), cfg.ckpt_path, arch)
             return
         resolve_run_length(cfg)
         self._check_schedule(cfg)
@@ -324,8 +330,7 @@ class RecipeCLI(LightningCLI):
             # the checkpoint's folder when it can be written, or nowhere (printed, with a note).
             self.save_config_callback = None
             ckpt_path = cfg.get("ckpt_path")
-            self.results_dir, note = rundir.results_location(Path(ckpt_path).parent if ckpt_path else run_dir,
-                                                             cfg.get("output_dir"))
+            self.results_dir, note = rundir.results_dir_for(ckpt_path or run_dir, cfg.get("output_dir"))
             if note and self.subcommand != "predict":
                 print(f"[parcae] {note}", flush=True)
             if self.results_dir is None or self.subcommand == "predict":
