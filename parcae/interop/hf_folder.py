@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -59,9 +60,19 @@ def hf_config(config: ModelConfig, num_loops: Optional[int] = None, bos: int = 0
                         architectures=["ParcaeForCausalLM"], auto_map=dict(AUTO_MAP))
 
 
+# ModelConfig fields a folder may leave out (the default is then taken): a label and training-only settings that do
+# not change what the model computes. Every other field is required: a default would silently build another model.
+OPTIONAL_FIELDS = ("name", "depth_scheme", "depth_granularity", "init")
+
+
 def model_config_of(config: dict[str, Any], where: Path) -> ModelConfig:
-    """The ModelConfig stored in an HF folder's config.json (its ModelConfig fields)."""
+    """The ModelConfig stored in an HF folder's config.json (its ModelConfig fields); refuses, in one line naming
+    them, a config.json that lacks any field besides :data:`OPTIONAL_FIELDS` (every export writes them all)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config and f.name not in OPTIONAL_FIELDS]
+    if missing:
+        raise InteropError(f"{where} lacks the model field{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+                           "refusing to fill in defaults (a parcae HF export writes every field)")
     try:
         return ModelConfig(**{k: v for k, v in config.items() if k in names})
     except (TypeError, ValueError) as err:
@@ -113,9 +124,25 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
         tokenizer.save_pretrained(staging)
         for name in CODE_FILES:
             shutil.copyfile(code / name, staging / name)
+        _usual_file_modes(staging)
 
     write_folder_atomically(out, fill, "output folder")
     return out
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """Give every file the mode a plain new file gets (0644 under the usual umask 022): safetensors writes its file
+    0600, which would leave the weights unreadable to the others who can read the rest of the folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def code_files(folder: Path) -> list[str]:
+    """The Python files of an HF folder: what ``trust_remote_code=True`` runs."""
+    return sorted(p.name for p in Path(folder).glob("*.py"))
 
 
 def read_hf_folder(root: Path) -> tuple[LoopedLM, dict[str, Path], dict[str, Any]]:
