@@ -50,12 +50,26 @@ def is_hf_folder(path: str | Path) -> bool:
         return False
 
 
+# ModelConfig fields ParcaeConfig has no parameter for: training-only settings that ride along in config.json as
+# extra attributes (transformers keeps unknown keyword arguments) and come back on import. Any other ModelConfig field
+# must be a ParcaeConfig parameter, or export refuses (a new field must not vanish into **kwargs unnoticed).
+TRAINING_ONLY_FIELDS = ("depth_scheme", "depth_granularity", "init")
+
+
 def hf_config(config: ModelConfig, num_loops: Optional[int] = None, bos: int = 0, eos: int = 1,
               pad: Optional[int] = 2):
     """The ParcaeConfig of a ModelConfig (every field kept; training-only ones ride along as extra attributes)."""
+    import inspect
+
     from parcae.hf import ParcaeConfig
 
     fields = dataclasses.asdict(config)
+    known = inspect.signature(ParcaeConfig.__init__).parameters
+    unknown = [f for f in fields if f not in known and f not in TRAINING_ONLY_FIELDS]
+    if unknown:
+        raise InteropError(f"ModelConfig field(s) {', '.join(unknown)} have no ParcaeConfig parameter: teach "
+                           "parcae/hf/configuration_parcae.py (and the model code) them, or list them in "
+                           "TRAINING_ONLY_FIELDS, before exporting")
     return ParcaeConfig(**fields, num_loops=num_loops, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
                         architectures=["ParcaeForCausalLM"], auto_map=dict(AUTO_MAP))
 

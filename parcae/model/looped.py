@@ -97,7 +97,9 @@ class LoopedLM(nn.Module):
             initial_state: h₀ [B, S, d]; otherwise ``config.state_init``.
             state_seed: seed for the like-init noise, or one seed per sequence. ``None`` uses the global RNG
                 in training mode and seed 0 in eval mode, so evaluation is deterministic. In eval mode the
-                noise is :func:`parcae.model.state.positional_noise` of (seed, sequence, position).
+                noise is :func:`parcae.model.state.positional_noise` of (seed, sequence, position), every row
+                sequence 0 unless a list of seeds names each row's own: a row's logits never depend on the
+                other rows of the batch or on where it sits (the rule of the engine and the exported models).
             telemetry: also return ρ(Ā), mean decay, ‖h_t‖ per iteration, ‖h_T − h_{T−1}‖ (absolute
                 and relative to ‖h_T‖) and the depths run.
         """
@@ -125,7 +127,8 @@ class LoopedLM(nn.Module):
             cache: where attention stores and reads keys/values (see :mod:`parcae.model.loop`); None: causal
                 attention within ``input_ids`` only.
             real: [B, S] tokens that store keys/values (the others are padding).
-            sequences: [B] sequence identity of each row for the eval h₀ noise (default 0..B−1).
+            sequences: [B] sequence identity of each row for the eval h₀ noise (default: 0 for every row, so a
+                row's h₀ depends on (seed, position) only).
         Returns logits (None unless ``need_logits``) and, for looped models, the state read out.
         """
         B, S = input_ids.shape
@@ -277,8 +280,9 @@ class LoopedLM(nn.Module):
         std = self.config.state_std
         if not self.training or positions is not None:
             # Evaluation (and every cached step): noise is a function of (seed, sequence, position) only, so a
-            # token gets the same h₀ whether it is computed alone, with its prefix (the KV-cached generator) or beside other rows.
-            # An int seed numbers the rows 0..B-1 as sequences; a list gives each row its own identity.
+            # token gets the same h₀ whether it is computed alone, with its prefix (the KV-cached generator) or
+            # beside other rows. Every row is sequence 0 (its batch neighbours and its place in the batch change
+            # nothing) unless the caller names the sequences, or gives a list of seeds: one identity per row.
             B, S = e.shape[:2]
             if isinstance(state_seed, (list, tuple)):
                 if len(state_seed) != B:
@@ -286,7 +290,7 @@ class LoopedLM(nn.Module):
                 seed, sequences = 0, torch.tensor([int(s) for s in state_seed], device=e.device)
             else:
                 seed = 0 if state_seed is None else int(state_seed)
-                sequences = torch.arange(B, device=e.device) if sequences is None else sequences
+                sequences = torch.zeros(B, dtype=torch.long, device=e.device) if sequences is None else sequences
             if positions is None:
                 positions = torch.arange(S, device=e.device).expand(B, S)
             return positional_noise(seed, sequences, positions, e.shape[-1], std, e.dtype)  # like-init: truncated normal with the embedding std, cut at ±3σ

@@ -125,3 +125,47 @@ def test_export_closing_line_says_what_trust_remote_code_runs(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     code = sorted(p.name for p in folder.glob("*.py"))
     assert code and f"trust_remote_code=True), which runs the folder's own Python files ({', '.join(code)})" in line
+
+
+def test_every_model_config_field_survives_the_hf_config_round_trip(tmp_path):
+    """ModelConfig -> ParcaeConfig -> config.json -> AutoConfig -> ModelConfig is the identity, field by field, with
+    every field set away from its default; and each field is a ParcaeConfig parameter or a declared training-only
+    field (a new ModelConfig field must not vanish into **kwargs)."""
+    import dataclasses
+    import inspect
+
+    from transformers import AutoConfig
+
+    import parcae.hf  # noqa: F401
+    from parcae.hf import ParcaeConfig
+    from parcae.interop.hf_folder import TRAINING_ONLY_FIELDS, hf_config, model_config_of
+    from parcae.model import ModelConfig
+
+    config = ModelConfig(name="every-field", vocab_size=300, padding_multiple=32, block_size=48, d_model=64, n_heads=4,
+                         n_kv_heads=2, d_ff=96, n_prelude=1, n_recurrent=3, n_coda=1, block="sandwich", mlp="swiglu",
+                         qk_norm=False, value_embeddings=False, rope_base=10000.0, norm_eps=1e-6,
+                         injection="concat", readout=False, prelude_norm=False, state_init="zero",
+                         mean_recurrence=5, backprop_depth=3, depth_scheme="fixed", depth_granularity="per_batch",
+                         init="scaled")
+    defaults = ModelConfig()
+    same = [f.name for f in dataclasses.fields(ModelConfig) if getattr(config, f.name) == getattr(defaults, f.name)]
+    assert not same, f"set these away from their defaults so the test can see them lost: {same}"
+    params = inspect.signature(ParcaeConfig.__init__).parameters
+    for field in dataclasses.fields(ModelConfig):
+        assert field.name in params or field.name in TRAINING_ONLY_FIELDS, field.name
+    hf_config(config).save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    back = model_config_of(loaded.to_dict(), tmp_path / "config.json")
+    assert back == config
+    for field in dataclasses.fields(ModelConfig):
+        assert getattr(loaded, field.name) == getattr(config, field.name), field.name
+
+
+def test_export_refuses_a_model_config_field_the_hf_config_does_not_know(monkeypatch):
+    import parcae.interop.hf_folder as hf_folder
+    from parcae.interop import InteropError
+    from parcae.model import ModelConfig
+
+    monkeypatch.setattr(hf_folder, "TRAINING_ONLY_FIELDS", ("depth_scheme", "depth_granularity"))  # "init" unknown
+    with pytest.raises(InteropError, match="ModelConfig field.s. init have no ParcaeConfig parameter"):
+        hf_folder.hf_config(ModelConfig(d_model=64, n_heads=4, vocab_size=128))

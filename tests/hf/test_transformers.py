@@ -84,13 +84,13 @@ def test_logits_equal_parcae_forward_at_1_mu_and_2mu_loops(folders, arch):
     depths = [1, mu, 2 * mu] if ours.config.looped else [None]
     with torch.no_grad():
         for loops in depths:
-            # parcae's forward numbers its rows 0..B-1 for the initial state; HF rows are each sequence 0
-            expected = ours(ids, state_seed=[0, 0], **({"loops": loops} if loops else {})).logits[..., :512]
+            # every row is sequence 0 for the initial state, in parcae's eval forward as in the HF model
+            expected = ours(ids, **({"loops": loops} if loops else {})).logits[..., :512]
             got = model(ids, num_loops=loops, use_cache=False).logits
             assert got.shape == expected.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     if ours.config.looped:  # the default loop count is config.num_loops (= μ_rec)
-        torch.testing.assert_close(model(ids).logits, ours(ids, state_seed=[0, 0]).logits[..., :512], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, ours(ids).logits[..., :512], rtol=0, atol=1e-5)
 
 
 def _hf_generate(model, tok, prompts, new, **kwargs):
@@ -189,3 +189,70 @@ print(ids.tolist())
     got = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
         torch.testing.assert_close(got, ours(ids, loops=6).logits[..., :512], rtol=0, atol=1e-5)
+
+
+def test_rows_equal_parcae_eval_forward_alone_at_batch_1_and_8_in_any_position(folders):
+    """One h₀ rule (docs/design.md §1.4): the exported model's row i of a batch of 8 equals that row alone, and both
+    equal parcae's plain eval forward of the whole batch (no per-row seeds: every row is sequence 0)."""
+    run, folder = folders["parcae"]
+    ours, _ = _parcae(run)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 512, (8, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = ours(ids).logits[..., :512]
+        batch = model(ids, use_cache=False).logits
+        flipped = model(ids.flip(0), use_cache=False).logits.flip(0)
+        for i in range(len(ids)):
+            alone = model(ids[i:i + 1], use_cache=False).logits[0]
+            for got in (batch[i], flipped[i], alone):
+                torch.testing.assert_close(got, reference[i], rtol=0, atol=1e-5)
+
+
+def _padded_vocab_pair():
+    """A parcae model with 100 real tokens and 128 embedding rows, and the same weights as ParcaeForCausalLM."""
+    from conftest import perturb_weights
+    from parcae.interop.hf_folder import hf_config
+    from parcae.model import LoopedLM, ModelConfig
+
+    torch.manual_seed(0)
+    ours = perturb_weights(LoopedLM(ModelConfig(name="p", vocab_size=100, block_size=32, d_model=64, n_heads=2,
+                                                d_ff=128, n_prelude=1, n_recurrent=1, n_coda=1, mean_recurrence=2,
+                                                backprop_depth=1)), 0.2).eval()
+    hf = ParcaeForCausalLM(hf_config(ours.config)).eval()
+    hf.model.load_state_dict(ours.state_dict())
+    return ours, hf
+
+
+def test_hf_loss_is_over_the_real_vocabulary_as_parcae_scores_not_the_padded_training_loss():
+    """Stated rule (docs/ecosystem.md): the HF loss (labels=) is the cross-entropy over the tokenizer's vocabulary —
+    parcae's scoring rule (parcae.model.loss.token_nll: test, perplexity, CORE, lm-eval) — while parcae's training
+    loss is over the padded embedding rows; the two differ when the padded rows carry probability."""
+    import torch.nn.functional as F
+
+    from parcae.model import token_nll
+
+    ours, hf = _padded_vocab_pair()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = hf(ids, labels=ids, use_cache=False).loss
+        logits = ours(ids[:, :-1]).logits
+    real = token_nll(logits, ids[:, 1:], 100).mean()
+    padded = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())  # what LoopedLM.forward(labels=) trains
+    torch.testing.assert_close(loss, real, rtol=0, atol=1e-5)
+    assert abs(loss.item() - padded.item()) > 1e-3
+
+
+def test_a_fresh_hf_model_uses_transformers_initialisation_not_parcaes():
+    """Stated rule (docs/ecosystem.md): ``ParcaeForCausalLM(config)`` without weights is initialised by
+    transformers (normal(0.02) projections), not by parcae's scaled-zero init (zero output projections, orthogonal
+    rows of std √(2/(5d))): train from scratch with ``parcae fit``; every exported folder carries trained weights."""
+    from parcae.interop.hf_folder import hf_config
+    from parcae.model import LoopedLM, ModelConfig
+
+    config = ModelConfig(name="p", vocab_size=128, block_size=32, d_model=64, n_heads=2, d_ff=128, n_prelude=1,
+                         n_recurrent=1, n_coda=1, mean_recurrence=2, backprop_depth=1)
+    torch.manual_seed(0)
+    hf = ParcaeForCausalLM(hf_config(config))
+    ours = LoopedLM(config)
+    assert float(ours.prelude[0].attn.out_proj.weight.abs().max()) == 0.0       # scaled-zero
+    assert float(hf.model.prelude[0].attn.out_proj.weight.std()) == pytest.approx(0.02, rel=0.1)
