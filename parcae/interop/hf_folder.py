@@ -7,8 +7,10 @@ The folder (docs/ecosystem.md):
 
     config.json                 ParcaeConfig: model_type "parcae", auto_map, every ModelConfig field, num_loops
     model.safetensors           parcae's own state dict under "model." (LoopedLM names: wte, prelude.0.attn.q_proj, ...)
-    configuration_parcae.py     parcae/hf/configuration_parcae.py, verbatim (self-contained remote code)
-    modeling_parcae.py          parcae/hf/modeling_parcae.py, verbatim
+    configuration_parcae.py     parcae/hf/configuration_parcae.py, verbatim (remote code: torch + transformers)
+    modeling_parcae.py          parcae/hf/modeling_parcae.py, verbatim: transformers classes around LoopedLM
+    config.py, looped.py, ...   parcae's model files, verbatim: the one model source, no second copy (the files
+                                trust_remote_code runs are parcae.hf.modeling_parcae.REMOTE_CODE)
     generation_config.json      BOS / EOS / PAD ids, greedy by default
     tokenizer.json              the run's tokenizer with a post-processor that puts <|bos|> in front
     tokenizer_config.json       PreTrainedTokenizerFast with bos/eos/pad tokens and the context length
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,11 +33,7 @@ from parcae.model import LoopedLM, ModelConfig
 from .release import CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError
 
 WEIGHTS_FILE = "model.safetensors"
-PREFIX = "model."  # ParcaeForCausalLM.model holds the LoopedLM-named modules
-CODE_FILES = ("configuration_parcae.py", "modeling_parcae.py")
-AUTO_MAP = {"AutoConfig": "configuration_parcae.ParcaeConfig",
-            "AutoModel": "modeling_parcae.ParcaeModel",
-            "AutoModelForCausalLM": "modeling_parcae.ParcaeForCausalLM"}
+PREFIX = "model."  # ParcaeForCausalLM.model is a LoopedLM
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -62,6 +59,7 @@ def hf_config(config: ModelConfig, num_loops: Optional[int] = None, bos: int = 0
     import inspect
 
     from parcae.hf import ParcaeConfig
+    from parcae.hf.modeling_parcae import AUTO_MAP
 
     fields = dataclasses.asdict(config)
     known = inspect.signature(ParcaeConfig.__init__).parameters
@@ -113,7 +111,6 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
     """Write ``model`` and its tokenizer as the HF folder ``out`` (atomically; refuses a non-empty ``out``)."""
     from transformers import GenerationConfig
 
-    import parcae.hf as hf_package
     from parcae.hf import ParcaeForCausalLM
 
     from parcae.runs import write_folder_atomically
@@ -131,13 +128,10 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
     hf_model.model.load_state_dict(model.state_dict(), strict=True)
     hf_model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                                                   pad_token_id=ids["pad"], do_sample=False)
-    code = Path(hf_package.__file__).parent
 
     def fill(staging: Path) -> None:
-        hf_model.save_pretrained(staging, safe_serialization=True)
+        hf_model.save_pretrained(staging, safe_serialization=True)  # weights, config and the remote code
         tokenizer.save_pretrained(staging)
-        for name in CODE_FILES:
-            shutil.copyfile(code / name, staging / name)
         _usual_file_modes(staging)
 
     write_folder_atomically(out, fill, "output folder")

@@ -117,7 +117,8 @@ class LoopedLM(nn.Module):
     def step(self, input_ids: Tensor, *, depths: Optional[Depths] = None, schedule: Optional[Schedule] = None,
              positions: Optional[Tensor] = None, cache=None, real: Optional[Tensor] = None,
              initial_state: Optional[Tensor] = None, state_seed: Optional[int | list[int]] = None,
-             sequences: Optional[Tensor] = None, need_logits: bool = True, telemetry: bool = False) -> LoopOutput:
+             sequences: Optional[Tensor] = None, need_logits: bool = True, final_hidden: bool = False,
+             telemetry: bool = False) -> LoopOutput:
         """The one forward: the full sequence (training, eval) or a chunk of it against a cache (generation).
 
         Args:
@@ -129,6 +130,7 @@ class LoopedLM(nn.Module):
             real: [B, S] tokens that store keys/values (the others are padding).
             sequences: [B] sequence identity of each row for the eval h₀ noise (default: 0 for every row, so a
                 row's h₀ depends on (seed, position) only).
+            final_hidden: return the final-normed coda output (the head's input) in place of the logits.
         Returns logits (None unless ``need_logits``) and, for looped models, the state read out.
         """
         B, S = input_ids.shape
@@ -141,7 +143,7 @@ class LoopedLM(nn.Module):
         if self.injection is None:  # fixed-depth GPT: the same stack, run once
             for block in self.recurrent:
                 x = block(x, rope, value_embeddings.get(block.index), once(block))
-            return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits))
+            return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits, final_hidden))
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
         h = self._initial_state(e, initial_state, state_seed, sequences, positions)
         stats = None
@@ -155,20 +157,24 @@ class LoopedLM(nn.Module):
             h, logits = schedule.output(h)
             if logits is not None:  # the exit checks already read these states out
                 return LoopOutput(logits, state=h)
-        return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits), None, stats, h)
+        return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits, final_hidden), None,
+                          stats, h)
 
     def value_embeddings_of(self, input_ids: Tensor) -> dict[int, Tensor]:
         """{stack index: value embedding [B, S, kv_heads·head_dim]} for the blocks that have one."""
         return {int(i): table(input_ids) for i, table in self.value_embeds.items()}
 
     def read_out(self, h: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor], cache=None,
-                 rows: Optional[Tensor] = None, write: Optional[Tensor] = None, need_logits: bool = True
-                 ) -> Optional[Tensor]:
-        """logits = embedᵀ N_f(Coda(C h)) for the state h of rows ``rows`` (None: all)."""
+                 rows: Optional[Tensor] = None, write: Optional[Tensor] = None, need_logits: bool = True,
+                 final_hidden: bool = False) -> Optional[Tensor]:
+        """logits = embedᵀ N_f(Coda(C h)) for the state h of rows ``rows`` (None: all); N_f(Coda(C h)) itself with
+        ``final_hidden``."""
         x = h if self.readout is None else self.readout(h)
         for block in self.coda:
             view = None if cache is None else cache.once(block.index, rows, write)
             x = block(x, rope, value_embeddings.get(block.index), view)
+        if final_hidden:
+            return self.final_norm(x)
         return self.lm_head(x) if need_logits else None
 
     def lm_head(self, x: Tensor) -> Tensor:
