@@ -27,7 +27,9 @@ parameter names, the same forward, ``LoopedLM.step``), and this file only adapts
 
 A fresh ``ParcaeForCausalLM(config)`` is initialised by parcae's own init (parcae/model/init.py), as ``parcae fit``
 starts. The loop runs a fixed number of iterations (adaptive exit is parcae's own engine, ``parcae generate --exit``);
-a training-mode forward without a cache backpropagates the last ``backprop_depth`` iterations, as parcae trains.
+a training-mode forward (no cache; unpadded rows) starts from fresh noise and backpropagates the last
+``backprop_depth`` iterations, as parcae trains (with padding it runs through the cache adapter and backpropagates
+every iteration).
 """
 
 from __future__ import annotations

@@ -287,3 +287,17 @@ def test_a_fresh_hf_model_has_parcaes_initialisation(init):
     assert ours.keys() == hf.keys() and all(torch.equal(ours[k], hf[k]) for k in ours)
     if init == "scaled-zero":
         assert float(hf["prelude.0.attn.out_proj.weight"].abs().max()) == 0.0
+
+
+def test_auto_model_gives_the_final_normed_hidden_states_of_the_same_model(folders):
+    """AutoModel (remote code) loads the same weights (``model.`` + LoopedLM names) and returns the tied head's input."""
+    from transformers import AutoModel
+
+    run, folder = folders["parcae"]
+    ours, _ = _parcae(run)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model(ids).last_hidden_state
+        torch.testing.assert_close(torch.nn.functional.linear(hidden, ours.wte.weight), ours(ids).logits,
+                                   rtol=0, atol=1e-5)
