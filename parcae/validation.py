@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from parcae.errors import ConfigError
+from .errors import ConfigError  # relative: this file also travels in exported Hugging Face folders
 
 
 def allowed_values(annotation: Any) -> tuple | None:

@@ -15,13 +15,13 @@ tokens; schema: the context option with the lowest mean loss over the shared con
 the greedy prediction must reproduce the continuation exactly. Centered accuracy (acc − b)/(1 − b) with b the
 random baseline of ``eval_meta_data.csv`` (25% when missing). CORE = mean over the 22 CORE tasks, Core-Extended
 = mean over all 46 (tasks whose file is missing are skipped and reported); mean ± population std over seeds.
-The initial recurrent state is seeded from (seed, task, item, option), so results do not depend on batching.
+The initial recurrent state is the model's evaluation h₀ (seed 0, a function of position only), so an item scores as it
+does alone, at any batch size, and as the exported model scores it.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 import statistics
@@ -131,8 +131,9 @@ class CoreScorer:
         self.pad = bos_id(tokenizer)  # right padding: any id will do, its positions are never read
 
     @torch.no_grad()
-    def _run(self, sequences: list[list[int]], seeds: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-position losses and greedy predictions for each sequence (right-padded batches)."""
+    def _run(self, sequences: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-position losses and greedy predictions for each sequence (right-padded batches; a row's numbers are
+        those it gets alone: h₀ depends on (seed 0, position) only)."""
         losses, preds = [], []
         for i in range(0, len(sequences), self.batch_size):
             chunk = sequences[i:i + self.batch_size]
@@ -141,7 +142,7 @@ class CoreScorer:
             for row, s in enumerate(chunk):
                 ids[row, : len(s)] = torch.tensor(s)
             ids = ids.to(self.device)
-            kwargs = {"state_seed": seeds[i:i + self.batch_size]}
+            kwargs = {}
             if getattr(getattr(self.model, "config", None), "looped", True):
                 kwargs["loops"] = self.loops
             logits = self.model(ids, **kwargs).logits
@@ -161,9 +162,7 @@ class CoreScorer:
         def flush():
             if not batch_seqs:
                 return
-            seeds = [int.from_bytes(hashlib.blake2b(f"{seed}:{task.label}:{idx}:{j}".encode(), digest_size=7).digest(), "big")
-                     for idx, j, _ in batch_meta]
-            losses, preds = self._run(batch_seqs, seeds)
+            losses, preds = self._run(batch_seqs)
             by_item: dict[int, list] = {}
             for (idx, j, span), loss, pred, seq in zip(batch_meta, losses, preds, batch_seqs):
                 by_item.setdefault(idx, []).append((j, span, loss, pred, seq))

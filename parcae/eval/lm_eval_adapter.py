@@ -16,7 +16,6 @@ so scores do not depend on batching. Paper Table 3 reports HellaSwag, ARC-c/e, P
 
 from __future__ import annotations
 
-import hashlib
 import json
 from types import SimpleNamespace
 from typing import Optional
@@ -35,10 +34,6 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # optional extra
     raise ImportError("the lm-eval adapter needs the optional extra: pip install -e '.[eval]'") from err
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=7).digest(), "big")
 
 
 @register_model("parcae")
@@ -80,12 +75,12 @@ class ParcaeEvalLM(TemplateLM):
 
     # -- scoring ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]], seeds: list[int]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Sum of continuation log-probs and greedy-match flag for (context tokens, continuation tokens) pairs."""
         out = []
         vocab = self.model.config.vocab_size
         for i in range(0, len(pairs), self.batch_size):
-            chunk, chunk_seeds = pairs[i:i + self.batch_size], seeds[i:i + self.batch_size]
+            chunk = pairs[i:i + self.batch_size]
             fulls = [(context + continuation)[-(self.max_length + 1):] for context, continuation in chunk]  # crop the oldest context
             width = max(len(f) for f in fulls) - 1
             ids = torch.full((len(fulls), width), self.prefix_token_id, dtype=torch.long)
@@ -95,7 +90,7 @@ class ParcaeEvalLM(TemplateLM):
                 n = len(continuation)  # only the continuation is scored
                 targets[row, len(full) - 1 - n: len(full) - 1] = torch.tensor(full[-n:])
             kwargs = {"loops": self.loops} if self.loops is not None else {}
-            logits = self.model(ids.to(self._device), state_seed=chunk_seeds, **kwargs).logits
+            logits = self.model(ids.to(self._device), **kwargs).logits  # h₀ of (seed 0, position): as alone
             targets = targets.to(logits.device)
             nll = token_nll(logits, targets, vocab)
             greedy = real_logits(logits, vocab).argmax(-1)
@@ -106,8 +101,7 @@ class ParcaeEvalLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
-        seeds = [_seed("ll", *key) for key, _, _ in requests]
-        return self._score(pairs, seeds)
+        return self._score(pairs)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         results = []
@@ -115,7 +109,7 @@ class ParcaeEvalLM(TemplateLM):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
-            scores = self._score(windows, [_seed("rolling", text, k) for k in range(len(windows))])
+            scores = self._score(windows)
             results.append(sum(lp for lp, _ in scores))
         return results
 
@@ -130,7 +124,7 @@ class ParcaeEvalLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = max(0, min(int(gen_kwargs.get("max_gen_toks", 256)), self.max_length - 1))
             prompt = self.tok_encode(context)[-(self.max_length - max_new):]
-            engine = Engine(self.model, loops=self.loops, seed=_seed("gen", context))
+            engine = Engine(self.model, loops=self.loops, seed=0)  # greedy; h₀ of (seed 0, position) as in scoring
             text, halt = TextStream(self.tok), set()
             for event in engine.stream([prompt], max_new, Sampling(temperature=0.0), stop_ids(self.tok), halt=halt):
                 text.push(event.tokens[0])

@@ -61,7 +61,7 @@ def text_nll(model, token_ids: Sequence[int], loops: Optional[int], window: int,
             inputs[row, : e - c - 1] = ids[c: e - 1]
             targets[row, s - c - 1: e - c - 1] = ids[s:e]
         kwargs = {"loops": loops} if model.config.looped else {}
-        logits = model(inputs.to(device), state_seed=[i + row for row in range(len(chunk))], **kwargs).logits
+        logits = model(inputs.to(device), **kwargs).logits  # h₀ of (seed 0, position): the same at any batch size
         total += token_nll(logits, targets.to(device), model.config.vocab_size, reduction="sum").item()
         count += int((targets != IGNORE_INDEX).sum())
     return total, count

@@ -5,7 +5,8 @@
     LLM("out/<run>-hf", dtype="float32", enforce_eager=True, hf_overrides={"num_loops": 16})
 
 The loop count is the folder's ``config.num_loops`` (override with ``hf_overrides``). The model runs the math of
-modeling_parcae.py with vLLM's paged attention: one vLLM ``Attention`` layer (one KV cache) per prelude block, per
+parcae's LoopedLM (parcae/model: its injection and initial-state noise are imported from there) with vLLM's paged
+attention: one vLLM ``Attention`` layer (one KV cache) per prelude block, per
 (iteration, recurrent block) and per coda block, in that order (layer P + t·R + r for iteration t of recurrent block
 r), and vLLM's own RMSNorm, interleaved rotary embedding and linear layers. The projections' weights are shared by
 all iterations; only the KV caches are per iteration. Every token's initial state is the like-init noise of
@@ -32,8 +33,11 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from ..model.config import VALUE_GATE_CHANNELS
+from ..model.injection import make_injection
+from ..model.state import positional_noise
 from .configuration_parcae import ParcaeConfig
-from .modeling_parcae import VALUE_GATE_CHANNELS, make_injection, positional_noise
+from .modeling_parcae import model_config
 
 
 def _linear(n_in: int, n_out: int, prefix: str) -> ReplicatedLinear:
@@ -138,7 +142,7 @@ class ParcaeModel(nn.Module):
         self.recurrent = nn.ModuleList(ParcaeBlock(config, P + j, f"{prefix}.recurrent.{j}") for j in range(R))
         self.coda = nn.ModuleList(ParcaeBlock(config, P + R + k, f"{prefix}.coda.{k}") for k in range(C))
         self.prelude_norm = RMSNorm(d, eps=config.norm_eps) if config.looped and config.prelude_norm else None
-        self.injection = make_injection(config)
+        self.injection = make_injection(model_config(config)) if config.looped else None
         self.readout = _linear(d, d, f"{prefix}.readout") if config.looped and config.readout else None
         self.final_norm = RMSNorm(d, eps=config.norm_eps)
         # One paged-attention layer (KV cache) per block call: prelude, (iteration, recurrent block), coda.

@@ -34,7 +34,7 @@ def elastic_nll(engine: Engine, token_ids: Sequence[int], window: int, batch_siz
     total, count, loops, iterations_before, readouts_before = 0.0, 0, 0, engine.iterations_run, engine.readouts_run
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        nll, depth = engine.score(chunk, sequences=list(range(i, i + len(chunk))))
+        nll, depth = engine.score(chunk)  # every window is sequence 0, as text_nll scores it (design.md §1.4)
         total += sum(map(sum, nll))
         count += sum(map(len, nll))
         loops += sum(map(sum, depth))

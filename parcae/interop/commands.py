@@ -22,7 +22,7 @@ from .release import (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError
                       official_model, resolve_source, resolve_tokenizer, unrepresentable)
 from parcae.runs import check_new_folder, load_checkpoint, write_folder_atomically
 
-from .hf_folder import WEIGHTS_FILE, export_hf, is_hf_folder, read_hf_folder, weights_sha256
+from .hf_folder import WEIGHTS_FILE, code_files, export_hf, is_hf_folder, read_hf_folder, weights_sha256
 from .runs import CHECKPOINT, write_run
 
 EXPORT_WEIGHTS = "model.pt"  # what official save_pretrained writes
@@ -127,10 +127,11 @@ def export_hf_run(run: str | Path, out: str | Path, num_loops: Optional[int] = N
     loaded = _load_run(run, out)
     export_hf(loaded.model, loaded.tokenizer_path, out, num_loops)
     if not quiet:
-        print(f"written: {out} (config.json [model_type parcae], {WEIGHTS_FILE}, configuration_parcae.py, "
-              f"modeling_parcae.py, generation_config.json, tokenizer); load it with "
-              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) — docs/ecosystem.md",
-              flush=True)
+        code = code_files(out)
+        print(f"written: {out} (config.json [model_type parcae], {WEIGHTS_FILE}, {', '.join(code)}, "
+              f"generation_config.json, tokenizer); load it with "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True), which runs the folder's "
+              f"own Python files ({', '.join(code)}) — docs/ecosystem.md", flush=True)
     return out
 
 

@@ -7,8 +7,10 @@ The folder (docs/ecosystem.md):
 
     config.json                 ParcaeConfig: model_type "parcae", auto_map, every ModelConfig field, num_loops
     model.safetensors           parcae's own state dict under "model." (LoopedLM names: wte, prelude.0.attn.q_proj, ...)
-    configuration_parcae.py     parcae/hf/configuration_parcae.py, verbatim (self-contained remote code)
-    modeling_parcae.py          parcae/hf/modeling_parcae.py, verbatim
+    configuration_parcae.py     parcae/hf/configuration_parcae.py, verbatim (remote code: torch + transformers)
+    modeling_parcae.py          parcae/hf/modeling_parcae.py, verbatim: transformers classes around LoopedLM
+    config.py, looped.py, ...   parcae's model files, verbatim: the one model source, no second copy (the files
+                                trust_remote_code runs are parcae.hf.modeling_parcae.REMOTE_CODE)
     generation_config.json      BOS / EOS / PAD ids, greedy by default
     tokenizer.json              the run's tokenizer with a post-processor that puts <|bos|> in front
     tokenizer_config.json       PreTrainedTokenizerFast with bos/eos/pad tokens and the context length
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,11 +33,7 @@ from parcae.model import LoopedLM, ModelConfig
 from .release import CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, InteropError
 
 WEIGHTS_FILE = "model.safetensors"
-PREFIX = "model."  # ParcaeForCausalLM.model holds the LoopedLM-named modules
-CODE_FILES = ("configuration_parcae.py", "modeling_parcae.py")
-AUTO_MAP = {"AutoConfig": "configuration_parcae.ParcaeConfig",
-            "AutoModel": "modeling_parcae.ParcaeModel",
-            "AutoModelForCausalLM": "modeling_parcae.ParcaeForCausalLM"}
+PREFIX = "model."  # ParcaeForCausalLM.model is a LoopedLM
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -49,19 +47,44 @@ def is_hf_folder(path: str | Path) -> bool:
         return False
 
 
+# ModelConfig fields ParcaeConfig has no parameter for: training-only settings that ride along in config.json as
+# extra attributes (transformers keeps unknown keyword arguments) and come back on import. Any other ModelConfig field
+# must be a ParcaeConfig parameter, or export refuses (a new field must not vanish into **kwargs unnoticed).
+TRAINING_ONLY_FIELDS = ("depth_scheme", "depth_granularity", "init")
+
+
 def hf_config(config: ModelConfig, num_loops: Optional[int] = None, bos: int = 0, eos: int = 1,
               pad: Optional[int] = 2):
     """The ParcaeConfig of a ModelConfig (every field kept; training-only ones ride along as extra attributes)."""
+    import inspect
+
     from parcae.hf import ParcaeConfig
+    from parcae.hf.modeling_parcae import AUTO_MAP
 
     fields = dataclasses.asdict(config)
+    known = inspect.signature(ParcaeConfig.__init__).parameters
+    unknown = [f for f in fields if f not in known and f not in TRAINING_ONLY_FIELDS]
+    if unknown:
+        raise InteropError(f"ModelConfig field(s) {', '.join(unknown)} have no ParcaeConfig parameter: teach "
+                           "parcae/hf/configuration_parcae.py (and the model code) them, or list them in "
+                           "TRAINING_ONLY_FIELDS, before exporting")
     return ParcaeConfig(**fields, num_loops=num_loops, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
                         architectures=["ParcaeForCausalLM"], auto_map=dict(AUTO_MAP))
 
 
+# ModelConfig fields a folder may leave out (the default is then taken): a label and training-only settings that do
+# not change what the model computes. Every other field is required: a default would silently build another model.
+OPTIONAL_FIELDS = ("name", "depth_scheme", "depth_granularity", "init")
+
+
 def model_config_of(config: dict[str, Any], where: Path) -> ModelConfig:
-    """The ModelConfig stored in an HF folder's config.json (its ModelConfig fields)."""
+    """The ModelConfig stored in an HF folder's config.json (its ModelConfig fields); refuses, in one line naming
+    them, a config.json that lacks any field besides :data:`OPTIONAL_FIELDS` (every export writes them all)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in config and f.name not in OPTIONAL_FIELDS]
+    if missing:
+        raise InteropError(f"{where} lacks the model field{'s' if len(missing) > 1 else ''} {', '.join(missing)}: "
+                           "refusing to fill in defaults (a parcae HF export writes every field)")
     try:
         return ModelConfig(**{k: v for k, v in config.items() if k in names})
     except (TypeError, ValueError) as err:
@@ -88,7 +111,6 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
     """Write ``model`` and its tokenizer as the HF folder ``out`` (atomically; refuses a non-empty ``out``)."""
     from transformers import GenerationConfig
 
-    import parcae.hf as hf_package
     from parcae.hf import ParcaeForCausalLM
 
     from parcae.runs import write_folder_atomically
@@ -106,16 +128,29 @@ def export_hf(model: LoopedLM, tokenizer_json: Path, out: Path, num_loops: Optio
     hf_model.model.load_state_dict(model.state_dict(), strict=True)
     hf_model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                                                   pad_token_id=ids["pad"], do_sample=False)
-    code = Path(hf_package.__file__).parent
 
     def fill(staging: Path) -> None:
-        hf_model.save_pretrained(staging, safe_serialization=True)
+        hf_model.save_pretrained(staging, safe_serialization=True)  # weights, config and the remote code
         tokenizer.save_pretrained(staging)
-        for name in CODE_FILES:
-            shutil.copyfile(code / name, staging / name)
+        _usual_file_modes(staging)
 
     write_folder_atomically(out, fill, "output folder")
     return out
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """Give every file the mode a plain new file gets (0644 under the usual umask 022): safetensors writes its file
+    0600, which would leave the weights unreadable to the others who can read the rest of the folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def code_files(folder: Path) -> list[str]:
+    """The Python files of an HF folder: what ``trust_remote_code=True`` runs."""
+    return sorted(p.name for p in Path(folder).glob("*.py"))
 
 
 def read_hf_folder(root: Path) -> tuple[LoopedLM, dict[str, Path], dict[str, Any]]:

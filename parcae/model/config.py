@@ -22,8 +22,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
-from parcae.errors import ConfigError
-from parcae.validation import check_choices
+try:  # in an exported Hugging Face folder these two files travel beside this one (parcae.interop.hf_folder)
+    from .errors import ConfigError
+    from .validation import check_choices
+except ImportError:  # inside the parcae package: the ground layer's
+    from parcae.errors import ConfigError
+    from parcae.validation import check_choices
 
 Injection = Literal["none", "add", "concat", "diagonal", "diagonal_zoh"]
 DepthScheme = Literal["poisson_truncated", "poisson_lognormal", "huginn", "fixed"]

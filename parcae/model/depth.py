@@ -30,8 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from parcae.errors import UsageError
-from parcae.validation import check_choices
+try:  # in an exported Hugging Face folder these two files travel beside this one (parcae.interop.hf_folder)
+    from .errors import UsageError
+    from .validation import check_choices
+except ImportError:  # inside the parcae package: the ground layer's
+    from parcae.errors import UsageError
+    from parcae.validation import check_choices
 
 from .config import DepthGranularity, DepthScheme, ModelConfig
 

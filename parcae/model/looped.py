@@ -109,7 +109,9 @@ class LoopedLM(nn.Module):
             initial_state: h₀ [B, S, d]; otherwise ``config.state_init``.
             state_seed: seed for the like-init noise, or one seed per sequence. ``None`` uses the global RNG
                 in training mode and seed 0 in eval mode, so evaluation is deterministic. In eval mode the
-                noise is :func:`parcae.model.state.positional_noise` of (seed, sequence, position).
+                noise is :func:`parcae.model.state.positional_noise` of (seed, sequence, position), every row
+                sequence 0 unless a list of seeds names each row's own: a row's logits never depend on the
+                other rows of the batch or on where it sits (the rule of the engine and the exported models).
             telemetry: also return ρ(Ā), mean decay, ‖h_t‖ per iteration, ‖h_T − h_{T−1}‖ (absolute
                 and relative to ‖h_T‖) and the depths run.
         """
@@ -127,7 +129,8 @@ class LoopedLM(nn.Module):
     def step(self, input_ids: Tensor, *, depths: Optional[Depths] = None, schedule: Optional[Schedule] = None,
              positions: Optional[Tensor] = None, cache=None, real: Optional[Tensor] = None,
              initial_state: Optional[Tensor] = None, state_seed: Optional[int | list[int]] = None,
-             sequences: Optional[Tensor] = None, need_logits: bool = True, telemetry: bool = False) -> LoopOutput:
+             sequences: Optional[Tensor] = None, need_logits: bool = True, final_hidden: bool = False,
+             telemetry: bool = False) -> LoopOutput:
         """The one forward: the full sequence (training, eval) or a chunk of it against a cache (generation).
 
         Args:
@@ -137,7 +140,9 @@ class LoopedLM(nn.Module):
             cache: where attention stores and reads keys/values (see :mod:`parcae.model.loop`); None: causal
                 attention within ``input_ids`` only.
             real: [B, S] tokens that store keys/values (the others are padding).
-            sequences: [B] sequence identity of each row for the eval h₀ noise (default 0..B−1).
+            sequences: [B] sequence identity of each row for the eval h₀ noise (default: 0 for every row, so a
+                row's h₀ depends on (seed, position) only).
+            final_hidden: return the final-normed coda output (the head's input) in place of the logits.
         Returns logits (None unless ``need_logits``) and, for looped models, the state read out.
         """
         B, S = input_ids.shape
@@ -150,7 +155,7 @@ class LoopedLM(nn.Module):
         if self.injection is None:  # fixed-depth GPT: the same stack, run once
             for block in self.recurrent:
                 x = block(x, rope, value_embeddings.get(block.index), once(block))
-            return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits))
+            return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits, final_hidden))
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
         h = self._initial_state(e, initial_state, state_seed, sequences, positions)
         stats = None
@@ -164,20 +169,24 @@ class LoopedLM(nn.Module):
             h, logits = schedule.output(h)
             if logits is not None:  # the exit checks already read these states out
                 return LoopOutput(logits, state=h)
-        return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits), None, stats, h)
+        return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits, final_hidden), None,
+                          stats, h)
 
     def value_embeddings_of(self, input_ids: Tensor) -> dict[int, Tensor]:
         """{stack index: value embedding [B, S, kv_heads·head_dim]} for the blocks that have one."""
         return {int(i): table(input_ids) for i, table in self.value_embeds.items()}
 
     def read_out(self, h: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor], cache=None,
-                 rows: Optional[Tensor] = None, write: Optional[Tensor] = None, need_logits: bool = True
-                 ) -> Optional[Tensor]:
-        """logits = embedᵀ N_f(Coda(C h)) for the state h of rows ``rows`` (None: all)."""
+                 rows: Optional[Tensor] = None, write: Optional[Tensor] = None, need_logits: bool = True,
+                 final_hidden: bool = False) -> Optional[Tensor]:
+        """logits = embedᵀ N_f(Coda(C h)) for the state h of rows ``rows`` (None: all); N_f(Coda(C h)) itself with
+        ``final_hidden``."""
         x = h if self.readout is None else self.readout(h)
         for block in self.coda:
             view = None if cache is None else cache.once(block.index, rows, write)
             x = block(x, rope, value_embeddings.get(block.index), view)
+        if final_hidden:
+            return self.final_norm(x)
         return self.lm_head(x) if need_logits else None
 
     def lm_head(self, x: Tensor) -> Tensor:
@@ -289,8 +298,9 @@ class LoopedLM(nn.Module):
         std = self.config.state_std
         if not self.training or positions is not None:
             # Evaluation (and every cached step): noise is a function of (seed, sequence, position) only, so a
-            # token gets the same h₀ whether it is computed alone, with its prefix (the KV-cached generator) or beside other rows.
-            # An int seed numbers the rows 0..B-1 as sequences; a list gives each row its own identity.
+            # token gets the same h₀ whether it is computed alone, with its prefix (the KV-cached generator) or
+            # beside other rows. Every row is sequence 0 (its batch neighbours and its place in the batch change
+            # nothing) unless the caller names the sequences, or gives a list of seeds: one identity per row.
             B, S = e.shape[:2]
             if isinstance(state_seed, (list, tuple)):
                 if len(state_seed) != B:
@@ -298,7 +308,7 @@ class LoopedLM(nn.Module):
                 seed, sequences = 0, torch.tensor([int(s) for s in state_seed], device=e.device)
             else:
                 seed = 0 if state_seed is None else int(state_seed)
-                sequences = torch.arange(B, device=e.device) if sequences is None else sequences
+                sequences = torch.zeros(B, dtype=torch.long, device=e.device) if sequences is None else sequences
             if positions is None:
                 positions = torch.arange(S, device=e.device).expand(B, S)
             return positional_noise(seed, sequences, positions, e.shape[-1], std, e.dtype)  # like-init: truncated normal with the embedding std, cut at ±3σ

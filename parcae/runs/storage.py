@@ -6,7 +6,8 @@
     write_folder_atomically(out, lambda staging: ..., "output folder")
 
 A kill at any moment leaves either the previous file or the new one under the final name; the staging files
-(``.<name>.tmp-<pid>``, ``.<folder>.partial-<id>``) start with a dot and are never taken for checkpoints.
+(``.<name>.tmp-<pid>``, ``.<folder>.partial-<pid>-<id>``, removed by the next write once their process
+is gone) start with a dot and are never taken for checkpoints.
 """
 
 from __future__ import annotations
@@ -163,13 +164,38 @@ def check_new_folder(target: str | Path, what: str) -> None:
         raise RunDirError(f"{target} already exists and is not empty; choose another {what} (or delete it)")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process / not a pid
+        return pid > 0
+    return True
+
+
+def remove_stale_staging_folders(target: str | Path) -> list[Path]:
+    """Remove the staging folders ``.<target name>.partial-<pid>-<id>`` beside ``target`` whose process is gone (a
+    killed write); a live process's staging folder, another target's and other names are left alone."""
+    target = Path(target)
+    removed = []
+    for staging in target.parent.glob(f".{target.name}.partial-*"):
+        owner = staging.name[len(f".{target.name}.partial-"):].split("-")[0]
+        if staging.is_dir() and owner.isdigit() and not _process_alive(int(owner)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
 def write_folder_atomically(target: str | Path, fill: Callable[[Path], None], what: str) -> None:
     """Create the folder ``target`` by filling a hidden staging folder beside it and renaming it into place;
-    refuses a target that is a file or a folder with files (:func:`check_new_folder`)."""
+    refuses a target that is a file or a folder with files (:func:`check_new_folder`). Staging folders of
+    ``target`` left by killed writers are removed first (:func:`remove_stale_staging_folders`)."""
     target = Path(target)
     check_new_folder(target, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging_folders(target)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         fill(staging)

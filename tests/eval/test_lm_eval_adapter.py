@@ -53,7 +53,6 @@ def test_loglikelihood():
 def test_generate_until_is_greedy_decoding_of_the_real_vocabulary(tiny_config):
     """generate_until decodes with the engine: the tokens a plain greedy loop over full forwards picks at the same
     loops and initial state, never a padding row (made the largest logits here), cut at the stop string."""
-    from parcae.eval.lm_eval_adapter import _seed
     from parcae.model import LoopedLM
     from toy_models import WORDS
 
@@ -66,7 +65,7 @@ def test_generate_until_is_greedy_decoding_of_the_real_vocabulary(tiny_config):
 
     def logits(tokens):
         with torch.no_grad():
-            return model(torch.tensor([tokens]), loops=2, state_seed=_seed("gen", context)).logits[0, -1]
+            return model(torch.tensor([tokens]), loops=2).logits[0, -1]  # h₀ of (seed 0, position)
 
     with torch.no_grad():  # padding rows (never tokens) that would win an unmasked argmax
         model.wte.weight[len(WORDS):] = 3 * model.wte.weight[int(logits(ids).argmax())]

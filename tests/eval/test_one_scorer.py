@@ -41,12 +41,12 @@ def test_test_perplexity_core_lm_eval_and_engine_agree_on_the_loss(tiny_config):
     assert abs(padded_loss - real_loss) > 1e-3                  # the padding matters for this model
 
     (engine_nll,), _ = Engine(net, loops=2).score([ids])
-    (core_loss,), _ = CoreScorer(net, word_tokenizer(), loops=2)._run([ids], seeds=[0])
+    (core_loss,), _ = CoreScorer(net, word_tokenizer(), loops=2)._run([ids])
     losses = {"test": test_loss, "perplexity": nll / count, "engine": sum(engine_nll) / 16,
               "core": core_loss.mean().item()}
     lm_eval = pytest.importorskip("parcae.eval.lm_eval_adapter")
     lm = lm_eval.ParcaeEvalLM(model=net, tokenizer_obj=word_tokenizer(), loops=2)
-    ((logprob, _),) = lm._score([(ids[:1], ids[1:])], seeds=[0])
+    ((logprob, _),) = lm._score([(ids[:1], ids[1:])])
     losses["lm-eval"] = -logprob / 16
     for name, loss in losses.items():
         assert loss == pytest.approx(real_loss, abs=2e-5), name

@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ import torch
 pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import parcae  # noqa: E402
 import parcae.hf  # noqa: E402,F401  (registers the Auto classes)
 from hf_runs import ARCHS, export, make_run  # noqa: E402
 from parcae.data.tokenizer import encode_prompt  # noqa: E402
 from parcae.hf import ParcaeForCausalLM  # noqa: E402
+from parcae.hf.modeling_parcae import REMOTE_CODE  # noqa: E402
 from parcae.inference import Engine  # noqa: E402
 from parcae.runs import load_checkpoint  # noqa: E402
 
@@ -51,16 +54,42 @@ def test_the_folder_holds_config_weights_code_tokenizer_and_generation_config(fo
     assert config["num_loops"] == 3  # μ_rec by default
     generation = json.loads((folder / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 1)
-    for name in ("configuration_parcae.py", "modeling_parcae.py"):  # verbatim copies of the package's files
-        assert (folder / name).read_text() == open(f"{parcae.hf.__path__[0]}/{name}").read()
+    package = Path(parcae.__file__).parent
+    assert {"configuration_parcae.py", "modeling_parcae.py", "looped.py", "layers.py", "config.py"} <= set(REMOTE_CODE)
+    for name, source in REMOTE_CODE.items():  # verbatim copies of the package's own files: one model source
+        assert (folder / name).read_text() == (package / source).read_text(), name
+    assert sorted(p.name for p in folder.glob("*.py")) == sorted(REMOTE_CODE)
 
 
-@pytest.mark.parametrize("name", ["configuration_parcae.py", "modeling_parcae.py"])
-def test_the_remote_code_imports_nothing_from_parcae(name):
-    tree = ast.parse(open(f"{parcae.hf.__path__[0]}/{name}").read())
-    imported = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
-                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])]
-    assert imported and not [m for m in imported if m and m.split(".")[0] == "parcae"]
+def _imports(tree):
+    """(relative module names, absolute top-level packages) imported outside try blocks (transformers' own rule
+    for what remote code requires: a try block is an optional import)."""
+    relative, absolute = set(), set()
+
+    def visit(node):
+        if isinstance(node, ast.Try):
+            for handler_free in node.body:  # the try body is what runs in an exported folder
+                visit(handler_free)
+            return
+        if isinstance(node, ast.ImportFrom):
+            (relative if node.level else absolute).add(node.module.split(".")[0] if not node.level else node.module)
+        elif isinstance(node, ast.Import):
+            absolute.update(a.name.split(".")[0] for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return relative, absolute
+
+
+def test_the_remote_code_is_closed_and_needs_only_torch_transformers_and_the_standard_library():
+    """Every file trust_remote_code runs imports the others relatively (each one shipped) and, outside the
+    in-package fallbacks of try blocks, nothing of parcae: only torch, transformers and the standard library."""
+    package = Path(parcae.__file__).parent
+    for name, source in REMOTE_CODE.items():
+        relative, absolute = _imports(ast.parse((package / source).read_text()))
+        assert {f"{m}.py" for m in relative} <= set(REMOTE_CODE), (name, relative)
+        assert absolute - set(sys.stdlib_module_names) <= {"torch", "transformers"}, (name, absolute)
 
 
 def test_the_tokenizer_frames_text_as_parcae_does(folders):
@@ -84,13 +113,13 @@ def test_logits_equal_parcae_forward_at_1_mu_and_2mu_loops(folders, arch):
     depths = [1, mu, 2 * mu] if ours.config.looped else [None]
     with torch.no_grad():
         for loops in depths:
-            # parcae's forward numbers its rows 0..B-1 for the initial state; HF rows are each sequence 0
-            expected = ours(ids, state_seed=[0, 0], **({"loops": loops} if loops else {})).logits[..., :512]
+            # every row is sequence 0 for the initial state, in parcae's eval forward as in the HF model
+            expected = ours(ids, **({"loops": loops} if loops else {})).logits[..., :512]
             got = model(ids, num_loops=loops, use_cache=False).logits
             assert got.shape == expected.shape and got.dtype == torch.float32
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     if ours.config.looped:  # the default loop count is config.num_loops (= μ_rec)
-        torch.testing.assert_close(model(ids).logits, ours(ids, state_seed=[0, 0]).logits[..., :512], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, ours(ids).logits[..., :512], rtol=0, atol=1e-5)
 
 
 def _hf_generate(model, tok, prompts, new, **kwargs):
@@ -189,3 +218,86 @@ print(ids.tolist())
     got = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
         torch.testing.assert_close(got, ours(ids, loops=6).logits[..., :512], rtol=0, atol=1e-5)
+
+
+def test_rows_equal_parcae_eval_forward_alone_at_batch_1_and_8_in_any_position(folders):
+    """One h₀ rule (docs/design.md §1.4): the exported model's row i of a batch of 8 equals that row alone, and both
+    equal parcae's plain eval forward of the whole batch (no per-row seeds: every row is sequence 0)."""
+    run, folder = folders["parcae"]
+    ours, _ = _parcae(run)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 512, (8, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = ours(ids).logits[..., :512]
+        batch = model(ids, use_cache=False).logits
+        flipped = model(ids.flip(0), use_cache=False).logits.flip(0)
+        for i in range(len(ids)):
+            alone = model(ids[i:i + 1], use_cache=False).logits[0]
+            for got in (batch[i], flipped[i], alone):
+                torch.testing.assert_close(got, reference[i], rtol=0, atol=1e-5)
+
+
+def _padded_vocab_pair():
+    """A parcae model with 100 real tokens and 128 embedding rows, and the same weights as ParcaeForCausalLM."""
+    from conftest import perturb_weights
+    from parcae.interop.hf_folder import hf_config
+    from parcae.model import LoopedLM, ModelConfig
+
+    torch.manual_seed(0)
+    ours = perturb_weights(LoopedLM(ModelConfig(name="p", vocab_size=100, block_size=32, d_model=64, n_heads=2,
+                                                d_ff=128, n_prelude=1, n_recurrent=1, n_coda=1, mean_recurrence=2,
+                                                backprop_depth=1)), 0.2).eval()
+    hf = ParcaeForCausalLM(hf_config(ours.config)).eval()
+    hf.model.load_state_dict(ours.state_dict())
+    return ours, hf
+
+
+def test_hf_loss_is_over_the_real_vocabulary_as_parcae_scores_not_the_padded_training_loss():
+    """Stated rule (docs/ecosystem.md): the HF loss (labels=) is the cross-entropy over the tokenizer's vocabulary —
+    parcae's scoring rule (parcae.model.loss.token_nll: test, perplexity, CORE, lm-eval) — while parcae's training
+    loss is over the padded embedding rows; the two differ when the padded rows carry probability."""
+    import torch.nn.functional as F
+
+    from parcae.model import token_nll
+
+    ours, hf = _padded_vocab_pair()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = hf(ids, labels=ids, use_cache=False).loss
+        logits = ours(ids[:, :-1]).logits
+    real = token_nll(logits, ids[:, 1:], 100).mean()
+    padded = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())  # what LoopedLM.forward(labels=) trains
+    torch.testing.assert_close(loss, real, rtol=0, atol=1e-5)
+    assert abs(loss.item() - padded.item()) > 1e-3
+
+
+@pytest.mark.parametrize("init", ["scaled-zero", "scaled"])
+def test_a_fresh_hf_model_has_parcaes_initialisation(init):
+    """``ParcaeForCausalLM(config)`` without weights is initialised by parcae's own init (parcae/model/init.py), as
+    ``parcae fit`` starts, not by transformers' normal(0.02): same seed, same tensors."""
+    from parcae.interop.hf_folder import hf_config
+    from parcae.model import LoopedLM, ModelConfig
+
+    config = ModelConfig(name="p", vocab_size=128, block_size=32, d_model=64, n_heads=2, d_ff=128, n_prelude=1,
+                         n_recurrent=1, n_coda=1, mean_recurrence=2, backprop_depth=1, init=init)
+    torch.manual_seed(0)
+    ours = LoopedLM(config).state_dict()
+    torch.manual_seed(0)
+    hf = ParcaeForCausalLM(hf_config(config)).model.state_dict()
+    assert ours.keys() == hf.keys() and all(torch.equal(ours[k], hf[k]) for k in ours)
+    if init == "scaled-zero":
+        assert float(hf["prelude.0.attn.out_proj.weight"].abs().max()) == 0.0
+
+
+def test_auto_model_gives_the_final_normed_hidden_states_of_the_same_model(folders):
+    """AutoModel (remote code) loads the same weights (``model.`` + LoopedLM names) and returns the tied head's input."""
+    from transformers import AutoModel
+
+    run, folder = folders["parcae"]
+    ours, _ = _parcae(run)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model(ids).last_hidden_state
+        torch.testing.assert_close(torch.nn.functional.linear(hidden, ours.wte.weight), ours(ids).logits,
+                                   rtol=0, atol=1e-5)
