@@ -166,6 +166,10 @@ class LoopedLMModule(L.LightningModule):
         self.micro_step = state.get("micro_step", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and hasattr(trainer.datamodule, "relocate"):
+            # the saved data position names its shards by path: point it at where the same shards live now
+            trainer.datamodule.relocate(checkpoint, trainer.ckpt_path)
 
     # -- training -------------------------------------------------------------------------------------------
     def _state_seeds(self, batch_size: int) -> list[int]:
