@@ -636,10 +636,19 @@ def test_ctrl_c_during_test_with_loader_workers_is_one_line(trained, tmp_path):
                              "--data.num_workers", "1", "--loops", ",".join(str(i) for i in range(1, 65)),
                              "--output_dir", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    def worker_started() -> bool:  # a forked child running parcae (other children may probe sys.path)
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for kid in kids:
+            try:
+                if b"parcae" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
     try:
         deadline = time.monotonic() + 120
-        while not children.read_text().split():  # the loader's worker process is up
+        while not worker_started():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         time.sleep(1.0)
