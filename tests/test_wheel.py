@@ -17,6 +17,7 @@ import pytest
 from conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # builds a wheel and a virtual environment, runs its parcae
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,6 @@ def test_the_wheel_carries_every_data_file(wheel_env):
     assert any(n.startswith("data_prep/corpus/") for n in names)
 
 
-@pytest.mark.slow
 def test_parcae_runs_from_the_installed_wheel(wheel_env, small_shards):
     _, bindir, env, outside, site = wheel_env
     where = subprocess.run([str(bindir / "python"), "-c", "import parcae; print(parcae.__file__)"], cwd=outside,

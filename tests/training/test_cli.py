@@ -6,16 +6,13 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import write_recipe
+from conftest import copy_run, write_recipe
 from parcae.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, small_shards):
-    root = tmp_path_factory.mktemp("cli")
-    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
-    main(["fit", "--config", str(recipe)])
-    return root, recipe, root / "runs" / "tiny"
+@pytest.fixture
+def trained_run(tiny_run):
+    return tiny_run  # the session's shared 12-step run (conftest.tiny_run)
 
 
 def test_fit_writes_checkpoints_config_and_every_dashboard_tag(trained_run):
@@ -99,8 +96,8 @@ def test_predict_decodes_as_generate_does(trained_run, capsys):
         assert capsys.readouterr().out.strip().splitlines()[-1] == "alpha beta"
 
 
-def test_existing_run_dir_is_never_silently_reused(trained_run):
-    root, recipe, run_dir = trained_run
+def test_existing_run_dir_is_never_silently_reused(trained_run, tmp_path, small_shards):
+    recipe, run_dir = copy_run(trained_run[2], tmp_path, small_shards)  # it resumes the run: a private copy
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         main(["fit", "--config", str(recipe)])
     # asked-for auto-resume continues the run (here: to step 16)
@@ -154,6 +151,7 @@ def test_every_extra_verb_is_listed_and_dispatches(capsys):
     assert "table5" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tmp_path, small_shards, monkeypatch):
     """model.compile compiles each block (the loop stays eager); the losses match eager training."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

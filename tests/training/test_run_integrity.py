@@ -71,14 +71,9 @@ def assert_one_line_error(code: int, output: str, *fragments: str, max_lines: in
 
 
 # -- a shared tiny run -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_shards):
-    root = tmp_path_factory.mktemp("integrity")
-    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
-    main(["fit", "--config", str(recipe)])
-    run_dir = root / "runs" / "tiny"
-    assert (run_dir / "step=0000012.ckpt").is_file()
-    return root, recipe, run_dir
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run  # the session's shared 12-step run (conftest.tiny_run); cases that change it use run_copy
 
 
 @pytest.fixture
@@ -625,6 +620,8 @@ def test_moved_shards_accepts_only_the_same_index(trained, tmp_path):
 
 
 # -- Ctrl-C reaches the loader workers too -----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_during_test_with_loader_workers_is_one_line(trained, tmp_path):
     """A terminal's Ctrl-C goes to the whole process group, loader workers included: they leave it to the main
     process, which ends with its one line and status 130 (before: a worker's traceback, or a hang)."""
