@@ -3,8 +3,20 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread for numpy/scipy (set before they load OpenBLAS; subprocesses inherit it). The loss-by-loops fit
+# that every `parcae test` writes runs ~300 tiny L-BFGS problems: with OpenBLAS's two spinning threads on a busy
+# 2-core machine they took 85 s of a 90 s `parcae test`, with one thread 4 s. Torch keeps its own threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:  # numpy loaded before this file (a plugin): limit the pool it already started
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+except ImportError:
+    pass
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval / datasets: local files only, never the network
