@@ -87,6 +87,8 @@ def test_resume_sees_exactly_the_batches_of_the_uninterrupted_run(tmp_path, smal
     assert interrupted.seen == reference.seen[:8]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ddp_processes_see_disjoint_data_covering_one_process(tmp_path, small_shards):
     script = HERE / "loader_probe.py"
     for devices in (1, 2):
