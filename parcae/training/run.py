@@ -197,9 +197,9 @@ class RecipeCLI(LightningCLI):
         if isinstance(args, (list, tuple)):
             args = expand_config_arguments(list(args))
         given = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else ["--config"]
-        # fit --ckpt_path: a model named here (a recipe or --model.*) must be the checkpoint's (_parse_ckpt_path)
-        self.model_named = any(str(a).split("=", 1)[0] in ("--config", "-c") or str(a).startswith("--model")
-                               for a in given)
+        # fit --ckpt_path: a model named here (recipe, --model, --model.arch*) must be the checkpoint's
+        self.model_named = any(str(a).split("=", 1)[0] in ("--config", "-c", "--model")
+                               or str(a).startswith("--model.arch") for a in given)
         super().parse_arguments(parser, args)
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
