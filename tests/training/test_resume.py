@@ -15,7 +15,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import write_recipe
 
 HERE = Path(__file__).parent
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # real processes killed (the resumes run in-process)
 
 
 def _parcae(*args, **kwargs):
@@ -45,6 +44,8 @@ def _scalars(path, tag):
     return {e.step: e.value for e in ea.Scalars(tag)}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shards, capsys):
     steps = 40
     ref = write_recipe(tmp_path / "ref.yaml", small_shards, tmp_path / "runs", "ref", max_steps=steps)
@@ -87,6 +88,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shard
         torch.testing.assert_close(final_run["state_dict"][key], value, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, small_shards, capsys):
     extra = ("  callbacks:\n  - class_path: crash_helpers.KillDuringSave\n    init_args:\n      at_step: 5\n")
     recipe = write_recipe(tmp_path / "r.yaml", small_shards, tmp_path / "runs", "crash", max_steps=12)
@@ -106,6 +109,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, sm
     assert not list(run_dir.glob(".*.tmp-*"))                  # stale staging files are cleaned up
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
 def test_kill_during_the_write_of_last_ckpt_resumes_from_the_newer_step_checkpoint(tmp_path, small_shards,
                                                                                      capsys):
     """Issue 19 #7: step=0000010.ckpt is saved, then a kill -9 hits last.ckpt's staging file, so last.ckpt still
