@@ -227,9 +227,9 @@ class TokenDataModule(LightningDataModule):
                 _same_layout(state, split, self.seq_len + 1)
             if not same:
                 was = Path(str(state.get("input_dir_path") or state.get("input_dir_url"))).parent
-                raise DataError(f"{ckpt_path} was trained on the shards of {was}, and {folder.root} holds other "
-                                f"shards (its train/index.json differs); point --data.datasets at the folder that "
-                                f"now holds {was.name}'s shards to resume the run")
+                raise DataError(f"{ckpt_path} was trained on the shards in {was}, and {folder.root} holds other "
+                                f"shards (its train/index.json differs); to resume, point --data.datasets at the "
+                                f"folder that now holds the run's shards")
             moved.append((state, now))
         return moved
 
