@@ -16,7 +16,6 @@ process ends the command with its one line and shuts them down.
 
 from __future__ import annotations
 
-import hashlib
 import signal
 from pathlib import Path
 from typing import Optional
@@ -41,7 +40,7 @@ def train_loader_states(checkpoint: dict) -> list[dict]:
     loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     states = []
     for loader in (loops.get("state_dict") or {}).get("combined_loader") or []:
-        dataset = (loader or {}).get("dataset") or {} if isinstance(loader, dict) else {}
+        dataset = (loader.get("dataset") or {}) if isinstance(loader, dict) else {}
         if "input_dir_path" in dataset:
             states.append(dataset)
         else:
@@ -58,7 +57,9 @@ def _litdata_path(split_dir: Path) -> Optional[str]:
 
 
 def _index_sha256(split_dir: Path) -> str:
-    return hashlib.sha256((split_dir / "index.json").read_bytes()).hexdigest()
+    from .tokenizer import file_sha256
+
+    return file_sha256(split_dir / "index.json")
 
 
 def _same_layout(state: dict, split_dir: Path, block: int) -> bool:
