@@ -3,8 +3,20 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread for numpy/scipy (set before they load OpenBLAS; subprocesses inherit it). The loss-by-loops fit
+# that every `parcae test` writes runs ~300 tiny L-BFGS problems: with OpenBLAS's two spinning threads on a busy
+# 2-core machine they took 85 s of a 90 s `parcae test`, with one thread 4 s. Torch keeps its own threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:  # numpy loaded before this file (a plugin): limit the pool it already started
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+except ImportError:
+    pass
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval / datasets: local files only, never the network
@@ -101,6 +113,41 @@ def write_recipe(path, data_dir, runs_dir, run_name="tiny", max_steps=12, arch=N
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False) + extra)
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's --master_port, servers): tests never share a fixed port,
+    so two of them can run at the same time."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_shards):
+    """One tiny 12-step run (``write_recipe``'s defaults: checkpoints at steps 4, 8, 12) trained once per session
+    and shared by the files that need a trained run: (root, recipe, run directory). Read it, or evaluate it (results
+    land beside its checkpoints); a test that changes the run (resumes, damages a file) works on a copy."""
+    from parcae.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
+    main(["fit", "--config", str(recipe)])
+    run_dir = root / "runs" / "tiny"
+    assert (run_dir / "step=0000012.ckpt").is_file()
+    return root, recipe, run_dir
+
+
+def copy_run(run_dir, tmp_path, data_dir):
+    """A private copy of a run under ``tmp_path/runs`` and a recipe naming it (same name, same data): (recipe,
+    copied run directory)."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / run_dir.name)
+    return write_recipe(tmp_path / f"{run_dir.name}.yaml", data_dir, runs, run_name=run_dir.name), runs / run_dir.name
 
 
 def write_choice_task(folder, name, items, metrics=("acc",)):

@@ -110,6 +110,7 @@ def test_paper_recipes_fail_fast_without_their_data(tmp_path, monkeypatch):
     assert "data/fineweb-edu does not exist" in message and "docs/data.md" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_table2_recipe_runs_as_written_on_a_stand_in_data_folder(tmp_path):
     """The unchanged 350M recipe for one real step on CPU, over a stand-in folder with a 65,536-token vocabulary."""
     from conftest import synthetic_documents, write_jsonl

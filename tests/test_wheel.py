@@ -17,6 +17,7 @@ import pytest
 from conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]  # builds a wheel and a virtual environment, runs its parcae
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,15 @@ def wheel_env(tmp_path_factory):
     wheel = next((work / "dist").glob("parcae-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(work / "venv")], check=True)
     venv_python = work / "venv" / "bin" / "python"
-    site = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "parcae_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(venv_python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
-                   check=True, capture_output=True)
+    # the fresh environment sees no checkout: with PYTHONPATH naming one (its parcae.egg-info), pip would call
+    # parcae "already satisfied" and install nothing
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{work / 'venv' / 'bin'}{os.pathsep}{env['PATH']}"
+    site = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+    Path(site, "parcae_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(venv_python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+                   check=True, capture_output=True, env=env)
     outside = work / "elsewhere"
     outside.mkdir()
     return wheel, work / "venv" / "bin", env, outside, Path(site)
@@ -58,7 +61,6 @@ def test_the_wheel_carries_every_data_file(wheel_env):
     assert any(n.startswith("data_prep/corpus/") for n in names)
 
 
-@pytest.mark.slow
 def test_parcae_runs_from_the_installed_wheel(wheel_env, small_shards):
     _, bindir, env, outside, site = wheel_env
     where = subprocess.run([str(bindir / "python"), "-c", "import parcae; print(parcae.__file__)"], cwd=outside,

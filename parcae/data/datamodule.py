@@ -8,11 +8,15 @@ Blocks of ``seq_len + 1`` consecutive tokens (documents packed back to back) bec
 ``CombinedStreamingDataset``. Datasets are built in ``setup()``, so every rank and worker gets its own
 shard of the data. The loader position is saved in Lightning checkpoints (``StreamingDataLoader`` is
 stateful) and restored on resume: keep ``batch_size``, ``num_workers`` and the number of devices fixed
-across a resume.
+across a resume. The saved position names the shard folders by path; a resume finds them by content instead
+(:meth:`TokenDataModule.moved_shards`: the same ``train/index.json`` under another path is the same data), so a run
+resumes wherever its data now lives. Loader workers ignore Ctrl-C and SIGTERM (:func:`quiet_worker`): the main
+process ends the command with its one line and shuts them down.
 """
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +24,56 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from .shards import DataError, ShardFolder, check_vocabulary, open_shards
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """A loader worker leaves Ctrl-C and SIGTERM to the main process: it would otherwise run the handler it
+    inherited (parcae.command_line.interruptible) and print a traceback of its own before the command's one line;
+    the main process stops it when it shuts the loader down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def train_loader_states(checkpoint: dict) -> list[dict]:
+    """The LitData states of the training datasets saved in a Lightning checkpoint, one per dataset in
+    ``datasets`` order (a mixture saves ``{"0": state, "1": state, ...}``); [] when it holds no loader state."""
+    loops = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    states = []
+    for loader in (loops.get("state_dict") or {}).get("combined_loader") or []:
+        dataset = (loader.get("dataset") or {}) if isinstance(loader, dict) else {}
+        if "input_dir_path" in dataset:
+            states.append(dataset)
+        else:
+            states += [dataset[k] for k in sorted(dataset, key=lambda k: int(k) if str(k).isdigit() else -1)
+                       if isinstance(dataset[k], dict) and "input_dir_path" in dataset[k]]
+    return states
+
+
+def _litdata_path(split_dir: Path) -> Optional[str]:
+    """The path LitData records for a local split folder (its own resolution of the name)."""
+    from litdata.streaming.resolver import _resolve_dir
+
+    return _resolve_dir(str(split_dir)).path
+
+
+def _index_sha256(split_dir: Path) -> str:
+    from .tokenizer import file_sha256
+
+    return file_sha256(split_dir / "index.json")
+
+
+def _same_layout(state: dict, split_dir: Path, block: int) -> bool:
+    """For checkpoints that recorded no index digest: the chunks and samples per chunk the saved position counts
+    (LitData's ``subsampled_files`` and ``region_of_interest``) are those of ``split_dir``'s index."""
+    import json
+
+    chunks = json.loads((split_dir / "index.json").read_text())["chunks"]
+    files = state.get("subsampled_files")
+    regions = state.get("region_of_interest")
+    if files is None or regions is None:
+        return False
+    return list(files) == [c["filename"] for c in chunks] and \
+        [tuple(r) for r in regions] == [(0, c["dim"] // block) for c in chunks]
 
 
 def _to_input_target(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +194,51 @@ class TokenDataModule(LightningDataModule):
         for folder in self.folders:
             check_vocabulary(folder, model_vocab_size, model_name)
 
+    # -- the data position across a resume -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: which training shards the loader position counts in, by content (the
+        sha256 of each dataset's ``train/index.json``, which lists every chunk with its bytes and tokens)."""
+        if not self.folders:
+            return {}
+        return {"train_index_sha256": [_index_sha256(f.split_dir("train")) for f in self.folders]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # read by moved_shards from the checkpoint itself
+
+    def moved_shards(self, checkpoint: dict, ckpt_path: str | Path) -> list[tuple[dict, str]]:
+        """The saved training positions whose shards now live elsewhere: pairs (LitData state, the path where
+        this data module finds the same shards now). Shards are the same when their ``train/index.json`` has the
+        digest the checkpoint recorded (older checkpoints: the same chunks with the same samples per chunk).
+        Raises a one-line :class:`DataError` naming ``--data.datasets`` when a folder holds other shards."""
+        states = train_loader_states(checkpoint)
+        if not states:
+            return []
+        folders = self.folders
+        if len(states) != len(folders):
+            raise DataError(f"{ckpt_path} was trained on {len(states)} dataset(s) but data.datasets names "
+                            f"{len(folders)}; point --data.datasets at the run's shard folders")
+        recorded = (checkpoint.get(type(self).__qualname__) or {}).get("train_index_sha256")
+        moved = []
+        for i, (state, folder) in enumerate(zip(states, folders)):
+            split = folder.split_dir("train")
+            now = _litdata_path(split)
+            if state.get("input_dir_path") == now:
+                continue
+            same = _index_sha256(split) == recorded[i] if recorded and len(recorded) == len(folders) else \
+                _same_layout(state, split, self.seq_len + 1)
+            if not same:
+                was = Path(str(state.get("input_dir_path") or state.get("input_dir_url"))).parent
+                raise DataError(f"{ckpt_path} was trained on the shards in {was}, and {folder.root} holds other "
+                                f"shards (its train/index.json differs); to resume, point --data.datasets at the "
+                                f"folder that now holds the run's shards")
+            moved.append((state, now))
+        return moved
+
+    def relocate(self, checkpoint: dict, ckpt_path: str | Path) -> None:
+        """Point the saved loader position at where its shards live now (see :meth:`moved_shards`), in place."""
+        for state, now in self.moved_shards(checkpoint, ckpt_path):
+            state["input_dir_path"] = now
+
     # -- Lightning hooks ----------------------------------------------------------------------------------
     def _streaming(self, root: str | Path, split: str, shuffle: bool):
         from litdata import StreamingDataset, TokensLoader
@@ -175,7 +274,8 @@ class TokenDataModule(LightningDataModule):
         from litdata import StreamingDataLoader
 
         return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers,
-                                   pin_memory=torch.cuda.is_available(), drop_last=True)
+                                   pin_memory=torch.cuda.is_available(), drop_last=True,
+                                   worker_init_fn=quiet_worker if self.num_workers else None)
 
     def train_dataloader(self):
         return self._loader(self.train_set, self.batch_size)

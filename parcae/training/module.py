@@ -168,6 +168,10 @@ class LoopedLMModule(L.LightningModule):
         self.micro_step = state["micro_step"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_streak = state["nonfinite_streak"]
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and hasattr(trainer.datamodule, "relocate"):
+            # the saved data position names its shards by path: point it at where the same shards live now
+            trainer.datamodule.relocate(checkpoint, trainer.ckpt_path)
 
     # -- training -------------------------------------------------------------------------------------------
     def _state_seeds(self, batch_size: int) -> list[int]:

@@ -196,6 +196,10 @@ class RecipeCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         if isinstance(args, (list, tuple)):
             args = expand_config_arguments(list(args))
+        given = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else ["--config"]
+        # fit --ckpt_path: a model named here (recipe, --model, --model.arch*) must be the checkpoint's
+        self.model_named = any(str(a).split("=", 1)[0] in ("--config", "-c", "--model")
+                               or str(a).startswith("--model.arch") for a in given)
         super().parse_arguments(parser, args)
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
@@ -239,6 +243,9 @@ class RecipeCLI(LightningCLI):
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         if not hparams:
             return  # a sharded folder: its hyperparameters stay in meta.pt, and the config describes the model
+        if subcommand == "fit" and getattr(self, "model_named", False) and "arch" in hparams:
+            # a fit continues the recipe's model: never swap in the checkpoint's (even with --inexact_data_resume)
+            rundir.check_same_model(ckpt, ckpt_path, dataclasses.asdict(model_config_of(self.config[subcommand])))
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except SystemExit:
@@ -290,6 +297,7 @@ class RecipeCLI(LightningCLI):
             self.notes += rundir.check_resume_compatible(saved, resume, arch, cfg.data.batch_size,
                                                          cfg.data.seq_len, world, cfg.inexact_data_resume)
             check_same_tokenizer(run_dir, self.data_tokenizer)
+            data_module(cfg).moved_shards(saved, resume)  # refuse shards that are not the run's, before any write
             cfg.ckpt_path = str(resume)
 
     @staticmethod
@@ -361,10 +369,15 @@ class RecipeCLI(LightningCLI):
 def check_data(cfg, arch: ModelConfig) -> Optional[Path]:
     """The data of a fit fits its model: every shard folder (and ``data.tokenizer``) has the model's vocabulary
     and one tokenizer; returns that tokenizer's file. Builds the data module's metadata only (manifests)."""
-    data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
-    dm = TokenDataModule(**{k: v for k, v in data.items() if not k.startswith("__")})
+    dm = data_module(cfg)
     dm.check_vocabulary(arch.vocab_size, arch.name)
     return dm.tokenizer_path
+
+
+def data_module(cfg) -> TokenDataModule:
+    """The data module a parsed config describes (reads manifests only when asked; nothing is loaded)."""
+    data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
+    return TokenDataModule(**{k: v for k, v in data.items() if not k.startswith("__")})
 
 
 def check_same_tokenizer(run_dir: Path, tokenizer: Optional[Path]) -> None:

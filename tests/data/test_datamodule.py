@@ -87,6 +87,8 @@ def test_resume_sees_exactly_the_batches_of_the_uninterrupted_run(tmp_path, smal
     assert interrupted.seen == reference.seen[:8]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_ddp_processes_see_disjoint_data_covering_one_process(tmp_path, small_shards):
     script = HERE / "loader_probe.py"
     for devices in (1, 2):
@@ -101,3 +103,23 @@ def test_two_ddp_processes_see_disjoint_data_covering_one_process(tmp_path, smal
     # drop_last trims at most one batch per rank and worker to keep ranks in step
     assert len(single) - len(union) <= 2 * 2 * 1 * 31
     assert len(set(single)) == len(single)
+
+
+def test_loader_workers_leave_ctrl_c_and_sigterm_to_the_main_process(small_shards):
+    """A worker process runs the loader's worker_init_fn first: it ignores SIGINT and SIGTERM there, so a Ctrl-C
+    sent to the whole command reaches only the main process's handler (the end-to-end check with a real
+    ``parcae test`` is tests/training/test_run_integrity.py::test_ctrl_c_during_test_with_loader_workers_is_one_line)."""
+    import signal
+
+    from parcae.data.datamodule import quiet_worker
+
+    dm = TokenDataModule(datasets=[str(small_shards)], seq_len=16, batch_size=3, num_workers=1)
+    dm.setup("test")
+    assert dm.test_dataloader().worker_init_fn is quiet_worker
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        quiet_worker(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

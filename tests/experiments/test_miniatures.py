@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from conftest import TINY_ARCH, write_recipe
 from parcae.experiments.miniatures import run_suite, write_report
 from parcae.model import LoopedLM, ModelConfig, flops_per_token
 
 
+@pytest.mark.slow  # trains a two-run suite
 def test_suite_runs_and_reports(tmp_path, small_shards):
     recipe = write_recipe(tmp_path / "tiny.yaml", small_shards, tmp_path / "ignored", max_steps=6)
     suite = tmp_path / "tiny_stability.yaml"

@@ -25,6 +25,7 @@ PROMPTS = ["The fox", "Once upon a time there", "To be, or not to be: that is", 
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 @pytest.mark.skipif(not VLLM_PYTHON.exists() and not UNDER_CI,
                     reason="no .venv-vllm (run ./scripts/setup_vllm_env.sh); required under CI")
 def test_vllm_greedy_equals_parcae_generate_alone_and_batched(tmp_path):

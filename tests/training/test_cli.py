@@ -6,23 +6,22 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import write_recipe
+from conftest import copy_run, write_recipe
 from parcae.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, small_shards):
-    root = tmp_path_factory.mktemp("cli")
-    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
-    main(["fit", "--config", str(recipe)])
-    return root, recipe, root / "runs" / "tiny"
+@pytest.fixture
+def trained_run(tiny_run):
+    return tiny_run  # the session's shared 12-step run (conftest.tiny_run)
 
 
 def test_fit_writes_checkpoints_config_and_every_dashboard_tag(trained_run):
     _, _, run_dir = trained_run
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.yaml", "last.ckpt", "step=0000004.ckpt", "step=0000008.ckpt", "step=0000012.ckpt"} <= names
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    # the fit's own events file: the run is shared, and evaluations of it (validate, test) add files beside it
+    fit_events = min(run_dir.glob("events.out.tfevents.*"), key=lambda p: (int(p.name.split(".")[3]), p.name))
+    ea = EventAccumulator(str(fit_events), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
     required = {"train/loss", "train/ppl", "val/loss", "val/loss_T1", "val/loss_T2", "val/loss_T3", "val/bpb",
@@ -99,8 +98,8 @@ def test_predict_decodes_as_generate_does(trained_run, capsys):
         assert capsys.readouterr().out.strip().splitlines()[-1] == "alpha beta"
 
 
-def test_existing_run_dir_is_never_silently_reused(trained_run):
-    root, recipe, run_dir = trained_run
+def test_existing_run_dir_is_never_silently_reused(trained_run, tmp_path, small_shards):
+    recipe, run_dir = copy_run(trained_run[2], tmp_path, small_shards)  # it resumes the run: a private copy
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         main(["fit", "--config", str(recipe)])
     # asked-for auto-resume continues the run (here: to step 16)
@@ -154,6 +153,7 @@ def test_every_extra_verb_is_listed_and_dispatches(capsys):
     assert "table5" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tmp_path, small_shards, monkeypatch):
     """model.compile compiles each block (the loop stays eager); the losses match eager training."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))

@@ -11,6 +11,8 @@ import pytest
 SCRIPT = Path(__file__).parent / "ddp_equivalence.py"
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_ddp_matches_one_process(tmp_path):
     for devices in (1, 2):
         result = subprocess.run([sys.executable, str(SCRIPT), "--devices", str(devices), "--out",

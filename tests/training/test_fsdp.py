@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
+
 HERE = Path(__file__).parent
 SCRIPT = HERE / "fsdp_equivalence.py"
 
@@ -38,10 +40,12 @@ def test_extra_zero_row_iterations_change_nothing(tiny_config):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_sharded_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [[sys.executable, str(SCRIPT), "reference", "--out", str(tmp_path)],
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              str(SCRIPT), "sharded", "--out", str(tmp_path)]]
     for command in runs:  # the timeout catches a hang (ranks whose loop counts disagree would wait for ever)
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=HERE, env=env)
@@ -72,6 +76,8 @@ def _torchrun(port: int, *args):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sharded_sigkill_resume_matches_and_consolidates(tmp_path, small_shards):
     """Both ranks are SIGKILLed before step 11 (checkpoints at 4 and 8); `--ckpt_path last` resumes from the
     sharded last.ckpt/ folder and repeats steps 8-10 exactly as the killed run logged them, then finishes; the
@@ -89,7 +95,7 @@ def test_sharded_sigkill_resume_matches_and_consolidates(tmp_path, small_shards)
     killing = tmp_path / "kill.yaml"
     killing.write_text(recipe.read_text().replace("trainer:\n", "trainer:\n  callbacks:\n  - class_path: "
                                                   f"crash_helpers.KillAtStep\n    init_args:\n      at_step: {kill_at}\n", 1))
-    victim = _torchrun(29611, "fit", "--config", str(killing), *FSDP_PRESET)
+    victim = _torchrun(free_port(), "fit", "--config", str(killing), *FSDP_PRESET)
     assert victim.wait(timeout=240) != 0, victim.stdout.read()[-4000:]
     meta = torch.load(run_dir / "last.ckpt" / "meta.pt", weights_only=False)
     assert meta["global_step"] == 8 and not list(run_dir.glob(".*.tmp"))
@@ -97,7 +103,7 @@ def test_sharded_sigkill_resume_matches_and_consolidates(tmp_path, small_shards)
     killed_log = _scalars(before.copy().pop(), "train/loss")
     assert sorted(killed_log) == list(range(kill_at))
 
-    resumed = _torchrun(29612, "fit", "--config", str(recipe), *FSDP_PRESET, "--ckpt_path", "last")
+    resumed = _torchrun(free_port(), "fit", "--config", str(recipe), *FSDP_PRESET, "--ckpt_path", "last")
     assert resumed.wait(timeout=240) == 0, resumed.stdout.read()[-4000:]
     new_events = set(run_dir.glob("events.out.tfevents.*")) - before
     assert len(new_events) == 1

@@ -23,13 +23,30 @@ def _parcae(*args, **kwargs):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
+def _fit_here(capsys, *args) -> tuple[int, str]:
+    """``parcae fit`` in this process (the resume after a kill: what it tests is the files the killed process left,
+    not a process of its own): (exit status, what it printed)."""
+    from parcae.cli import main
+
+    capsys.readouterr()
+    code = 0
+    try:
+        main(["fit", *map(str, args)])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 def _scalars(path, tag):
     ea = EventAccumulator(str(path), size_guidance={"scalars": 0})
     ea.Reload()
     return {e.step: e.value for e in ea.Scalars(tag)}
 
 
-def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shards):
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
+def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shards, capsys):
     steps = 40
     ref = write_recipe(tmp_path / "ref.yaml", small_shards, tmp_path / "runs", "ref", max_steps=steps)
     run = write_recipe(tmp_path / "run.yaml", small_shards, tmp_path / "runs", "run", max_steps=steps)
@@ -53,8 +70,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shard
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
     before = set(run_dir.glob("events.out.tfevents.*"))
-    resumed = _parcae("fit", "--config", str(run), "--ckpt_path", "last")
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    code, output = _fit_here(capsys, "--config", run, "--ckpt_path", "last")
+    assert code == 0, output
     new_events = set(run_dir.glob("events.out.tfevents.*")) - before
     assert len(new_events) == 1
     ref_loss = _scalars(tmp_path / "runs" / "ref", "train/loss")
@@ -71,7 +88,9 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, small_shard
         torch.testing.assert_close(final_run["state_dict"][key], value, atol=1e-6, rtol=0)
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, small_shards):
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, small_shards, capsys):
     extra = ("  callbacks:\n  - class_path: crash_helpers.KillDuringSave\n    init_args:\n      at_step: 5\n")
     recipe = write_recipe(tmp_path / "r.yaml", small_shards, tmp_path / "runs", "crash", max_steps=12)
     text = recipe.read_text().replace("trainer:\n", "trainer:\n" + extra, 1)
@@ -83,14 +102,17 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, sm
     assert list(run_dir.glob(".step=0000008.ckpt.tmp-*"))     # ... only its staging file does
     last = torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")
     assert last["global_step"] == 4                           # the previous checkpoint, intact
-    resumed = _parcae("fit", "--config", str(write_recipe(tmp_path / "plain.yaml", small_shards, tmp_path / "runs",
-                                                            "crash", max_steps=12)), "--ckpt_path", "last")
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    code, output = _fit_here(capsys, "--config", write_recipe(tmp_path / "plain.yaml", small_shards, tmp_path / "runs",
+                                                              "crash", max_steps=12), "--ckpt_path", "last")
+    assert code == 0, output
     assert torch.load(run_dir / "last.ckpt", weights_only=False, map_location="cpu")["global_step"] == 12
     assert not list(run_dir.glob(".*.tmp-*"))                  # stale staging files are cleaned up
 
 
-def test_kill_during_the_write_of_last_ckpt_resumes_from_the_newer_step_checkpoint(tmp_path, small_shards):
+@pytest.mark.slow
+@pytest.mark.subprocess  # a real process killed (the resume after it runs in-process)
+def test_kill_during_the_write_of_last_ckpt_resumes_from_the_newer_step_checkpoint(tmp_path, small_shards,
+                                                                                     capsys):
     """Issue 19 #7: step=0000010.ckpt is saved, then a kill -9 hits last.ckpt's staging file, so last.ckpt still
     holds step 5. A resume takes the newest good state by step (step 10) and goes forward, never back."""
     extra = ("  callbacks:\n  - class_path: crash_helpers.KillDuringLastSave\n    init_args:\n      at_step: 10\n")
@@ -106,9 +128,8 @@ def test_kill_during_the_write_of_last_ckpt_resumes_from_the_newer_step_checkpoi
     plain = write_recipe(tmp_path / "plain.yaml", small_shards, tmp_path / "runs", "crash", max_steps=12)
     plain.write_text(plain.read_text().replace("checkpoint_every: 4", "checkpoint_every: 5"))
     before = set(run_dir.glob("events.out.tfevents.*"))
-    resumed = _parcae("fit", "--config", str(plain), "--ckpt_path", "last")
-    output = resumed.stdout.read()
-    assert resumed.wait(timeout=300) == 0, output
+    code, output = _fit_here(capsys, "--config", plain, "--ckpt_path", "last")
+    assert code == 0, output
     assert "resuming from" in output and "step=0000010.ckpt" in output and "last.ckpt holds step 5" in output
     (new_events,) = set(run_dir.glob("events.out.tfevents.*")) - before
     assert sorted(_scalars(new_events, "train/loss")) == [10, 11]  # steps 6-10 are not trained again

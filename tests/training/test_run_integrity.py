@@ -71,14 +71,9 @@ def assert_one_line_error(code: int, output: str, *fragments: str, max_lines: in
 
 
 # -- a shared tiny run -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_shards):
-    root = tmp_path_factory.mktemp("integrity")
-    recipe = write_recipe(root / "tiny.yaml", small_shards, root / "runs")
-    main(["fit", "--config", str(recipe)])
-    run_dir = root / "runs" / "tiny"
-    assert (run_dir / "step=0000012.ckpt").is_file()
-    return root, recipe, run_dir
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run  # the session's shared 12-step run (conftest.tiny_run); cases that change it use run_copy
 
 
 @pytest.fixture
@@ -110,6 +105,15 @@ def _damaged(tmp_path: Path, kind: str, good: Path) -> Path:
         torch.save({"weights": torch.zeros(3)}, path)
     elif kind == "empty":
         path.write_bytes(b"")
+    elif kind == "other-model":  # a checkpoint of another architecture (d_model 64 instead of the recipe's 32)
+        import torch
+
+        from conftest import TINY_ARCH
+        from parcae.model import LoopedLM, ModelConfig
+        from parcae.runs import lightning_checkpoint
+
+        other = ModelConfig(**{**TINY_ARCH, "name": "other-model", "d_model": 64, "d_ff": 128})
+        torch.save(lightning_checkpoint(LoopedLM(other)), path)
     return path
 
 
@@ -169,6 +173,9 @@ CASES = {
     "resume with another batch size": (["fit", "--config", "{recipe}", "--ckpt_path", "last",
                                         "--data.batch_size", "2"], ["batch_size", "4", "2"]),
     "fit again without resuming": (["fit", "--config", "{recipe}"], ["already holds"]),
+    "fit from another model's checkpoint": (["fit", "--config", "{recipe}", "--run_name", "fresh", "--ckpt_path",
+                                            "{tmp}/other-model.ckpt", "--inexact_data_resume", "true"],
+                                           ["other-model.ckpt", "'other-model'", "'tiny-parcae'", "d_model 64 vs 32"]),
     # files and names given to the other verbs
     "unknown preset": (["model", "parcae-999m", "--meta"], ["parcae-999m"]),
     "missing sweep file": (["sweep", "{tmp}/missing.yaml"], ["missing.yaml"]),
@@ -183,7 +190,7 @@ CASES = {
 def test_bad_input_is_one_line_and_changes_nothing(trained, tmp_path, capsys, name):
     root, recipe, run_dir = trained
     argv_template, fragments = CASES[name]
-    for kind in ("truncated", "random", "foreign", "empty"):
+    for kind in ("truncated", "random", "foreign", "empty", "other-model"):
         _damaged(tmp_path, kind, run_dir / "step=0000004.ckpt")
     (tmp_path / "text.txt").write_text("alpha beta gamma delta. " * 40)
     (tmp_path / "gpt_loops.json").write_text(json.dumps({"model": "tiny-gpt", "mean_recurrence": 1,
@@ -532,3 +539,128 @@ def test_export_to_an_existing_file_names_it_a_file(trained, tmp_path, capsys):
     code, output = run(["export", run_dir, target], capsys)
     assert_one_line_error(code, output, str(target), "is an existing file")
     assert target.read_text() == "mine"
+
+
+# -- a run resumes wherever its data now lives -------------------------------------------------------------------
+def _train_losses(path: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def _moved_run(trained, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """``cp -r`` of the trained run (its step-12 checkpoints dropped, so it resumes at step 8) and of its shards to
+    another path; returns (the copied run, the copied shards, a recipe naming the copied shards)."""
+    _, _, run_dir = trained
+    moved = tmp_path / "elsewhere" / "shards"
+    shutil.copytree(_datasets(run_dir), moved)
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "tiny")
+    for name in ("step=0000012.ckpt", "last.ckpt"):
+        (runs / "tiny" / name).unlink()
+    return runs / "tiny", moved, write_recipe(tmp_path / "tiny.yaml", moved, runs)
+
+
+@pytest.mark.parametrize("recorded", ["index digest", "older checkpoint"])
+def test_copied_run_resumes_from_its_shards_under_another_path(trained, tmp_path, capsys, recorded):
+    """The resumed steps see the batches the uninterrupted run saw: the loader position carries over to the same
+    shards at their new path (identified by their index's digest, or for checkpoints written before parcae recorded
+    it, by the chunks and samples per chunk the position counts)."""
+    import torch
+
+    _, _, original = trained
+    run_dir, _, recipe = _moved_run(trained, tmp_path)
+    if recorded == "older checkpoint":
+        ckpt = torch.load(run_dir / "step=0000008.ckpt", weights_only=False, map_location="cpu")
+        assert ckpt.pop("TokenDataModule")["train_index_sha256"]
+        torch.save(ckpt, run_dir / "step=0000008.ckpt")
+    before = set(run_dir.glob("events.out.tfevents.*"))
+    code, output = run(["fit", "--config", recipe, "--ckpt_path", "last"], capsys)
+    assert code == 0, output
+    assert "Traceback" not in output
+    new = set(run_dir.glob("events.out.tfevents.*")) - before
+    assert len(new) == 1, output
+    got, reference = _train_losses(new.pop()), _train_losses(original)
+    assert sorted(got) == [8, 9, 10, 11]
+    for step, loss in got.items():
+        assert loss == pytest.approx(reference[step], abs=1e-6), step
+
+
+def test_copied_run_refuses_other_shards_at_the_new_path_in_one_line_writing_nothing(trained, tmp_path, capsys):
+    run_dir, moved, recipe = _moved_run(trained, tmp_path)
+    index = moved / "train" / "index.json"
+    index.write_text(json.dumps(json.loads(index.read_text()), indent=1))  # same chunks, other index: not provable
+    before = files_of(tmp_path)
+    code, output = run(["fit", "--config", recipe, "--ckpt_path", "last"], capsys)
+    assert_one_line_error(code, output, str(moved), "--data.datasets", max_lines=2)
+    assert files_of(tmp_path) == before
+
+
+def test_moved_shards_accepts_only_the_same_index(trained, tmp_path):
+    """The rule itself, without a fit: where the saved position points now, or a one-line refusal."""
+    import torch
+
+    from parcae.data import TokenDataModule
+    from parcae.errors import UsageError
+
+    run_dir, moved, _ = _moved_run(trained, tmp_path)
+    ckpt = torch.load(run_dir / "step=0000008.ckpt", weights_only=False, map_location="cpu")
+    same_place = TokenDataModule(datasets=[str(_datasets(trained[2]))], seq_len=32, batch_size=4)
+    assert same_place.moved_shards(ckpt, "x.ckpt") == []
+    elsewhere = TokenDataModule(datasets=[str(moved)], seq_len=32, batch_size=4)
+    [(state, now)] = elsewhere.moved_shards(ckpt, "x.ckpt")
+    assert now == str((moved / "train").resolve()) and state["input_dir_path"] != now
+    elsewhere.relocate(ckpt, "x.ckpt")
+    assert elsewhere.moved_shards(ckpt, "x.ckpt") == []
+    two = TokenDataModule(datasets=[str(moved), str(moved)], seq_len=32, batch_size=4)
+    with pytest.raises(UsageError, match="trained on 1 dataset"):
+        two.moved_shards(ckpt, "x.ckpt")
+
+
+# -- Ctrl-C reaches the loader workers too -----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_ctrl_c_during_test_with_loader_workers_is_one_line(trained, tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group, loader workers included: they leave it to the main
+    process, which ends with its one line and status 130 (before: a worker's traceback, or a hang)."""
+    import threading
+    import time
+
+    _, _, run_dir = trained
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "LITDATA_DISABLE_VERSION_CHECK": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "parcae", "test", "--ckpt_path", str(run_dir / "step=0000008.ckpt"),
+                             "--data.num_workers", "1", "--loops", ",".join(str(i) for i in range(1, 65)),
+                             "--output_dir", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def worker_started() -> bool:  # a forked child running parcae (other children may probe sys.path)
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for kid in kids:
+            try:
+                if b"parcae" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+        return False
+
+    err: list[str] = []  # stderr, line by line as it comes
+    reader = threading.Thread(target=lambda: err.extend(line.rstrip("\n") for line in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not worker_started():
+            assert proc.poll() is None and time.monotonic() < deadline, "\n".join(err)
+            time.sleep(0.05)
+        time.sleep(1.0)  # the test loop runs; what was written so far has been read
+        before = len(err)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, "\n".join(err)
+    assert not any("Traceback" in line for line in err), "\n".join(err)
+    assert [line for line in err[before:] if line.strip()] == ["parcae test: interrupted (SIGINT)"], "\n".join(err)
