@@ -13,7 +13,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-if [ "${PARCAE_REINSTALL:-0}" != 1 ] && python -c "import parcae, lightning, litdata, tokenizers, lm_eval, transformers, peft" 2>/dev/null \
+if [ "${PARCAE_REINSTALL:-0}" != 1 ] && python -c "import parcae, lightning, litdata, tokenizers, lm_eval, transformers, peft, xdist" 2>/dev/null \
     && [ "$(python -c 'import parcae, pathlib; print(pathlib.Path(parcae.__file__).resolve().parent.parent)')" = "$(pwd -P)" ]; then
     echo "[setup] .venv is ready ($(python -c 'import torch; print("torch", torch.__version__)'))"
     exit 0
