@@ -286,16 +286,19 @@ class Stopping:
             events.put_nowait(_STOPPING)
 
 
-def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
+def _error_body(status: int, message: str, kind: str) -> dict:
     """An error in OpenAI's shape, its message one line."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status,
-                        headers=headers)
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, kind), status, headers=headers)
 
 
 def _error_event(status: int, message: str) -> str:
     """A stream's last event before ``[DONE]`` when it ends in an error."""
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': None, 'code': status}})}\n\n"
+    return f"data: {json.dumps(_error_body(status, message, kind))}\n\n"
 
 
 SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
