@@ -100,6 +100,20 @@ def compile_supported() -> bool:
 
 
 # -- models and prompts ----------------------------------------------------------------------------------------
+def random_model(config, seed: int = 0):
+    """``LoopedLM(config)`` with random weights (seed ``seed``), eval mode: the scaled-zero init's output projections
+    (all zero, which would make attention and MLPs no-ops) are drawn from N(0, 0.02) as benchmarks/generate.py does."""
+    from parcae.model import LoopedLM
+
+    torch.manual_seed(seed)
+    model = LoopedLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.abs().sum():
+                p.normal_(0, 0.02)
+    return model
+
+
 def load_model(name: str, args, device: str):
     """(model, prompts of args.prompt_tokens tokens, new tokens) for ``demo`` or a preset name."""
     if name == "demo":
@@ -114,15 +128,9 @@ def load_model(name: str, args, device: str):
         ids = held_out_ids(loaded.tokenizer, args.work, 8 * args.prompt_tokens + 8)
         prompts = [ids[i * args.prompt_tokens: (i + 1) * args.prompt_tokens] for i in range(8)]
         return loaded.model.eval(), prompts, args.new_tokens
-    from parcae.model import LoopedLM, preset
+    from parcae.model import preset
 
-    torch.manual_seed(0)
-    model = LoopedLM(preset(name)).eval()
-    with torch.no_grad():  # the zero-initialised output projections would make attention and MLPs no-ops
-        for p in model.parameters():
-            if p.dim() == 2 and not p.abs().sum():
-                p.normal_(0, 0.02)
-    model = model.to(device)
+    model = random_model(preset(name)).to(device)
     g = torch.Generator().manual_seed(1)
     prompts = [[0, *torch.randint(3, model.config.vocab_size, (args.prompt_tokens - 1,), generator=g).tolist()]
                for _ in range(8)]
