@@ -2,7 +2,7 @@
 the new compiled engine (``Engine(model, loops=μ_rec, compile=True)``), greedy, batch 1 and 8, in one process,
 interleaved, warm-up and compilation excluded from tokens/s and reported separately.
 
-    python benchmarks/decode_speed.py --ckpt_path checkpoints/mini_demo/last.ckpt   # demo + parcae-140m, ~12 min idle
+    python benchmarks/decode_speed.py --ckpt_path checkpoints/mini_demo/last.ckpt   # demo + parcae-140m, ~10-15 min
     python benchmarks/decode_speed.py --models demo --ckpt_path ... --rounds 1 --new_tokens 8   # smoke run, ~1 min
     python benchmarks/decode_speed.py --models parcae-140m --device cuda              # GPU (benchmarks/gpu_check.sh)
 
