@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def main() -> None:
                "ratios": summary, "targets": verdicts}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the exported model and the compile cache of this run
     print(f"written: {args.out} ({payload['wall_s']:.0f} s)")
 
 
