@@ -1,0 +1,313 @@
+"""Depth-level (loop-level) continuous batching: tokens at different loop iterations share one recurrent call.
+
+A token-level step runs as many iterations as its deepest token: rows whose token exited early wait for it. Here
+the unit of scheduling is one loop iteration (Continuous Depth Batching, arXiv 2608.09444; implemented for Ouro in
+ThinkFlowLab/vllm-rlt). Every request holds one slot (one row of the KV cache) and at most one token in flight;
+every :meth:`DepthBatch.tick`
+
+    (a) runs the prelude (embedding, prelude blocks, prelude norm, h₀) for the tokens entering,
+    (b) runs ONE recurrent iteration (``LoopedLM.recurrent_step``) for every token in flight, whatever its own
+        iteration t_b, in one batched call; each token stores and reads the KV slot its own iteration and the
+        KV policy give it (:meth:`LoopKVCache.loop_rows`),
+    (c) checks the exit rule for the tokens at a checked iteration (min_loops, min_loops + exit_every, ...,
+        max_loops), the rule's running quantities kept per slot (:meth:`ExitTracker.restart` at entry),
+    (d) reads out (C, coda, head) only the tokens that exit (or, for an output-based rule, the checked ones),
+    (e) draws each exiting token's successor with :func:`~parcae.inference.engine.draw_step` (the rules and
+        per-row generators of every decode step); the caller enters it at the next tick.
+
+The prelude and the read-out are skipped in a tick where no token needs them. The math is the model's own
+(``prelude_step``, ``loop_input``, ``recurrent_step``, ``read_out``); a token computes exactly what it computes in
+:meth:`Engine.stream` alone, so tokens, depths and log-probabilities are the same (tests/inference/
+test_depth_batching.py). Under the ``full`` policy a token keeps computing all ``max_loops`` iterations (its
+output is fixed at its exit), so its successor enters only after them: exact, and as slow as the fixed depth.
+
+    batch = DepthBatch(engine, engine.new_cache(16, 256), sequences=torch.zeros(16, dtype=torch.long))
+    batch.admit(slot, sampling, generator)            # a request takes a slot (its prompt prefilled there)
+    batch.enter(slot, token, col, position)           # its next input token enters at the next tick
+    for exit in batch.tick(): ...                     # tokens whose loop ended this tick, their successors drawn
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from parcae.model.loop import pick, put
+
+from .engine import Engine, Generation, Sampling, TokenLogprobs, draw_step, row_generators
+from .cache import LoopKVCache
+
+
+@dataclass
+class Exit:
+    """A token whose loop ended at this tick: its slot, the drawn successor, the depth of its output."""
+    slot: int
+    token: int
+    depth: int
+    logprobs: Optional[TokenLogprobs] = None
+    error: Optional[str] = None   # the row's sampling failed (``token`` is meaningless)
+
+
+class DepthBatch:
+    """The slots of one engine (one set of depth options) and cache, stepped one loop iteration per tick."""
+
+    def __init__(self, engine: Engine, cache: LoopKVCache, sequences: Tensor) -> None:
+        if not engine.config.looped:
+            raise ValueError(f"depth-level batching needs a looped model; {engine.config.name} has no loop")
+        self.engine, self.model, self.cache, self.sequences = engine, engine.model, cache, sequences
+        B, d, dev = cache.B, engine.config.d_model, engine.device
+        dtype = next(self.model.parameters()).dtype
+        self.B, self.dev = B, dev
+        self.adaptive = engine.adaptive
+        self.max_loops = engine.max_loops if self.adaptive else engine.loops
+        self.keep_computing = self.adaptive and engine.policy.kind == "full"
+        rule = engine.exit
+        if self.adaptive and not hasattr(rule.start(torch.zeros(1, 1, d, device=dev), 2), "restart"):
+            raise ValueError(f"exit rule {rule} keeps no per-token state that a new token can restart; it cannot "
+                             "run depth-level")
+        # per slot, on the host
+        self.iteration = [0] * B        # iterations the slot's token has run
+        self.busy = [False] * B         # a token in flight
+        self.deciding = [False] * B     # its output not fixed yet
+        self.depth = [0] * B            # its output's depth (once fixed)
+        self.col, self.pos = [0] * B, [0] * B
+        self.pending: dict[int, tuple[int, int, int, Optional[Tensor]]] = {}   # slot -> (token, col, pos, state)
+        self.samplings: list[Sampling] = [Sampling()] * B
+        self.generators: list[Optional[torch.Generator]] = [None] * B
+        self.logprobs: list[Optional[int]] = [None] * B
+        # per slot, on the device: the loop's inputs and state
+        self.h = torch.zeros(B, 1, d, device=dev, dtype=dtype)
+        self.h0 = torch.zeros_like(self.h)
+        self.drive: Optional[Tensor] = None
+        self.rope: Optional[Tensor] = None
+        self.value_embeddings: dict[int, Tensor] = {}
+        self.out_state = torch.zeros_like(self.h)   # the state read out at the exit (warm start of the next token)
+        self.out_logits: Optional[Tensor] = None    # full policy: the exit's logits, kept until the loop ends
+        self.tracker = rule.start(self.h, engine.config.vocab_size) if self.adaptive else None
+        self.ticks = 0
+
+    # -- slots ---------------------------------------------------------------------------------------------
+    def admit(self, slot: int, sampling: Sampling, generator: torch.Generator, logprobs: Optional[int] = None) -> None:
+        """A request takes ``slot``: its sampling settings, generator and the log-probabilities it asks for."""
+        self.samplings[slot], self.generators[slot], self.logprobs[slot] = sampling, generator, logprobs
+
+    def enter(self, slot: int, token: int, col: int, position: int, state: Optional[Tensor] = None) -> None:
+        """``token`` (at cache column ``col``, sequence position ``position``) enters the loop at the next tick.
+        ``state`` [1, 1, d]: its warm start (``continuous``); default the slot's previous token's exit state."""
+        if self.busy[slot] or slot in self.pending:
+            raise ValueError(f"slot {slot} already has a token in flight")
+        self.pending[slot] = (int(token), int(col), int(position), state)
+
+    def release(self, slot: int) -> None:
+        """Drop the slot's token in flight, if any (a cancelled request); the caller releases its cache row."""
+        self.pending.pop(slot, None)
+        self.busy[slot] = self.deciding[slot] = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pending) or any(self.busy)
+
+    # -- one tick --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def tick(self) -> list[Exit]:
+        """One loop iteration for every token in flight (module docstring); the tokens whose loop ended."""
+        entering = sorted(self.pending)
+        looping = [b for b in range(self.B) if self.busy[b] or b in self.pending]
+        if not looping:
+            return []
+        self.ticks += 1
+        dev, model, cache = self.dev, self.model, self.cache
+        for b in entering:
+            self.col[b], self.pos[b] = self.pending[b][1], self.pending[b][2]
+        n = len(looping)
+        rows = None if n == self.B else torch.tensor(looping, dtype=torch.long, device=dev)
+        cols = torch.tensor([self.col[b] for b in looping], dtype=torch.long, device=dev)[:, None]
+        cache.begin(cols, torch.ones(n, 1, dtype=torch.bool, device=dev), rows, max(self.col[b] for b in looping))
+        where = {b: i for i, b in enumerate(looping)}   # slot -> its row in this tick's step
+        if entering:
+            self._enter(entering, where)
+        # (b) one iteration of every token in flight, each at its own iteration
+        its = [self.iteration[b] for b in looping]
+        iterations = torch.tensor(its, dtype=torch.long, device=dev)
+        h_in, drive, rope = pick(self.h, rows), pick(self.drive, rows), pick(self.rope, rows)
+        ve = {i: pick(v, rows) for i, v in self.value_embeddings.items()}
+        caches = [cache.loop_rows(r, iterations, None, None, top=max(its)) for r in range(len(model.recurrent))]
+        h_out = model.recurrent_step(h_in, drive, rope, ve, caches)
+        self.h = put(self.h, rows, h_out)
+        for b in looping:
+            self.iteration[b] += 1
+        self.engine.count(n, 0)
+        # (c, d) exit checks and read-outs
+        outputs: dict[int, int] = {}   # slot -> row of `logits` holding its output
+        logits: Optional[Tensor] = None
+        if self.adaptive:
+            logits, outputs = self._check(looping, h_in, h_out, rope, ve)
+        else:
+            done = [i for i, b in enumerate(looping) if self.iteration[b] >= self.max_loops]
+            for i in done:
+                self.depth[looping[i]] = self.max_loops
+            if done:
+                logits = self._read_out(done, h_out, rope, ve)
+                outputs = {looping[i]: j for j, i in enumerate(done)}
+                self.out_state = put(self.out_state, _index(done, looping, dev, slots=True), pick(h_out, _index(done, looping, dev)))
+        # (e) the tokens whose loop ended draw their successors
+        if self.keep_computing:
+            if outputs:  # keep the exit's logits until the token has run every iteration
+                if self.out_logits is None:
+                    self.out_logits = torch.zeros(self.B, *logits.shape[1:], device=logits.device)
+                slots = list(outputs)
+                self.out_logits = self.out_logits.index_copy(
+                    0, torch.tensor(slots, device=dev), logits.index_select(0, torch.tensor(list(outputs.values()),
+                                                                                            device=dev)))
+            ending = [b for b in looping if self.iteration[b] >= self.max_loops]
+            if not ending:
+                return []
+            final = self.out_logits.index_select(0, torch.tensor(ending, device=dev))
+        else:
+            ending = list(outputs)
+            if not ending:
+                return []
+            final = logits.index_select(0, torch.tensor([outputs[b] for b in ending], device=dev)) \
+                if len(ending) != logits.shape[0] else logits
+        return self._draw(ending, final[:, -1])
+
+    def _enter(self, entering: list[int], where: dict[int, int]) -> None:
+        """(a) the prelude of the entering tokens, their h₀ and drive B̄e into their slots."""
+        dev, model, engine = self.dev, self.model, self.engine
+        E = torch.tensor(entering, dtype=torch.long, device=dev)
+        sub = None if len(entering) == len(where) else torch.tensor([where[b] for b in entering], device=dev)
+        tokens = torch.tensor([self.pending[b][0] for b in entering], dtype=torch.long, device=dev)[:, None]
+        positions = torch.tensor([self.pos[b] for b in entering], dtype=torch.long, device=dev)[:, None]
+        x, rope, ve = model.prelude_step(tokens, positions, self.cache, None, sub)
+        init = None
+        if engine.continuous:
+            init = torch.cat([self.pending[b][3] if self.pending[b][3] is not None else self.out_state[b:b + 1]
+                              for b in entering]).to(x.dtype)
+        e, h0 = model.loop_input(x, init, engine.seed, self.sequences.index_select(0, E), positions)
+        drive = model.injection.input_term(e)
+        if self.drive is None:
+            self.drive = torch.zeros(self.B, *drive.shape[1:], device=dev, dtype=drive.dtype)
+            self.rope = torch.zeros(self.B, *rope.shape[1:], device=dev, dtype=rope.dtype)
+            self.value_embeddings = {i: torch.zeros(self.B, *v.shape[1:], device=dev, dtype=v.dtype)
+                                     for i, v in ve.items()}
+        self.h, self.h0 = self.h.index_copy(0, E, h0), self.h0.index_copy(0, E, h0)
+        self.drive, self.rope = self.drive.index_copy(0, E, drive), self.rope.index_copy(0, E, rope)
+        self.value_embeddings = {i: v.index_copy(0, E, ve[i]) for i, v in self.value_embeddings.items()}
+        if self.tracker is not None:
+            self.tracker.restart(E, h0)
+        for b in entering:
+            self.iteration[b], self.busy[b], self.deciding[b] = 0, True, True
+        self.pending.clear()
+
+    def _check(self, looping: list[int], h_in: Tensor, h_out: Tensor, rope: Tensor, ve: dict[int, Tensor]
+               ) -> tuple[Optional[Tensor], dict[int, int]]:
+        """(c) the exit rule for the deciding tokens at a checked iteration; (d) their read-out: the checked tokens'
+        for an output-based rule, else the exiting ones'. Returns the logits and {slot: its row there} of the
+        tokens whose output was fixed now."""
+        e, dev = self.engine, self.dev
+        checked = [i for i, b in enumerate(looping) if self.deciding[b] and self._is_check(self.iteration[b])]
+        if not checked:
+            return None, {}
+        C = _index(checked, looping, dev)
+        slots = _index(checked, looping, dev, slots=True)
+        h = h_out.index_select(0, C)
+        logits = self._read_out(checked, h_out, rope, ve) if e.exit.needs_logits else None
+        h_before = None
+        if e.exit_every == 1:   # the previous check was the previous iteration (the first check's: h₀)
+            h_before = h_in.index_select(0, C)
+            first = [self.iteration[looping[i]] == e.min_loops for i in checked]
+            if e.min_loops > 1 and any(first):
+                h_before = torch.where(torch.tensor(first, device=dev)[:, None, None], self.h0.index_select(0, slots),
+                                       h_before)
+        converged, _ = self.tracker.update(h, logits, slots, h_before)
+        last = torch.tensor([self.iteration[looping[i]] >= self.max_loops for i in checked], device=dev)
+        stop = (converged[:, 0] | last).tolist()   # the tick's device read: which tokens exit
+        exiting = [i for i, s in zip(checked, stop) if s]
+        if not exiting:
+            return None, {}
+        for i in exiting:
+            b = looping[i]
+            self.deciding[b], self.depth[b] = False, self.iteration[b]
+        X = _index(exiting, looping, dev)
+        self.out_state = put(self.out_state, _index(exiting, looping, dev, slots=True), h_out.index_select(0, X))
+        if logits is not None:
+            e.count(0, len(checked))
+            keep = [j for j, s in enumerate(stop) if s]
+            if len(keep) != len(checked):
+                logits = logits.index_select(0, torch.tensor(keep, device=dev))
+        else:
+            logits = self._read_out(exiting, h_out, rope, ve)
+        return logits, {looping[i]: j for j, i in enumerate(exiting)}
+
+    def _is_check(self, n: int) -> bool:
+        e = self.engine
+        return n >= self.max_loops or (n >= e.min_loops and (n - e.min_loops) % e.exit_every == 0)
+
+    def _read_out(self, picked: list[int], h_out: Tensor, rope: Tensor, ve: dict[int, Tensor]) -> Tensor:
+        """logits [len(picked), 1, V'] of the tick's rows ``picked`` (their coda keys/values stored)."""
+        index = None if len(picked) == h_out.shape[0] else torch.tensor(picked, dtype=torch.long, device=self.dev)
+        if not self.adaptive:
+            self.engine.count(0, len(picked))
+        elif not self.engine.exit.needs_logits:
+            self.engine.count(0, len(picked))
+        return self.model.read_out(pick(h_out, index), pick(rope, index),
+                                   {i: pick(v, index) for i, v in ve.items()}, self.cache, index, None)
+
+    def _draw(self, ending: list[int], logits: Tensor) -> list[Exit]:
+        """(e) the successors of the tokens whose loop ended (their slots free for the next token)."""
+        n = len(ending)
+        step = draw_step(logits, torch.tensor([self.depth[b] for b in ending], device=self.dev), None, range(n),
+                         [self.samplings[b] for b in ending], [self.generators[b] for b in ending],
+                         self.engine.config.vocab_size, [self.logprobs[b] for b in ending])
+        ids, depths, lps = step.read()
+        out = []
+        for j, b in enumerate(ending):
+            self.busy[b] = self.deciding[b] = False
+            out.append(Exit(b, ids[j], depths[j], lps[j], step.errors.get(j)))
+        return out
+
+
+def _index(picked: list[int], looping: list[int], dev, slots: bool = False) -> Tensor:
+    """The rows ``picked`` of a tick (or, with ``slots``, their slots) as an index tensor."""
+    return torch.tensor([looping[i] for i in picked] if slots else picked, dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
+             padding: str = "left", sequences: Optional[Sequence[int]] = None) -> list[Generation]:
+    """:meth:`Engine.generate`'s results, each prompt's tokens decoded in depth-level ticks (a row whose token
+    exits early draws its next token while the others still loop): the same tokens and depths as
+    :meth:`Engine.stream`."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+    engine.check_request(prompts, max_new_tokens)
+    results = [Generation() for _ in prompts]
+    if max_new_tokens == 0:
+        return results
+    start = engine.start(prompts, max_new_tokens, padding, sequences)
+    B = start.B
+    per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
+    generators = row_generators(per_row, start.sequences, engine.device)
+    batch = DepthBatch(engine, start.cache, start.seq_ids)
+    first = start.tokens[:, 0].tolist()
+    stops = set(int(t) for t in stop_ids)
+    for b in range(B):
+        if start.limits[b] > 0:
+            batch.admit(b, per_row[b], generators[b])
+            batch.enter(b, first[b], start.cols[b], start.positions[b],
+                        None if start.state is None else start.state[b:b + 1])
+    while batch.active:
+        for x in batch.tick():
+            if x.error is not None:
+                raise RuntimeError(f"row {x.slot}: sampling failed: {x.error}")
+            r = results[x.slot]
+            r.tokens.append(x.token)
+            r.depths.append(x.depth)
+            r.stopped = x.token in stops
+            if not r.stopped and len(r.tokens) < start.limits[x.slot]:
+                batch.enter(x.slot, x.token, batch.col[x.slot] + 1, batch.pos[x.slot] + 1)
+    return results
