@@ -39,6 +39,7 @@ from parcae.model.loop import pick, put
 
 from .engine import Engine, Generation, Sampling, TokenLogprobs, draw_step, row_generators
 from .cache import LoopKVCache
+from .exits import ExitRule, ScriptedDepth
 
 
 @dataclass
@@ -49,6 +50,15 @@ class Exit:
     depth: int
     logprobs: Optional[TokenLogprobs] = None
     error: Optional[str] = None   # the row's sampling failed (``token`` is meaningless)
+
+
+def supports(engine: Engine) -> bool:
+    """Whether ``engine``'s tokens can run depth-level: a looped model whose exit rule (if any) keeps per-token
+    state a new token can restart (every :class:`~parcae.inference.exits.ExitRule` and
+    :class:`~parcae.inference.exits.ScriptedDepth` do; the step-counted test rule ``ForcedDepth`` does not)."""
+    if not engine.config.looped or engine.speculate is not None:
+        return False
+    return not engine.adaptive or isinstance(engine.exit, (ExitRule, ScriptedDepth))
 
 
 class DepthBatch:
@@ -65,7 +75,7 @@ class DepthBatch:
         self.max_loops = engine.max_loops if self.adaptive else engine.loops
         self.keep_computing = self.adaptive and engine.policy.kind == "full"
         rule = engine.exit
-        if self.adaptive and not hasattr(rule.start(torch.zeros(1, 1, d, device=dev), 2), "restart"):
+        if not supports(engine):
             raise ValueError(f"exit rule {rule} keeps no per-token state that a new token can restart; it cannot "
                              "run depth-level")
         # per slot, on the host

@@ -52,6 +52,7 @@ from torch import Tensor
 from parcae.model import LoopedLM
 from parcae.model.state import positional_noise
 
+from .depth_batching import DepthBatch, supports
 from .engine import Engine, Sampling, decode_step, generator_seed
 from .options import DepthOptions
 
@@ -101,6 +102,7 @@ class _Row:
     slot: int
     fed: int = 0        # prompt tokens in the cache (all but the last go in by prefill)
     generated: int = 0
+    looping: bool = False   # a depth-level lane: the row's tokens have started entering its loop
 
     @property
     def decoding(self) -> bool:
@@ -120,6 +122,8 @@ class _Lane:
         dtype = next(engine.model.parameters()).dtype
         self.state = (torch.zeros(slots, 1, cfg.d_model, device=engine.device, dtype=dtype)
                       if engine.continuous else None)   # warm start: the previous token's final state per slot
+        # with an exit rule the lane decodes in depth-level ticks (one loop iteration per tick for every token)
+        self.depth = DepthBatch(engine, self.cache, self.sequences) if engine.adaptive and supports(engine) else None
 
     def free_slot(self) -> Optional[int]:
         return next((i for i, r in enumerate(self.rows) if r is None), None)
@@ -320,9 +324,44 @@ class Scheduler:
             if r.decoding and lane.state is not None:   # warm start of the last prompt token: the state before it
                 lane.state[r.slot] = out.state[r.slot, n - 1: n]
 
+    def _tick(self, lane: _Lane) -> None:
+        """A depth-level lane's step: the rows whose prompt is now in enter their last prompt token, then one
+        :meth:`DepthBatch.tick` (one loop iteration of every token in flight); a row whose token exited gets its
+        event and, unless it is done, its next token enters at the next tick."""
+        batch = lane.depth
+        for r in lane.live():
+            if r.decoding and not r.looping:
+                r.looping = True
+                batch.admit(r.slot, r.job.sampling, r.generator, r.job.logprobs)
+                batch.enter(r.slot, lane.token[r.slot], r.fed, r.fed,
+                            None if lane.state is None else lane.state[r.slot:r.slot + 1])
+        if not batch.active:
+            return
+        exits = batch.tick()
+        self.counts["steps"] += 1
+        for x in exits:
+            r = lane.rows[x.slot]
+            if x.error is not None:
+                self._leave(lane, r, TokenEvent(None, finish="error", error=x.error), "failed")
+                continue
+            r.generated += 1
+            event = TokenEvent(x.token, x.depth)
+            if x.logprobs is not None:
+                event.logprob, event.top = x.logprobs.chosen, x.logprobs.top
+            if x.token in self.stop_ids or r.generated >= r.job.max_new_tokens:
+                event.finish = "stop" if x.token in self.stop_ids else "length"
+                self._leave(lane, r, event, "finished")
+            else:
+                col = r.fed + r.generated
+                batch.enter(r.slot, x.token, col, col)
+                self._send(r, event)
+
     def _decode(self, lane: _Lane) -> None:
         """One token for every row whose prompt is in (:func:`~parcae.inference.engine.decode_step`, the step
         :meth:`Engine.stream` runs); a row whose sampling fails ends with an error, the others go on."""
+        if lane.depth is not None:
+            self._tick(lane)
+            return
         rows = [r for r in lane.live() if r.decoding]
         if not rows:
             return
@@ -365,6 +404,8 @@ class Scheduler:
     def _leave(self, lane: _Lane, row: _Row, event: TokenEvent, count: str) -> None:
         lane.rows[row.slot] = None
         lane.cache.release(row.slot)
+        if lane.depth is not None:
+            lane.depth.release(row.slot)
         self._end(row, event, count)
 
     def _end(self, row: _Row, event: TokenEvent, count: str) -> None:
