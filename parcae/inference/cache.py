@@ -265,7 +265,6 @@ class _RowsView(_View):
             return st.k[self.slots, rows_all, :, :L], st.v[self.slots, rows_all, :, :L], mask
         # row b's token that ran n iterations is read from slot min(slot_b, n − 1)
         computed = c.computed[rows_all, :L]
-        pick = torch.minimum((computed - 1).clamp(min=0), self.slots[:, None])[None, :, None, :, None]
-        keys, values = st.k[: self.top + 1, rows_all, :, :L], st.v[: self.top + 1, rows_all, :, :L]
-        index = pick.expand(1, *keys.shape[1:])
-        return keys.gather(0, index)[0], values.gather(0, index)[0], mask
+        pick = torch.minimum((computed - 1).clamp(min=0), self.slots[:, None])               # [b, L]
+        key_cols = torch.arange(L, device=pick.device)[None]
+        return (st.k[pick, r, :, key_cols].transpose(1, 2), st.v[pick, r, :, key_cols].transpose(1, 2), mask)

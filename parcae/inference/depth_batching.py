@@ -64,13 +64,20 @@ def supports(engine: Engine) -> bool:
 class DepthBatch:
     """The slots of one engine (one set of depth options) and cache, stepped one loop iteration per tick."""
 
-    def __init__(self, engine: Engine, cache: LoopKVCache, sequences: Tensor) -> None:
+    def __init__(self, engine: Engine, cache: LoopKVCache, sequences: Tensor, gather: int = 1) -> None:
+        """``gather``: the tokens whose loop is over wait (computing nothing) until ``gather`` of them are
+        waiting or no token loops any more, then are read out and draw their successors together: 1 reads each
+        out at its exit (the most throughput where a token's work dominates); more saves the read-out's and the
+        prelude's per-call cost where calls, not tokens, dominate (small models). The numbers are the same."""
         if not engine.config.looped:
             raise ValueError(f"depth-level batching needs a looped model; {engine.config.name} has no loop")
         self.engine, self.model, self.cache, self.sequences = engine, engine.model, cache, sequences
         B, d, dev = cache.B, engine.config.d_model, engine.device
         dtype = next(self.model.parameters()).dtype
         self.B, self.dev = B, dev
+        if isinstance(gather, bool) or not isinstance(gather, int) or gather < 1:
+            raise ValueError(f"gather must be an integer >= 1, got {gather!r}")
+        self.gather = gather
         self.adaptive = engine.adaptive
         self.max_loops = engine.max_loops if self.adaptive else engine.loops
         self.keep_computing = self.adaptive and engine.policy.kind == "full"
@@ -83,6 +90,8 @@ class DepthBatch:
         self.busy = [False] * B         # a token in flight
         self.deciding = [False] * B     # its output not fixed yet
         self.depth = [0] * B            # its output's depth (once fixed)
+        self.waiting = [False] * B      # its loop is over: read-out and successor pending (see ``gather``)
+        self.read = [False] * B         # its logits are in out_logits already (an output-based rule's check)
         self.col, self.pos = [0] * B, [0] * B
         self.pending: dict[int, tuple[int, int, int, Optional[Tensor]]] = {}   # slot -> (token, col, pos, state)
         self.samplings: list[Sampling] = [Sampling()] * B
@@ -107,18 +116,18 @@ class DepthBatch:
     def enter(self, slot: int, token: int, col: int, position: int, state: Optional[Tensor] = None) -> None:
         """``token`` (at cache column ``col``, sequence position ``position``) enters the loop at the next tick.
         ``state`` [1, 1, d]: its warm start (``continuous``); default the slot's previous token's exit state."""
-        if self.busy[slot] or slot in self.pending:
+        if self.busy[slot] or self.waiting[slot] or slot in self.pending:
             raise ValueError(f"slot {slot} already has a token in flight")
         self.pending[slot] = (int(token), int(col), int(position), state)
 
     def release(self, slot: int) -> None:
         """Drop the slot's token in flight, if any (a cancelled request); the caller releases its cache row."""
         self.pending.pop(slot, None)
-        self.busy[slot] = self.deciding[slot] = False
+        self.busy[slot] = self.deciding[slot] = self.waiting[slot] = self.read[slot] = False
 
     @property
     def active(self) -> bool:
-        return bool(self.pending) or any(self.busy)
+        return bool(self.pending) or any(self.busy) or any(self.waiting)
 
     # -- one tick --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -126,8 +135,9 @@ class DepthBatch:
         """One loop iteration for every token in flight (module docstring); the tokens whose loop ended."""
         entering = sorted(self.pending)
         looping = [b for b in range(self.B) if self.busy[b] or b in self.pending]
-        if not looping:
-            return []
+        if not looping:   # (only after a release) tokens left waiting: read them out
+            waiting = [b for b in range(self.B) if self.waiting[b]]
+            return self._draw(waiting, self._outputs(waiting, {}, None, None, {})) if waiting else []
         self.ticks += 1
         dev, model, cache = self.dev, self.model, self.cache
         for b in entering:
@@ -150,39 +160,25 @@ class DepthBatch:
         for b in looping:
             self.iteration[b] += 1
         self.engine.count(n, 0)
-        # (c, d) exit checks and read-outs
-        outputs: dict[int, int] = {}   # slot -> row of `logits` holding its output
-        logits: Optional[Tensor] = None
+        # (c) exit checks (and an output-based rule's read-outs); a token whose loop is over waits for (d, e)
         if self.adaptive:
-            logits, outputs = self._check(looping, h_in, h_out, rope, ve)
+            self._check(looping, h_in, h_out, rope, ve)
         else:
-            done = [i for i, b in enumerate(looping) if self.iteration[b] >= self.max_loops]
-            for i in done:
-                self.depth[looping[i]] = self.max_loops
+            for b in looping:
+                if self.iteration[b] >= self.max_loops:
+                    self.deciding[b], self.depth[b] = False, self.max_loops
+            done = [i for i, b in enumerate(looping) if not self.deciding[b]]
             if done:
-                logits = self._read_out(done, h_out, rope, ve)
-                outputs = {looping[i]: j for j, i in enumerate(done)}
-                self.out_state = put(self.out_state, _index(done, looping, dev, slots=True), pick(h_out, _index(done, looping, dev)))
-        # (e) the tokens whose loop ended draw their successors
-        if self.keep_computing:
-            if outputs:  # keep the exit's logits until the token has run every iteration
-                if self.out_logits is None:
-                    self.out_logits = torch.zeros(self.B, *logits.shape[1:], device=logits.device)
-                slots = list(outputs)
-                self.out_logits = self.out_logits.index_copy(
-                    0, torch.tensor(slots, device=dev), logits.index_select(0, torch.tensor(list(outputs.values()),
-                                                                                            device=dev)))
-            ending = [b for b in looping if self.iteration[b] >= self.max_loops]
-            if not ending:
-                return []
-            final = self.out_logits.index_select(0, torch.tensor(ending, device=dev))
-        else:
-            ending = list(outputs)
-            if not ending:
-                return []
-            final = logits.index_select(0, torch.tensor([outputs[b] for b in ending], device=dev)) \
-                if len(ending) != logits.shape[0] else logits
-        return self._draw(ending, final[:, -1])
+                self.out_state.index_copy_(0, _index(done, looping, dev, slots=True),
+                                           h_out.index_select(0, _index(done, looping, dev)))
+        for b in looping:
+            if not self.deciding[b] and (not self.keep_computing or self.iteration[b] >= self.max_loops):
+                self.busy[b], self.waiting[b] = False, True
+        # (d, e) read-out of the waiting tokens and their successors, once `gather` wait or nobody else loops
+        waiting = [b for b in range(self.B) if self.waiting[b]]
+        if not waiting or (len(waiting) < self.gather and any(self.busy)):
+            return []
+        return self._draw(waiting, self._outputs(waiting, where, h_out, rope, ve))
 
     def _enter(self, entering: list[int], where: dict[int, int]) -> None:
         """(a) the prelude of the entering tokens, their h₀ and drive B̄e into their slots."""
@@ -212,19 +208,21 @@ class DepthBatch:
             self.iteration[b], self.busy[b], self.deciding[b] = 0, True, True
         self.pending.clear()
 
-    def _check(self, looping: list[int], h_in: Tensor, h_out: Tensor, rope: Tensor, ve: dict[int, Tensor]
-               ) -> tuple[Optional[Tensor], dict[int, int]]:
-        """(c) the exit rule for the deciding tokens at a checked iteration; (d) their read-out: the checked tokens'
-        for an output-based rule, else the exiting ones'. Returns the logits and {slot: its row there} of the
-        tokens whose output was fixed now."""
+    def _check(self, looping: list[int], h_in: Tensor, h_out: Tensor, rope: Tensor, ve: dict[int, Tensor]) -> None:
+        """(c) the exit rule for the deciding tokens at a checked iteration (an output-based rule reads them out
+        first, and keeps the logits of the ones that exit); the exiting ones' depth and state are recorded."""
         e, dev = self.engine, self.dev
         checked = [i for i, b in enumerate(looping) if self.deciding[b] and self._is_check(self.iteration[b])]
         if not checked:
-            return None, {}
+            return
         C = _index(checked, looping, dev)
         slots = _index(checked, looping, dev, slots=True)
         h = h_out.index_select(0, C)
-        logits = self._read_out(checked, h_out, rope, ve) if e.exit.needs_logits else None
+        logits = None
+        if e.exit.needs_logits:
+            logits = self.model.read_out(h, rope.index_select(0, C), {i: v.index_select(0, C) for i, v in ve.items()},
+                                         self.cache, C, None)
+            e.count(0, len(checked))
         h_before = None
         if e.exit_every == 1:   # the previous check was the previous iteration (the first check's: h₀)
             h_before = h_in.index_select(0, C)
@@ -235,47 +233,64 @@ class DepthBatch:
         converged, _ = self.tracker.update(h, logits, slots, h_before)
         last = torch.tensor([self.iteration[looping[i]] >= self.max_loops for i in checked], device=dev)
         stop = (converged[:, 0] | last).tolist()   # the tick's device read: which tokens exit
-        exiting = [i for i, s in zip(checked, stop) if s]
-        if not exiting:
-            return None, {}
-        for i in exiting:
-            b = looping[i]
+        keep = [j for j, s in enumerate(stop) if s]
+        if not keep:
+            return
+        for j in keep:
+            b = looping[checked[j]]
             self.deciding[b], self.depth[b] = False, self.iteration[b]
-        X = _index(exiting, looping, dev)
-        self.out_state = put(self.out_state, _index(exiting, looping, dev, slots=True), h_out.index_select(0, X))
+        K = torch.tensor(keep, dtype=torch.long, device=dev)
+        exit_slots = slots.index_select(0, K)
+        self.out_state.index_copy_(0, exit_slots, h.index_select(0, K))
         if logits is not None:
-            e.count(0, len(checked))
-            keep = [j for j, s in enumerate(stop) if s]
-            if len(keep) != len(checked):
-                logits = logits.index_select(0, torch.tensor(keep, device=dev))
-        else:
-            logits = self._read_out(exiting, h_out, rope, ve)
-        return logits, {looping[i]: j for j, i in enumerate(exiting)}
+            if self.out_logits is None:
+                self.out_logits = torch.zeros(self.B, *logits.shape[1:], device=logits.device)
+            self.out_logits.index_copy_(0, exit_slots, logits.index_select(0, K))
+            for j in keep:
+                self.read[looping[checked[j]]] = True
 
     def _is_check(self, n: int) -> bool:
         e = self.engine
         return n >= self.max_loops or (n >= e.min_loops and (n - e.min_loops) % e.exit_every == 0)
 
-    def _read_out(self, picked: list[int], h_out: Tensor, rope: Tensor, ve: dict[int, Tensor]) -> Tensor:
-        """logits [len(picked), 1, V'] of the tick's rows ``picked`` (their coda keys/values stored)."""
-        index = None if len(picked) == h_out.shape[0] else torch.tensor(picked, dtype=torch.long, device=self.dev)
-        if not self.adaptive:
-            self.engine.count(0, len(picked))
-        elif not self.engine.exit.needs_logits:
-            self.engine.count(0, len(picked))
-        return self.model.read_out(pick(h_out, index), pick(rope, index),
-                                   {i: pick(v, index) for i, v in ve.items()}, self.cache, index, None)
+    def _outputs(self, waiting: list[int], where: dict[int, int], h_out: Tensor, rope: Tensor,
+                 ve: dict[int, Tensor]) -> Tensor:
+        """(d) logits [len(waiting), 1, V'] of the waiting tokens: C, coda and head on their exit states (storing
+        the coda's keys/values), or the logits an output-based rule already read out."""
+        dev = self.dev
+        unread = [b for b in waiting if not self.read[b]]
+        if unread:
+            self.engine.count(0, len(unread))
+            U = torch.tensor(unread, dtype=torch.long, device=dev)
+            state = self.out_state.index_select(0, U)
+            if all(b in where for b in unread):   # rows of this tick: its RoPE, value embeddings and cache step
+                index = None if len(unread) == len(where) else \
+                    torch.tensor([where[b] for b in unread], dtype=torch.long, device=dev)
+                logits = self.model.read_out(state, pick(rope, index), {i: pick(v, index) for i, v in ve.items()},
+                                             self.cache, index, None)
+            else:   # some left the loop at an earlier tick: a cache step of their own
+                cols = torch.tensor([self.col[b] for b in unread], dtype=torch.long, device=dev)[:, None]
+                self.cache.begin(cols, torch.ones_like(cols, dtype=torch.bool), U, max(self.col[b] for b in unread))
+                logits = self.model.read_out(state, self.rope.index_select(0, U),
+                                             {i: v.index_select(0, U) for i, v in self.value_embeddings.items()},
+                                             self.cache, None, None)
+            if len(unread) == len(waiting):
+                return logits
+            if self.out_logits is None:
+                self.out_logits = torch.zeros(self.B, *logits.shape[1:], device=logits.device)
+            self.out_logits.index_copy_(0, torch.tensor(unread, dtype=torch.long, device=dev), logits)
+        return self.out_logits.index_select(0, torch.tensor(waiting, dtype=torch.long, device=dev))
 
     def _draw(self, ending: list[int], logits: Tensor) -> list[Exit]:
         """(e) the successors of the tokens whose loop ended (their slots free for the next token)."""
         n = len(ending)
-        step = draw_step(logits, torch.tensor([self.depth[b] for b in ending], device=self.dev), None, range(n),
-                         [self.samplings[b] for b in ending], [self.generators[b] for b in ending],
+        step = draw_step(logits[:, -1], torch.tensor([self.depth[b] for b in ending], device=self.dev), None,
+                         range(n), [self.samplings[b] for b in ending], [self.generators[b] for b in ending],
                          self.engine.config.vocab_size, [self.logprobs[b] for b in ending])
         ids, depths, lps = step.read()
         out = []
         for j, b in enumerate(ending):
-            self.busy[b] = self.deciding[b] = False
+            self.busy[b] = self.deciding[b] = self.waiting[b] = self.read[b] = False
             out.append(Exit(b, ids[j], depths[j], lps[j], step.errors.get(j)))
         return out
 
@@ -288,10 +303,10 @@ def _index(picked: list[int], looping: list[int], dev, slots: bool = False) -> T
 @torch.no_grad()
 def generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
-             padding: str = "left", sequences: Optional[Sequence[int]] = None) -> list[Generation]:
+             padding: str = "left", sequences: Optional[Sequence[int]] = None, gather: int = 1) -> list[Generation]:
     """:meth:`Engine.generate`'s results, each prompt's tokens decoded in depth-level ticks (a row whose token
-    exits early draws its next token while the others still loop): the same tokens and depths as
-    :meth:`Engine.stream`."""
+    exits early draws its next token while the others still loop; ``gather``: see :class:`DepthBatch`): the same
+    tokens and depths as :meth:`Engine.stream`."""
     if padding not in ("left", "right"):
         raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
     engine.check_request(prompts, max_new_tokens)
@@ -302,7 +317,7 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: i
     B = start.B
     per_row = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * B
     generators = row_generators(per_row, start.sequences, engine.device)
-    batch = DepthBatch(engine, start.cache, start.seq_ids)
+    batch = DepthBatch(engine, start.cache, start.seq_ids, gather)
     first = start.tokens[:, 0].tolist()
     stops = set(int(t) for t in stop_ids)
     for b in range(B):

@@ -170,3 +170,39 @@ def test_a_rule_without_per_token_restart_is_refused_and_generate_falls_back(mod
     with pytest.raises(ValueError, match="cannot run depth-level"):
         DepthBatch(engine, engine.new_cache(2, 16), torch.zeros(2, dtype=torch.long))
     assert [g.depths for g in engine.generate(PROMPTS[:2], 2)] == [[1, 1], [2, 2]]   # token-level steps
+
+
+@pytest.mark.parametrize("policy", ["full", "latest"])
+def test_gathered_read_outs_change_nothing(model, policy):
+    """Exited tokens that wait for `gather` others before their read-out (and their successors) get the same
+    tokens and depths as the request alone."""
+    engine = Engine(model, exit=ScriptedDepth.spread(T, needs_logits=policy == "full"), max_loops=T, kv_policy=policy)
+    sampling = Sampling(temperature=1.0, seed=1)
+    got = generate(engine, PROMPTS, 6, sampling, gather=3)
+    for prompt, g in zip(PROMPTS, got):
+        tokens, depths, _ = alone(engine, prompt, 6, sampling)
+        assert (g.tokens, g.depths) == (tokens, depths)
+
+
+def test_scheduler_gather_and_cancel_mid_loop(model):
+    """depth_gather=3 in the scheduler, one request cancelled while the others loop: the rest equal alone; 0
+    decodes the lane in token-level steps (no depth-level batch)."""
+    depth = DepthOptions(exit=ScriptedDepth.spread(T), max_loops=T)
+    scheduler = Scheduler(model, max_rows=4, depth_gather=3)
+    jobs = [Job(p, max_new_tokens=6, depth=depth) for p in PROMPTS]
+    events = [[] for _ in jobs]
+    tickets = [scheduler.submit(j, events[i].append) for i, j in enumerate(jobs)]
+    for _ in range(7):
+        scheduler.step()
+    scheduler.cancel(tickets[1])
+    run(scheduler, events)
+    assert events[1][-1].finish == "cancelled"
+    for i in (0, 2, 3):
+        tokens, depths, _ = alone(Engine.from_options(model, jobs[i].depth), jobs[i].prompt, 6)
+        assert [e.token for e in events[i]] == tokens and [e.depth for e in events[i]] == depths
+    token_level = Scheduler(model, max_rows=2, depth_gather=0)
+    token_level.submit(jobs[0], lambda ev: None)
+    token_level.step()
+    assert next(iter(token_level._lanes.values())).depth is None
+    with pytest.raises(ValueError, match="depth_gather"):
+        Scheduler(model, depth_gather=-1)
