@@ -12,6 +12,7 @@ fp32 on the CPU (``--threads``). Forced depths: :meth:`parcae.inference.exits.Sc
 * ``token-level``      :meth:`Engine.stream` with the same depths (each step runs to its deepest row)
 * ``fixed-8 token``    :meth:`Engine.stream` at fixed depth 8 (the server's fixed-depth lanes)
 * ``fixed-8 depth``    depth-level ticks at fixed depth 8 (the overhead of ticks where nobody exits early)
+* ``depth-level gather G``  the same, exited tokens read out G at a time (``--gather``; fewer, larger calls)
 * ``fixed-4 token``    to measure the per-token costs (below)
 * each ``--rules`` rule (a trained checkpoint's real exit rules), depth-level and token-level
 
@@ -66,8 +67,8 @@ def token_level(engine, prompts, n, sequences):
     return tokens, depths
 
 
-def depth_level(engine, prompts, n, sequences):
-    out = depth_generate(engine, prompts, n, sequences=sequences)
+def depth_level(engine, prompts, n, sequences, gather=1):
+    out = depth_generate(engine, prompts, n, sequences=sequences, gather=gather)
     return [g.tokens for g in out], [g.depths for g in out]
 
 
@@ -79,6 +80,8 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--max_loops", type=int, default=8)
     p.add_argument("--rules", nargs="*", default=[], help="real exit rules to run too (trained checkpoints)")
+    p.add_argument("--gather", type=int, nargs="*", default=[4],
+                   help="also depth-level with exited tokens read out this many at a time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "depth_batching.json"))
@@ -91,6 +94,8 @@ def main() -> None:
     forced = ScriptedDepth.spread(T)
     settings = {
         "depth-level": (lambda: Engine(model, exit=forced, max_loops=T), depth_level),
+        **{f"depth-level gather {g}": (lambda: Engine(model, exit=forced, max_loops=T),
+                                       lambda e, p, n, q, g=g: depth_level(e, p, n, q, g)) for g in args.gather},
         "token-level": (lambda: Engine(model, exit=forced, max_loops=T), token_level),
         f"fixed-{T} token": (lambda: Engine(model, loops=T), token_level),
         f"fixed-{T} depth": (lambda: Engine(model, loops=T), depth_level),

@@ -189,7 +189,7 @@ def test_scheduler_gather_and_cancel_mid_loop(model):
     decodes the lane in token-level steps (no depth-level batch)."""
     depth = DepthOptions(exit=ScriptedDepth.spread(T), max_loops=T)
     scheduler = Scheduler(model, max_rows=4, depth_gather=3)
-    jobs = [Job(p, max_new_tokens=6, depth=depth) for p in PROMPTS]
+    jobs = [Job(p, max_new_tokens=6, depth=depth, logprobs=0) for p in PROMPTS]
     events = [[] for _ in jobs]
     tickets = [scheduler.submit(j, events[i].append) for i, j in enumerate(jobs)]
     for _ in range(7):
@@ -198,8 +198,9 @@ def test_scheduler_gather_and_cancel_mid_loop(model):
     run(scheduler, events)
     assert events[1][-1].finish == "cancelled"
     for i in (0, 2, 3):
-        tokens, depths, _ = alone(Engine.from_options(model, jobs[i].depth), jobs[i].prompt, 6)
+        tokens, depths, logprobs = alone(Engine.from_options(model, jobs[i].depth), jobs[i].prompt, 6)
         assert [e.token for e in events[i]] == tokens and [e.depth for e in events[i]] == depths
+        assert [e.logprob for e in events[i]] == pytest.approx(logprobs, abs=1e-5)
     token_level = Scheduler(model, max_rows=2, depth_gather=0)
     token_level.submit(jobs[0], lambda ev: None)
     token_level.step()
