@@ -156,10 +156,13 @@ class DepthBatch:
         ve = {i: pick(v, rows) for i, v in self.value_embeddings.items()}
         caches = [cache.loop_rows(r, iterations, None, None, top=max(its)) for r in range(len(model.recurrent))]
         h_out = model.recurrent_step(h_in, drive, rope, ve, caches)
-        self.h = put(self.h, rows, h_out)
+        if rows is None:
+            self.h = h_out
+        else:
+            self.h.index_copy_(0, rows, h_out)
         for b in looping:
             self.iteration[b] += 1
-        self.engine.count(n, 0)
+        self.engine.count(n)
         # (c) exit checks (and an output-based rule's read-outs); a token whose loop is over waits for (d, e)
         if self.adaptive:
             self._check(looping, h_in, h_out, rope, ve)
@@ -199,9 +202,12 @@ class DepthBatch:
             self.rope = torch.zeros(self.B, *rope.shape[1:], device=dev, dtype=rope.dtype)
             self.value_embeddings = {i: torch.zeros(self.B, *v.shape[1:], device=dev, dtype=v.dtype)
                                      for i, v in ve.items()}
-        self.h, self.h0 = self.h.index_copy(0, E, h0), self.h0.index_copy(0, E, h0)
-        self.drive, self.rope = self.drive.index_copy(0, E, drive), self.rope.index_copy(0, E, rope)
-        self.value_embeddings = {i: v.index_copy(0, E, ve[i]) for i, v in self.value_embeddings.items()}
+        self.h.index_copy_(0, E, h0)
+        self.h0.index_copy_(0, E, h0)
+        self.drive.index_copy_(0, E, drive)
+        self.rope.index_copy_(0, E, rope)
+        for i, v in self.value_embeddings.items():
+            v.index_copy_(0, E, ve[i])
         if self.tracker is not None:
             self.tracker.restart(E, h0)
         for b in entering:

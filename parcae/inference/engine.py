@@ -231,10 +231,12 @@ class Engine:
         """The engine for ``model`` at the depth ``options`` (resolved here if they are not yet)."""
         return cls(model, seed=seed, speculate=speculate, **options.as_kwargs())
 
-    def count(self, iterations: Tensor | int, readouts: Tensor | int) -> None:
+    def count(self, iterations: int = 0, readouts: int = 0) -> None:
         """Add (token, iteration) pairs and read-outs computed outside :meth:`forward` (depth-level batching)."""
-        self._iterations += iterations
-        self._readouts += readouts
+        if iterations:
+            self._iterations += iterations
+        if readouts:
+            self._readouts += readouts
 
     @property
     def iterations_run(self) -> int:

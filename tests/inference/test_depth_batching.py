@@ -150,6 +150,7 @@ def test_tokens_at_different_iterations_share_one_call(model):
     depth, not the sum of every step's deepest token (what token-level steps run)."""
     engine = Engine(model, exit=ScriptedDepth.spread(T), max_loops=T)
     start = engine.start(PROMPTS, 8)
+    before = engine.iterations_run
     batch = DepthBatch(engine, start.cache, start.seq_ids)
     generators = row_generators([Sampling()] * 4, start.sequences, engine.device)
     depths = [[] for _ in PROMPTS]
@@ -163,6 +164,7 @@ def test_tokens_at_different_iterations_share_one_call(model):
                 batch.enter(x.slot, x.token, batch.col[x.slot] + 1, batch.pos[x.slot] + 1)
     token_level = sum(max(d[i] for d in depths) for i in range(8))
     assert batch.ticks == max(sum(d) for d in depths) < token_level
+    assert engine.iterations_run - before == sum(map(sum, depths))   # under latest a token computes its depth
 
 
 def test_a_rule_without_per_token_restart_is_refused_and_generate_falls_back(model):
