@@ -2,6 +2,8 @@
 
     python benchmarks/depth_batching.py                                   # parcae-140m shape (random weights)
     python benchmarks/depth_batching.py --device cuda --new_tokens 64     # the same on a GPU
+    python benchmarks/depth_batching.py --scheduler --ckpt_path $CK --rules latent-diff --threads 1 --new_tokens 32
+        # the server's scheduler in-process (no HTTP): fixed vs depth-level vs token-level lanes, interleaved
     python benchmarks/depth_batching.py --ckpt_path /tmp/democlone/checkpoints/mini_demo/last.ckpt --rules latent-diff
 
 16 concurrent requests (``--requests``), each the one-token prompt [BOS] with its own sequence id (so its initial
@@ -73,6 +75,55 @@ def depth_level(engine, prompts, n, sequences, gather=1):
     return [g.tokens for g in out], [g.depths for g in out]
 
 
+def scheduler_run(model, depth, gather: int, prompts, n: int) -> tuple[float, list]:
+    """Seconds for the server's scheduler (no HTTP) to answer every prompt (``n`` greedy tokens each, all
+    submitted at once, as many rows as prompts), and the answers."""
+    from parcae.inference.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(model, max_rows=len(prompts), depth_gather=gather)
+    events = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        scheduler.submit(Job(prompt, n, depth=depth), events[i].append)
+    while not all(ev and ev[-1].finish for ev in events):
+        scheduler.step()
+    return time.perf_counter() - t0, [[(e.token, e.depth) for e in ev] for ev in events]
+
+
+def scheduler_main(args, model, name) -> dict:
+    """--scheduler: the server's scheduler in-process, settings interleaved (the load of a shared machine moves
+    between runs): fixed depth, and each rule depth-level (gather 1 and each --gather) and token-level."""
+    from parcae.inference.options import DepthOptions
+
+    T, N, V = args.max_loops, args.new_tokens, model.config.vocab_size
+    # the scheduler runs every row as sequence 0: prompts of different lengths put their tokens at different
+    # positions, so their initial states, and the forced depths, differ
+    prompts = [[0, *[(7 * i + j) % (V - 1) + 1 for j in range(i)]] for i in range(args.requests)]
+    settings = {f"fixed-{T}": (DepthOptions(loops=T), 0)}
+    for rule in ["forced", *args.rules]:
+        exit = ScriptedDepth.spread(T) if rule == "forced" else rule
+        for g in [1, *args.gather, 0]:
+            label = f"{rule} " + ("token-level" if g == 0 else f"depth-level gather {g}")
+            settings[label] = (DepthOptions(exit=exit, max_loops=T), g)
+    times = {k: [] for k in settings}
+    answers = {}
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):   # the first round warms up and is not timed
+            for key, (depth, g) in settings.items():
+                seconds, answers[key] = scheduler_run(model, depth, g, prompts, N)
+                if repeat:
+                    times[key].append(seconds)
+    total = args.requests * N
+    tps = {k: round(total / statistics.median(v), 1) for k, v in times.items()}
+    fixed = tps[f"fixed-{T}"]
+    return {"model": name, "mode": "scheduler", "tokens_per_s": tps,
+            "over_fixed": {k: round(v / fixed, 3) for k, v in tps.items()},
+            "mean_depth": {k: round(statistics.mean(d for row in a for _, d in row), 3) for k, a in answers.items()},
+            "same_answers_depth_and_token_level": {
+                rule: len({str(a) for k, a in answers.items() if k.startswith(rule + " ")}) == 1
+                for rule in ["forced", *args.rules]}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="parcae-140m")
@@ -87,10 +138,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (the GPU check runs it there)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "depth_batching.json"))
+    p.add_argument("--scheduler", action="store_true",
+                   help="measure the server's scheduler in-process instead (fixed, depth-level, token-level lanes)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, name = build_model(args)
     model = model.to(args.device)
+    if args.scheduler:
+        result = {**scheduler_main(args, model, name),
+                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                             f"load {os.getloadavg()[0]:.1f}", "threads": args.threads, "device": args.device,
+                  "requests": args.requests, "new_tokens": args.new_tokens, "max_loops": args.max_loops}
+        print(json.dumps(result, indent=1))
+        _append(Path(args.output), result)
+        return
     V, T, N = model.config.vocab_size, args.max_loops, args.new_tokens
     prompts = [[0]] * args.requests   # no prefill to time: each request's own sequence id makes it differ
     sequences = list(range(args.requests))
@@ -145,7 +207,10 @@ def main() -> None:
            for rule in args.rules},
     }
     print(json.dumps(result, indent=1))
-    out = Path(args.output)
+    _append(Path(args.output), result)
+
+
+def _append(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else []
     out.write_text(json.dumps([*previous, result], indent=1) + "\n")

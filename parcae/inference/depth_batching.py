@@ -61,6 +61,15 @@ def supports(engine: Engine) -> bool:
     return not engine.adaptive or isinstance(engine.exit, (ExitRule, ScriptedDepth))
 
 
+def default_gather(engine: Engine) -> int:
+    """The ``gather`` a caller that names none gets: 1 (depth-level ticks) on an accelerator, where a call costs
+    about the same for a few rows as for many so a step that waits for its deepest row wastes it; 0 (token-level
+    steps) on the CPU, where depth-level ticks measured slower — a CPU step already computes only the rows still
+    looping, and each tick pays the prelude's, the coda's and the head's calls for a few tokens
+    (benchmarks/depth_batching.py, docs/benchmarks.md)."""
+    return 0 if engine.device.type == "cpu" else 1
+
+
 class DepthBatch:
     """The slots of one engine (one set of depth options) and cache, stepped one loop iteration per tick."""
 

@@ -421,12 +421,15 @@ class Engine:
                  sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
                  padding: str = "left", sequences: Optional[Sequence[int]] = None) -> list[Generation]:
         """:meth:`stream`'s tokens gathered per row (with speculation, each row's :class:`SpeculationStats`). With
-        an exit rule and several prompts the rows decode in depth-level ticks (:mod:`parcae.inference.depth_batching`:
-        a row whose token exits early goes on to its next token while the others still loop), the same tokens."""
+        an exit rule and several prompts on an accelerator the rows decode in depth-level ticks
+        (:mod:`parcae.inference.depth_batching`: a row whose token exits early goes on to its next token while the
+        others still loop; :func:`~parcae.inference.depth_batching.default_gather` says where), the same tokens."""
         if self.adaptive and len(prompts) > 1:
             from . import depth_batching  # (it builds on this module)
-            if depth_batching.supports(self):
-                return depth_batching.generate(self, prompts, max_new_tokens, sampling, stop_ids, padding, sequences)
+            gather = depth_batching.default_gather(self)
+            if gather and depth_batching.supports(self):
+                return depth_batching.generate(self, prompts, max_new_tokens, sampling, stop_ids, padding, sequences,
+                                               gather)
         results = [Generation(speculation=SpeculationStats() if self.speculate else None) for _ in prompts]
         for event in self.stream(prompts, max_new_tokens, sampling, stop_ids, padding, sequences):
             for b, r in enumerate(results):

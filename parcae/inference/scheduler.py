@@ -24,10 +24,10 @@ share a forward; a step runs one forward per lane that has work. Every step:
 4. runs one decode step for every row whose prompt is in — :func:`~parcae.inference.engine.decode_step`, the same
    step :meth:`Engine.stream` runs — at the row's own column and position (idle slots cost nothing), the next
    token drawn with the row's own sampling settings and generator; a row that hit a stop id or its token limit
-   leaves at once, freeing its slot for the next request. A lane with an exit rule instead runs one depth-level
-   tick (:class:`~parcae.inference.depth_batching.DepthBatch`): one loop iteration for every token in flight,
-   each at its own iteration, so a row whose token exits early goes on to its next token while the others still
-   loop (``depth_gather=0``: decode steps like the fixed-depth lanes).
+   leaves at once, freeing its slot for the next request. A lane with an exit rule on an accelerator (or with
+   ``depth_gather`` >= 1) instead runs one depth-level tick (:class:`~parcae.inference.depth_batching.DepthBatch`):
+   one loop iteration for every token in flight, each at its own iteration, so a row whose token exits early goes
+   on to its next token while the others still loop.
 
 The queue holds at most ``max_queue`` requests (default 4 x ``max_rows``); :meth:`Scheduler.submit` raises
 :class:`Overloaded` beyond that (the server answers 429).
@@ -55,7 +55,7 @@ from torch import Tensor
 from parcae.model import LoopedLM
 from parcae.model.state import positional_noise
 
-from .depth_batching import DepthBatch, supports
+from .depth_batching import DepthBatch, default_gather, supports
 from .engine import Engine, Sampling, decode_step, generator_seed
 from .options import DepthOptions
 
@@ -115,7 +115,7 @@ class _Row:
 class _Lane:
     """One engine (one set of depth options) and its KV cache of fixed slots."""
 
-    def __init__(self, engine: Engine, slots: int, capacity: int, depth_gather: int = 1) -> None:
+    def __init__(self, engine: Engine, slots: int, capacity: int, depth_gather: Optional[int] = None) -> None:
         self.engine, self.capacity = engine, capacity
         self.sequences = torch.zeros(slots, dtype=torch.long, device=engine.device)  # every slot is sequence 0
         self.cache = engine.new_cache(slots, capacity)
@@ -126,8 +126,9 @@ class _Lane:
         self.state = (torch.zeros(slots, 1, cfg.d_model, device=engine.device, dtype=dtype)
                       if engine.continuous else None)   # warm start: the previous token's final state per slot
         # with an exit rule the lane decodes in depth-level ticks (one loop iteration per tick for every token)
-        self.depth = DepthBatch(engine, self.cache, self.sequences, depth_gather) \
-            if depth_gather and engine.adaptive and supports(engine) else None
+        gather = default_gather(engine) if depth_gather is None else depth_gather
+        self.depth = DepthBatch(engine, self.cache, self.sequences, gather) \
+            if gather and engine.adaptive and supports(engine) else None
 
     def free_slot(self) -> Optional[int]:
         return next((i for i, r in enumerate(self.rows) if r is None), None)
@@ -139,19 +140,21 @@ class _Lane:
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
                  prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None,
-                 depth_gather: int = 1) -> None:
+                 depth_gather: Optional[int] = None) -> None:
         """``max_rows`` rows decode at once over all lanes; at most ``max_lanes`` lanes (distinct depth options)
         exist at once, each holding ``max_rows`` full-context KV caches; at most ``max_queue`` (default
-        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. Lanes with an exit rule
-        decode in depth-level ticks (:mod:`parcae.inference.depth_batching`), their exited tokens read out
-        ``depth_gather`` at a time (:class:`~parcae.inference.depth_batching.DepthBatch`'s ``gather``); 0: in
-        token-level steps like the fixed-depth lanes (each step runs to its deepest row)."""
+        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. ``depth_gather`` N >= 1:
+        lanes with an exit rule decode in depth-level ticks (:mod:`parcae.inference.depth_batching`), their exited
+        tokens read out N at a time (:class:`~parcae.inference.depth_batching.DepthBatch`'s ``gather``); 0: in
+        token-level steps like the fixed-depth lanes (each step runs to its deepest row); None:
+        :func:`~parcae.inference.depth_batching.default_gather` (1 on an accelerator, 0 on the CPU)."""
         max_queue = 4 * max_rows if max_queue is None else max_queue
         for name, value in (("max_rows", max_rows), ("prefill_chunk", prefill_chunk), ("max_lanes", max_lanes),
                             ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(depth_gather, bool) or not isinstance(depth_gather, int) or depth_gather < 0:
+        if depth_gather is not None and (isinstance(depth_gather, bool) or not isinstance(depth_gather, int)
+                                         or depth_gather < 0):
             raise ValueError(f"depth_gather must be an integer >= 0, got {depth_gather!r}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
         self.max_lanes, self.max_queue, self.depth_gather = max_lanes, max_queue, depth_gather

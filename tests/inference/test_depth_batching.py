@@ -51,7 +51,7 @@ def test_generate_equals_each_request_alone_under_forced_mixed_depths(model, pol
         tokens, depths, _ = alone(engine, prompt, 8, sampling)
         assert (g.tokens, g.depths) == (tokens, depths)
     assert len({d for g in got for d in g.depths}) >= 4   # the depths really are mixed
-    assert engine.generate(PROMPTS, 8, sampling) == got     # Engine.generate runs depth-level with several prompts
+    assert engine.generate(PROMPTS, 8, sampling) == got     # (token-level steps on the CPU: default_gather)
 
 
 @pytest.mark.parametrize("options", [
@@ -81,7 +81,7 @@ def test_scheduler_requests_join_and_leave_mid_stream(model, policy):
     """Two slots for five requests of different lengths, submitted over time: rows leave at their own token, new
     ones take their slots while the other row is mid-loop; each equals its request alone, log-probabilities too."""
     depth = DepthOptions(exit=ScriptedDepth.spread(T), max_loops=T, kv_policy=policy)
-    scheduler = Scheduler(model, max_rows=2)
+    scheduler = Scheduler(model, max_rows=2, depth_gather=1)
     jobs = [Job(PROMPTS[i % 4], max_new_tokens=3 + 2 * i, depth=depth,
                 sampling=Sampling(temperature=0.0 if i % 2 else 0.9), seed=i, logprobs=2) for i in range(5)]
     events = [[] for _ in jobs]
@@ -91,9 +91,13 @@ def test_scheduler_requests_join_and_leave_mid_stream(model, policy):
     for i in range(1, 5):
         scheduler.submit(jobs[i], events[i].append)
         scheduler.step()
-    run(scheduler, events)
-    lane = next(iter(scheduler._lanes.values()), None)
-    assert lane is None or lane.depth is not None
+    lanes = []
+    for _ in range(2000):
+        if all(ev and ev[-1].finish for ev in events):
+            break
+        lanes += [lane for lane in scheduler._lanes.values() if lane not in lanes]
+        scheduler.step()
+    assert lanes and all(lane.depth is not None for lane in lanes)   # decoded in depth-level ticks
     for job, evs in zip(jobs, events):
         sampling = Sampling(job.sampling.temperature, seed=job.seed)
         tokens, depths, logprobs = alone(Engine.from_options(model, job.depth), job.prompt, job.max_new_tokens,
@@ -203,9 +207,10 @@ def test_scheduler_gather_and_cancel_mid_loop(model):
         tokens, depths, logprobs = alone(Engine.from_options(model, jobs[i].depth), jobs[i].prompt, 6)
         assert [e.token for e in events[i]] == tokens and [e.depth for e in events[i]] == depths
         assert [e.logprob for e in events[i]] == pytest.approx(logprobs, abs=1e-5)
-    token_level = Scheduler(model, max_rows=2, depth_gather=0)
-    token_level.submit(jobs[0], lambda ev: None)
-    token_level.step()
-    assert next(iter(token_level._lanes.values())).depth is None
+    for gather, depth_level in ((0, False), (None, False), (2, True)):   # None: default_gather, 0 on the CPU
+        other = Scheduler(model, max_rows=2, depth_gather=gather)
+        other.submit(jobs[0], lambda ev: None)
+        other.step()
+        assert (next(iter(other._lanes.values())).depth is not None) == depth_level
     with pytest.raises(ValueError, match="depth_gather"):
         Scheduler(model, depth_gather=-1)
