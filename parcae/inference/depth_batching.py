@@ -25,6 +25,11 @@ output is fixed at its exit), so its successor enters only after them: exact, an
     batch.admit(slot, sampling, generator)            # a request takes a slot (its prompt prefilled there)
     batch.enter(slot, token, col, position)           # its next input token enters at the next tick
     for exit in batch.tick(): ...                     # tokens whose loop ended this tick, their successors drawn
+
+Where it pays: a CPU step already computes only the rows still looping, and a tick pays the prelude's, the coda's
+and the head's calls for the few tokens entering and leaving, so on the CPU depth-level ticks measured slower than
+token-level steps; they pay where a call costs about the same for few rows as for many (an accelerator below
+saturation). :func:`default_gather` picks accordingly (docs/inference.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from parcae.model.loop import pick, put
+from parcae.model.loop import pick
 
 from .engine import Engine, Generation, Sampling, TokenLogprobs, draw_step, row_generators
 from .cache import LoopKVCache
@@ -76,8 +81,8 @@ class DepthBatch:
     def __init__(self, engine: Engine, cache: LoopKVCache, sequences: Tensor, gather: int = 1) -> None:
         """``gather``: the tokens whose loop is over wait (computing nothing) until ``gather`` of them are
         waiting or no token loops any more, then are read out and draw their successors together: 1 reads each
-        out at its exit (the most throughput where a token's work dominates); more saves the read-out's and the
-        prelude's per-call cost where calls, not tokens, dominate (small models). The numbers are the same."""
+        out at its exit and refills its slot at once; more makes fewer, larger read-out and prelude calls (for
+        hardware where a call's fixed cost dominates), at the price of idle slots. The numbers are the same."""
         if not engine.config.looped:
             raise ValueError(f"depth-level batching needs a looped model; {engine.config.name} has no loop")
         self.engine, self.model, self.cache, self.sequences = engine, engine.model, cache, sequences
@@ -113,7 +118,7 @@ class DepthBatch:
         self.rope: Optional[Tensor] = None
         self.value_embeddings: dict[int, Tensor] = {}
         self.out_state = torch.zeros_like(self.h)   # the state read out at the exit (warm start of the next token)
-        self.out_logits: Optional[Tensor] = None    # full policy: the exit's logits, kept until the loop ends
+        self.out_logits: Optional[Tensor] = None    # logits of waiting tokens (read out at a check, or gathered)
         self.tracker = rule.start(self.h, engine.config.vocab_size) if self.adaptive else None
         self.ticks = 0
 
