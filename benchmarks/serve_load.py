@@ -17,10 +17,12 @@ alone after the load, its answer compared with the ones under load (``--check_al
 
     CK=/tmp/democlone/checkpoints/mini_demo/last.ckpt
     python benchmarks/serve_load.py --label fixed --ckpt_path $CK --max_batch_size 16 --max_tokens 64 --check_alone
-    python benchmarks/serve_load.py --label latent-diff --ckpt_path $CK --max_batch_size 16 --max_tokens 64 \
-        --check_alone --payload '{"exit": "latent-diff"}'
+    python benchmarks/serve_load.py --label latent-diff-depth-level --ckpt_path $CK --max_batch_size 16 \
+        --max_tokens 64 --check_alone --payload '{"exit": "latent-diff"}' --server_flags "--depth_gather 1"
     python benchmarks/serve_load.py --label latent-diff-token-level --ckpt_path $CK --max_batch_size 16 \
         --max_tokens 64 --check_alone --payload '{"exit": "latent-diff"}' --server_flags "--depth_gather 0"
+
+(``--depth_gather`` omitted: depth-level ticks on a GPU, token-level steps on the CPU.)
 """
 
 from __future__ import annotations
