@@ -214,3 +214,20 @@ def test_scheduler_gather_and_cancel_mid_loop(model):
         assert (next(iter(other._lanes.values())).depth is not None) == depth_level
     with pytest.raises(ValueError, match="depth_gather"):
         Scheduler(model, depth_gather=-1)
+
+
+def test_scheduler_warm_start_and_chunked_prefill(model):
+    """Warm start (each token starts from its predecessor's exit state) and prompts prefilled in chunks, in a
+    depth-level lane: each request equals its request alone."""
+    depth = DepthOptions(exit="latent-diff:0.2", max_loops=T, continuous=True)
+    scheduler = Scheduler(model, max_rows=3, depth_gather=1, prefill_chunk=2)
+    prompts = [[0], [0, 3, 1, 4, 1, 5, 9], PROMPTS[1]]
+    jobs = [Job(p, max_new_tokens=5, depth=depth, logprobs=0) for p in prompts]
+    events = [[] for _ in jobs]
+    for i, job in enumerate(jobs):
+        scheduler.submit(job, events[i].append)
+    run(scheduler, events)
+    for job, evs in zip(jobs, events):
+        tokens, depths, logprobs = alone(Engine.from_options(model, job.depth), job.prompt, 5)
+        assert [e.token for e in evs] == tokens and [e.depth for e in evs] == depths
+        assert [e.logprob for e in evs] == pytest.approx(logprobs, abs=1e-5)
