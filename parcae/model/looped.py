@@ -41,7 +41,7 @@ from .config import ModelConfig
 from .depth import Depths
 from .init import initialize
 from .injection import make_injection
-from .layers import Block, RMSNorm, rope_table
+from .layers import Block, RMSNorm, rope_rows, rope_table
 from .loop import LoopRecorder, PerSequence, Schedule, pick
 from .state import positional_noise
 
@@ -236,7 +236,7 @@ class LoopedLM(nn.Module):
             rows, write = schedule.rows(t), schedule.writes(t)
             if rows is not current:
                 h = h_in if current is None else h.index_copy(0, current, h_in)
-                h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() == 4 else rope
+                h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() >= 4 else rope
                 ve_in = value_embeddings if rows is None else \
                     {i: v.index_select(0, rows) for i, v in value_embeddings.items()}
                 current = rows
@@ -264,9 +264,10 @@ class LoopedLM(nn.Module):
         return input_ids.shape
 
     def _rope_at(self, positions: Tensor, cache) -> Tensor:
-        """[B, S, hd/2, 2] RoPE rows of each token's position; a cache's capacity bounds them (no device read)."""
+        """[B, S, 2, 1, hd] RoPE rotation of each token's position (:func:`rope_rows`, once per step, for every
+        block call of the step); a cache's capacity bounds the positions (no device read)."""
         length = cache.capacity if cache is not None else int(positions.max()) + 1
-        return self._rope(length)[positions]
+        return rope_rows(self._rope(length), positions)
 
     def _rope(self, seq_len: int) -> Tensor:
         if seq_len > self.rope.shape[0]:
