@@ -73,9 +73,10 @@ class _Store:
 
     def ensure(self, slot: int) -> None:
         missing = slot + 1 - self.k.shape[0]
-        if missing > 0:
-            extra = torch.zeros(missing, *self.shape, device=self.device, dtype=self.dtype)
-            self.k, self.v = torch.cat([self.k, extra]), torch.cat([self.v, extra])
+        if missing > 0:  # (ordinary tensors even inside the engine's inference mode: writable by any later caller)
+            with torch.inference_mode(False):
+                extra = torch.zeros(missing, *self.shape, device=self.device, dtype=self.dtype)
+                self.k, self.v = torch.cat([self.k, extra]), torch.cat([self.v, extra])
 
     def write(self, slot: int, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
         """k, v [n, S, kv_heads, hd] of rows rows [n, 1] into columns cols [n, S] where mask [n, S] (None: all)."""
