@@ -212,9 +212,10 @@ class LoopedLM(nn.Module):
         return h, (record.summary(self.injection) if record else None)
 
     def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor],
-                       caches: Optional[list] = None) -> Tensor:
-        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks (block r reading/writing ``caches[r]``)."""
-        u = self.injection(h, drive)
+                       caches: Optional[list] = None, inject: Optional[Callable] = None) -> Tensor:
+        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks (block r reading/writing ``caches[r]``).
+        ``inject``: the injection's :meth:`~parcae.model.injection.Injection.bound` form (no gradient)."""
+        u = (inject or self.injection)(h, drive)
         for r, block in enumerate(self.recurrent):
             u = block(u, rope, value_embeddings.get(block.index), caches[r] if caches else None)
         return u
@@ -227,8 +228,11 @@ class LoopedLM(nn.Module):
         set of rows and the state is scattered back only then, so a schedule whose rows change only when some
         leave (the engine's exit rules) pays for the gather/scatter once per change, not per iteration."""
         step = self.recurrent_step
-        if self.checkpoint_iterations and torch.is_grad_enabled():
-            step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
+        if torch.is_grad_enabled():
+            if self.checkpoint_iterations:
+                step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
+        else:  # Ā's parameter-only part once for every iteration, not once per iteration
+            step = partial(self.recurrent_step, inject=self.injection.bound())
         current, h_in, drive_in, rope_in, ve_in = None, h, drive, rope, value_embeddings  # slices of rows `current`
         for t in range(schedule.first, schedule.iterations):
             if schedule.finished:
