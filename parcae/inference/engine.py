@@ -634,10 +634,14 @@ def _draw_group(logits: Tensor, sampling: Sampling, generators: Sequence[torch.G
     """Draw the rows of ``group`` (equal settings): their distributions together (each row alone if that
     raises), then one draw per row from its own generator; a row whose distribution or draw raises is marked in
     ``errors`` and draws nothing, the others are unaffected."""
-    index = torch.tensor(group, dtype=torch.long, device=logits.device)
-    if sampling.temperature == 0 and probs is None:
-        nxt[index] = real_logits(logits.index_select(0, index), V).argmax(-1)   # greedy: no distribution, no draw
+    if sampling.temperature == 0 and probs is None:  # greedy: no distribution, no draw
+        if group == list(range(logits.shape[0])):  # every row (no gather of the [B, V] logits)
+            nxt.copy_(real_logits(logits, V).argmax(-1))
+            return
+        index = torch.tensor(group, dtype=torch.long, device=logits.device)
+        nxt[index] = real_logits(logits.index_select(0, index), V).argmax(-1)
         return
+    index = torch.tensor(group, dtype=torch.long, device=logits.device)
     try:
         parts = [(group, sampling_probs(logits.index_select(0, index), sampling, V))]
     except Exception:
