@@ -313,6 +313,8 @@ class Engine:
                 torch.zeros(B, *logits.shape[1:], device=logits.device).index_copy(0, index, logits)
             state = None if state is None else \
                 torch.zeros(B, *state.shape[1:], dtype=state.dtype, device=state.device).index_copy(0, index, state)
+        elif logits is not None:  # the caller's (StepEvent.logits): an ordinary tensor, not an inference-mode one
+            logits = logits.clone()
         return _Forward(logits, depth, state)
 
     # -- generation ------------------------------------------------------------------------------------------
