@@ -36,15 +36,20 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-@functools.lru_cache(maxsize=64)
 def _constant_keys(seed: int, dim: int, device) -> tuple[Tensor, Tensor]:
-    """The parts of the hash that depend on the seed and the channel only (computed once, not per cached step):
-    mix(seed + golden ratio) and channel·c₁ + c₂ for the ``dim`` channels. Ordinary tensors even when first asked
-    for inside inference mode."""
+    """The parts of the hash that depend on the seed and the channel only: mix(seed + golden ratio) and
+    channel·c₁ + c₂ for the ``dim`` channels."""
+    seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.long, device=device) + 0x9E3779B9)
+    channels = torch.arange(dim, device=device, dtype=torch.long)
+    return seed_key, channels * 0xC2B2AE35 + 0x27D4EB2F
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_constant_keys(seed: int, dim: int, device) -> tuple[Tensor, Tensor]:
+    """:func:`_constant_keys` once per (seed, dim, device), not once per cached step; ordinary tensors even when first
+    asked for inside inference mode."""
     with torch.inference_mode(False):
-        seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.long, device=device) + 0x9E3779B9)
-        channels = torch.arange(dim, device=device, dtype=torch.long)
-        return seed_key, channels * 0xC2B2AE35 + 0x27D4EB2F
+        return _constant_keys(seed, dim, device)
 
 
 def positional_noise(seed: int, sequences: Tensor, positions: Tensor, dim: int, std: float,
@@ -58,7 +63,9 @@ def positional_noise(seed: int, sequences: Tensor, positions: Tensor, dim: int, 
         positions: [B, S] position of each token in its own sequence (0 for its first token).
     """
     device = positions.device
-    seed_key, channel_keys = _constant_keys(int(seed), dim, device)
+    # (a graph being traced by torch.compile computes them itself: it keeps its own constants)
+    constant = _constant_keys if torch.compiler.is_compiling() else _remembered_constant_keys
+    seed_key, channel_keys = constant(int(seed), dim, device)
     key = _mix32(seed_key ^ sequences.to(device=device, dtype=torch.long)[:, None])     # [B, 1]
     key = _mix32(key ^ (positions.long() * 0x85EBCA6B))                                 # [B, S]
     bits = _mix32(key[..., None] ^ channel_keys)                                        # [B, S, dim]
