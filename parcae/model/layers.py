@@ -26,14 +26,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        weight = self.weight
+        if not torch.is_grad_enabled() and x.is_cpu and x.dtype == weight.dtype == torch.float32:
             # torch's CPU rms_norm is this very composite (pow, mean, + eps, rsqrt, product, then the weight: ATen's
             # rms_norm_composite), bit for bit in fp32, in one call instead of six (inference; training keeps the
             # ops below, whose backward is autograd's)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
         xf = x if x.dtype == torch.float32 else x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed if normed.dtype == x.dtype else normed.to(x.dtype)) * self.weight
+        return (normed if normed.dtype == x.dtype else normed.to(x.dtype)) * weight
 
 
 def rope_table(seq_len: int, head_dim: int, base: float, device=None) -> Tensor:
@@ -69,7 +70,7 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
         # (x0, x1) -> (x0·c + x1·(−s), x1·c + x0·s): the same products and sums as below, bit for bit (x1·(−s) is
         # −(x1·s) exactly, and a + (−b) is a − b), in three elementwise ops over the whole head.
         cos, sin = table.unbind(2)
-        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        swapped = xf.reshape(xf.shape[:-1] + (-1, 2)).flip(-1).flatten(-2)
         out = xf * cos + swapped * sin
         return out if out.dtype == x.dtype else out.to(x.dtype)
     pairs = xf.unflatten(-1, (-1, 2))
@@ -114,7 +115,7 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=self.kv_heads != self.n_heads)  # KV heads shared by consecutive query heads
         else:  # the queries and keys rotated (and normed) together: one call of each instead of two
-            q, k = self._rotate(torch.cat([q, k], 2), rope).split([self.n_heads, self.kv_heads], 2)
+            q, k = self._rotate(torch.cat([q, k], 2), rope).split_with_sizes([self.n_heads, self.kv_heads], 2)
             keys, values, mask = cache.update(k, v)  # [B, kv_heads, L, hd] x2, bool [B, 1, S, L]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                                enable_gqa=self.kv_heads != self.n_heads)
@@ -124,7 +125,7 @@ class Attention(nn.Module):
         """RoPE, then the parameter-free QK-norm (eps=None: the dtype's machine epsilon); both act on each head's
         channels alone, so rotating queries and keys stacked on the head axis is bit for bit rotating each."""
         x = apply_rope(x, rope)
-        return F.rms_norm(x, (self.head_dim,)) if self.qk_norm else x
+        return torch.rms_norm(x, (self.head_dim,)) if self.qk_norm else x
 
 
 class ReLU2MLP(nn.Module):
@@ -136,7 +137,7 @@ class ReLU2MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
+        return self.down_proj(0.5 * torch.relu(self.up_proj(x)).square())
 
 
 class SwiGLU(nn.Module):
