@@ -26,7 +26,7 @@ import torch
 from parcae.command_line import add_parameters, exit_with_error
 from parcae.errors import UsageError
 from parcae.inference.options import DepthOptions
-from parcae.runs import find_checkpoint, is_sharded_checkpoint, rundir
+from parcae.runs import is_sharded_checkpoint, open_checkpoint, rundir
 from parcae.runs.checkpoint import run_relative_path
 from parcae.training.module import NonFiniteLossError, loop_rows
 from parcae.training.run import EVAL_TRAINER_KEYS, RUN_CONFIG_KEYS, RecipeCLI
@@ -88,11 +88,11 @@ def lightning_main(argv: list[str]) -> None:
     torch.set_float32_matmul_precision("high")
     _quiet_known_noise()
     try:
-        args = _with_run_config(argv)
+        args, opened = _with_run_config(argv)
         # The arguments travel in args=; sys.argv keeps them for Lightning's launcher, which starts the other
         # local ranks (`--trainer.devices 2` without torchrun) by re-running this command line.
         sys.argv = [sys.argv[0], *argv]
-        ParcaeCLI(args=args)
+        ParcaeCLI(args=args, opened=opened)
     except (UsageError, NonFiniteLossError) as err:  # user mistakes only: anything else keeps its traceback
         exit_with_error(argv[0], err)
     except OSError as err:  # disk full, read-only folder: what failed, and the run's last good checkpoint
@@ -116,27 +116,30 @@ def _ckpt_argument(argv: list[str]) -> Optional[tuple[int, str, str]]:
     return found
 
 
-def _with_run_config(argv: list[str]) -> list[str]:
+def _with_run_config(argv: list[str]) -> tuple[list[str], Optional[tuple[str, dict]]]:
     """validate/test/predict: ``--ckpt_path <run dir>`` becomes the run's newest good checkpoint (runs' one rule);
-    without ``--config``, the run's ``config.yaml`` (model, data, trainer) is the config."""
+    without ``--config``, the run's ``config.yaml`` (model, data, trainer) is the config. Returns the arguments and
+    (``--ckpt_path``, the checkpoint opened to check it), which the command reads instead of opening it again."""
     if not argv or argv[0] not in EVALUATIONS:
-        return argv
+        return argv, None
     given = _ckpt_argument(argv)
     if given is None:
-        return argv
+        return argv, None
     index, ckpt, spelling = given
     if Path(ckpt).is_dir() and not is_sharded_checkpoint(ckpt):
         argv = list(argv)
-        chosen = str(find_checkpoint(ckpt))  # one-line CheckpointError when none of the run's checkpoints loads
+        path, opened = open_checkpoint(ckpt)  # one-line CheckpointError when none of the run's checkpoints loads
+        chosen = str(path)
         argv[index] = chosen if spelling == " " else f"--ckpt_path={chosen}"
         ckpt = chosen
     else:
-        rundir.check_checkpoint(ckpt)  # a missing, damaged or sharded file: one line naming it
+        opened = rundir.check_checkpoint(ckpt)  # a missing, damaged or sharded file: one line naming it
+    opened = (ckpt, opened)
     if "--config" in argv or any(a.startswith("--config=") for a in argv):
-        return argv
+        return argv, opened
     config = Path(ckpt).resolve().parent / "config.yaml"
     if not config.is_file():
-        return argv
+        return argv, opened
     import yaml
 
     saved = yaml.safe_load(config.read_text())
@@ -159,7 +162,7 @@ def _with_run_config(argv: list[str]) -> list[str]:
     derived = Path(tempfile.mkdtemp(prefix="parcae-")) / f"{argv[0]}_config.yaml"
     atexit.register(shutil.rmtree, derived.parent, ignore_errors=True)
     derived.write_text(yaml.safe_dump(keep, sort_keys=False))
-    return [argv[0], "--config", str(derived), *argv[1:]]
+    return [argv[0], "--config", str(derived), *argv[1:]], opened
 
 
 def _run_path(run_dir: Path, saved: dict, named: str) -> str:

@@ -73,20 +73,23 @@ class _Store:
 
     def ensure(self, slot: int) -> None:
         missing = slot + 1 - self.k.shape[0]
-        if missing > 0:
-            extra = torch.zeros(missing, *self.shape, device=self.device, dtype=self.dtype)
-            self.k, self.v = torch.cat([self.k, extra]), torch.cat([self.v, extra])
+        if missing > 0:  # (ordinary tensors even inside the engine's inference mode: writable by any later caller)
+            with torch.inference_mode(False):
+                extra = torch.zeros(missing, *self.shape, device=self.device, dtype=self.dtype)
+                self.k, self.v = torch.cat([self.k, extra]), torch.cat([self.v, extra])
 
     def write(self, slot: int, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
         """k, v [n, S, kv_heads, hd] of rows rows [n, 1] into columns cols [n, S] where mask [n, S] (None: all)."""
         self.ensure(slot)
-        K, V = self.k[slot], self.v[slot]
-        if mask is None:
-            K[rows, :, cols], V[rows, :, cols] = k.to(K.dtype), v.to(V.dtype)
+        if k.dtype != self.dtype:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        if mask is None:  # every token stores (a decode step): one write per tensor, nothing read back
+            self.k[slot, rows, :, cols], self.v[slot, rows, :, cols] = k, v
             return
+        K, V = self.k[slot], self.v[slot]
         m = mask[..., None, None]
-        K[rows, :, cols] = torch.where(m, k.to(K.dtype), K[rows, :, cols])
-        V[rows, :, cols] = torch.where(m, v.to(V.dtype), V[rows, :, cols])
+        K[rows, :, cols] = torch.where(m, k, K[rows, :, cols])
+        V[rows, :, cols] = torch.where(m, v, V[rows, :, cols])
 
     @property
     def slots(self) -> int:
@@ -116,27 +119,34 @@ class LoopKVCache:
         self.all_rows = torch.arange(batch_size, device=device)
         self.step_rows: Optional[Tensor] = None  # rows of the batch in the current step (None: all)
         self.cols: Optional[Tensor] = None
+        self.step_index: Optional[Tensor] = None  # [b, 1] the step's rows (all_rows or step_rows) as an index
         self.mask: Optional[Tensor] = None
         self.length = 0  # columns in use (max over rows)
 
     # -- one step --------------------------------------------------------------------------------------------
-    def begin(self, cols: Tensor, real: Tensor, rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
+    def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None,
+              max_col: Optional[int] = None) -> None:
         """The next step computes rows ``rows`` of the batch (index tensor; None: all) with tokens at columns
-        cols [rows, S]; real [rows, S] marks the ones that are not padding. ``max_col`` (cols.max(), known to the
-        caller) spares a device read."""
+        cols [rows, S]; real [rows, S] marks the ones that are not padding (None: every one is real, as in a
+        decode step, known on the host). ``max_col`` (cols.max(), known to the caller) spares a device read."""
         top = int(cols.max()) if max_col is None else max_col
         if top >= self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {top} is beyond")
         self.step_rows, self.cols = rows, cols
         r = (self.all_rows if rows is None else rows)[:, None]
-        self.present[r, cols] |= real
+        self.step_index = r  # [b, 1], the rows' places in the stores (every view of the step indexes with it)
+        if real is None:
+            self.present[r, cols] = True
+        else:
+            self.present[r, cols] |= real
         self.length = max(self.length, top + 1)
         L = self.length
-        key_cols = torch.arange(L, device=cols.device)
-        present = self.present[:, :L] if rows is None else self.present[rows, :L]
-        causal = key_cols[None, None, :] <= cols[..., None]                     # [b, S, L]
-        mask = (causal & present[:, None, :]) | (key_cols[None, None, :] == cols[..., None])
-        self.mask = mask[:, None]  # [b, 1, S, L]; a padding query sees only itself (no empty softmax rows)
+        key_cols = torch.arange(L, device=cols.device)[None, None, :]
+        present = self.present[:, None, :L] if rows is None else self.present[rows, None, :L]
+        mask = (key_cols <= cols[..., None]) & present                          # causal, [b, S, L]
+        if real is not None:  # a padding query sees only itself (no empty softmax rows)
+            mask |= key_cols == cols[..., None]
+        self.mask = mask[:, None]  # [b, 1, S, L]
 
     def once(self, index: int, rows: Optional[Tensor], write: Optional[Tensor]) -> "_View":
         """The view of prelude/coda block ``index`` (its place in the P+R+C stack) for rows ``rows`` of the step."""
@@ -206,10 +216,12 @@ class _View:
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c, sub, slot = self.cache, self.rows, self.slot
-        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
-        cols = c.cols if sub is None else c.cols[sub]
-        mask = c.mask if sub is None else c.mask[sub]
-        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        if sub is None:  # the step's rows, indexed once by begin
+            batch_rows, cols, mask, r = c.step_rows, c.cols, c.mask, c.step_index
+        else:
+            batch_rows = sub if c.step_rows is None else c.step_rows[sub]
+            cols, mask = c.cols[sub], c.mask[sub]
+            r = batch_rows[:, None]
         self.store.write(slot, r, cols, k, v, self.write)
         if self.count is not None:  # iterations computed by the tokens written here
             counted = c.computed[r, cols]

@@ -133,12 +133,15 @@ class _ExitSchedule:
 
     first = 0
 
-    def __init__(self, engine: "Engine", real: Tensor) -> None:
+    def __init__(self, engine: "Engine", real: Tensor, dense: bool = False) -> None:
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
         self.every = engine.exit_every
         self.vocab_size, self.counter, self.readouts = engine.config.vocab_size, engine._iterations, engine._readouts
         self.keep_computing = engine.policy.kind == "full"
         self.real = real
+        # one token a row, every one real (a decode step): every row still computing is deciding, so the tokens
+        # that store keys/values are all of the computing rows' (no write mask)
+        self.dense = dense and real.shape[1] == 1
         self.deciding = real.clone()      # output not yet fixed
         # still iterating (storing their keys/values): the deciding tokens, or under full every real token
         self.computing = real if self.keep_computing else None
@@ -151,7 +154,9 @@ class _ExitSchedule:
     def rows(self, t: int) -> Optional[Tensor]:
         return self.active
 
-    def writes(self, t: int) -> Tensor:
+    def writes(self, t: int) -> Optional[Tensor]:
+        if self.dense:  # (under full every real token computes; otherwise a row computes while its token decides)
+            return None
         return self.computing if self.keep_computing else pick(self.deciding, self.active)
 
     def done(self, t: int, h_before: Tensor, h: Tensor, rows: Optional[Tensor], read_out) -> None:
@@ -162,7 +167,9 @@ class _ExitSchedule:
         if not last and (n < 0 or n % self.every):
             return  # not a checked iteration
         deciding = pick(self.deciding, rows)
-        logits = read_out(h, deciding) if self.rule.needs_logits else None
+        # (the coda stores the entries of the deciding tokens: under full some computing tokens have decided)
+        logits = read_out(h, None if self.dense and not self.keep_computing else deciding) \
+            if self.rule.needs_logits else None
         if logits is not None:  # the read-out ran on every row still computing
             self.readouts += (self.computing if self.keep_computing else deciding).sum()
         # the state rules compare with the previous iteration's state when that was the previous check
@@ -268,14 +275,17 @@ class Engine:
     def forward(self, cache: LoopKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
                 sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor] = None,
                 need_logits: bool = True, rows: Optional[Sequence[int]] = None,
-                max_col: Optional[int] = None, loops: Optional[int] = None, first_loop: int = 0) -> _Forward:
+                max_col: Optional[int] = None, loops: Optional[int] = None, first_loop: int = 0,
+                dense: bool = False) -> _Forward:
         """Run tokens [B, S] (at columns cols, positions positions; ``real`` False for padding) through the model's
         cached step, storing their keys/values; ``adaptive`` applies the exit rule per token, else a fixed depth.
 
         Only rows with a real token are computed; the others cost nothing and get zero logits and depth. ``rows``
         (host-side row numbers, if the caller knows them) names those rows without reading ``real`` back from the
         device; ``max_col`` (the largest column) likewise spares a read. At a fixed depth, ``loops`` overrides the
-        engine's and ``first_loop`` > 0 continues tokens whose ``initial_state`` already ran that many iterations."""
+        engine's and ``first_loop`` > 0 continues tokens whose ``initial_state`` already ran that many iterations.
+        ``dense``: the caller knows that every token of ``rows`` is real (a decode step), so the cache stores them
+        without masks (no read-modify-write) and the counts need no device reduction."""
         B, S = tokens.shape
         if rows is None:
             rows = [b for b, any_real in enumerate(real.any(1).tolist()) if any_real]
@@ -287,17 +297,20 @@ class Engine:
         if tokens.shape[0] == 0:
             return _Forward(torch.zeros(B, S, self.config.padded_vocab_size, device=tokens.device) if need_logits
                             else None, torch.zeros(B, S, dtype=torch.long, device=tokens.device), None)
-        cache.begin(cols, real, index, max_col)
+        write = None if dense else real  # the tokens that store keys/values (None: all)
+        n_real = tokens.numel() if dense else real.sum()
+        cache.begin(cols, write, index, max_col)
         if adaptive and self.config.looped:
-            schedule = _ExitSchedule(self, real)
+            schedule = _ExitSchedule(self, real, dense)
         else:
-            schedule = Uniform((loops or self.prefill_loops) if self.config.looped else 1, real, first_loop)
-            self._iterations += real.sum() * (schedule.iterations - first_loop) if self.config.looped else 0
-        out = self.model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
-                              initial_state=initial_state, state_seed=self.seed, sequences=sequences,
-                              need_logits=need_logits)
+            schedule = Uniform((loops or self.prefill_loops) if self.config.looped else 1, write, first_loop)
+            self._iterations += n_real * (schedule.iterations - first_loop) if self.config.looped else 0
+        with torch.inference_mode():  # the model's many small ops skip autograd's bookkeeping (~10% of a decode step)
+            out = self.model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=write,
+                                  initial_state=initial_state, state_seed=self.seed, sequences=sequences,
+                                  need_logits=need_logits)
         if out.logits is not None and not (isinstance(schedule, _ExitSchedule) and schedule.logits_out is not None):
-            self._readouts += real.sum()  # the model read the final states out once
+            self._readouts += n_real  # the model read the final states out once
         depth = schedule.depth if isinstance(schedule, _ExitSchedule) else \
             torch.full(tokens.shape, schedule.iterations, dtype=torch.long, device=tokens.device)
         logits, state = out.logits, out.state
@@ -307,6 +320,8 @@ class Engine:
                 torch.zeros(B, *logits.shape[1:], device=logits.device).index_copy(0, index, logits)
             state = None if state is None else \
                 torch.zeros(B, *state.shape[1:], dtype=state.dtype, device=state.device).index_copy(0, index, state)
+        elif logits is not None:  # the caller's (StepEvent.logits): an ordinary tensor, not an inference-mode one
+            logits = logits.clone()
         return _Forward(logits, depth, state)
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -612,7 +627,7 @@ def decode_step(engine: Engine, cache: LoopKVCache, tokens: Tensor, cols: Tensor
     real[list(rows)] = True
     out = engine.forward(cache, tokens[:, None], cols[:, None], positions[:, None], real.to(dev), sequences,
                          adaptive=engine.adaptive and loops is None, initial_state=initial_state, rows=rows,
-                         max_col=max_col, loops=loops, first_loop=first_loop)
+                         max_col=max_col, loops=loops, first_loop=first_loop, dense=True)
     return draw_step(out.logits[:, -1], out.depth[:, -1], out.state, rows, samplings, generators,
                      engine.config.vocab_size, logprobs, want_probs)
 
@@ -647,10 +662,14 @@ def _draw_group(logits: Tensor, sampling: Sampling, generators: Sequence[torch.G
     """Draw the rows of ``group`` (equal settings): their distributions together (each row alone if that
     raises), then one draw per row from its own generator; a row whose distribution or draw raises is marked in
     ``errors`` and draws nothing, the others are unaffected."""
-    index = torch.tensor(group, dtype=torch.long, device=logits.device)
-    if sampling.temperature == 0 and probs is None:
-        nxt[index] = real_logits(logits.index_select(0, index), V).argmax(-1)   # greedy: no distribution, no draw
+    if sampling.temperature == 0 and probs is None:  # greedy: no distribution, no draw
+        if group == list(range(logits.shape[0])):  # every row (no gather of the [B, V] logits)
+            nxt.copy_(real_logits(logits, V).argmax(-1))
+            return
+        index = torch.tensor(group, dtype=torch.long, device=logits.device)
+        nxt[index] = real_logits(logits.index_select(0, index), V).argmax(-1)
         return
+    index = torch.tensor(group, dtype=torch.long, device=logits.device)
     try:
         parts = [(group, sampling_probs(logits.index_select(0, index), sampling, V))]
     except Exception:

@@ -20,6 +20,7 @@ every iteration.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,11 @@ class Injection(nn.Module):
     def forward(self, h: Tensor, drive: Tensor) -> Tensor:
         """Ā h + drive."""
         raise NotImplementedError
+
+    def bound(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """(h, drive) -> Ā h + drive, the same numbers as :meth:`forward`, with what depends on the parameters
+        alone computed once here: for a run of iterations without gradient (a cached step)."""
+        return self
 
     @torch.no_grad()
     def spectral_radius(self) -> Tensor:
@@ -125,6 +131,10 @@ class DiagonalInjection(Injection):
 
     def forward(self, h: Tensor, drive: Tensor) -> Tensor:
         return self.decay() * h + drive
+
+    def bound(self) -> Callable[[Tensor, Tensor], Tensor]:
+        decay = self.decay()
+        return lambda h, drive: decay * h + drive
 
     def spectral_radius(self) -> Tensor:
         return self.decay().detach().max()

@@ -26,9 +26,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        weight = self.weight
+        if not torch.is_grad_enabled() and x.is_cpu and x.dtype == weight.dtype == torch.float32:
+            # torch's CPU rms_norm is this very composite (pow, mean, + eps, rsqrt, product, then the weight: ATen's
+            # rms_norm_composite), bit for bit in fp32, in one call instead of six (inference; training keeps the
+            # ops below, whose backward is autograd's)
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
+        xf = x if x.dtype == torch.float32 else x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return (normed if normed.dtype == x.dtype else normed.to(x.dtype)) * weight
 
 
 def rope_table(seq_len: int, head_dim: int, base: float, device=None) -> Tensor:
@@ -41,14 +47,34 @@ def rope_table(seq_len: int, head_dim: int, base: float, device=None) -> Tensor:
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def rope_rows(table: Tensor, positions: Tensor) -> Tensor:
+    """The rotation of each token at ``positions`` [B, S], laid out for :func:`apply_rope`: [B, S, 2, 1, hd] fp32,
+    (c0, c0, c1, c1, ...) and (−s0, s0, −s1, s1, ...) from the table's rows. Computed once per cached step, so each
+    attention call rotates with one flip, two products and a sum instead of re-slicing the table."""
+    rows = table[positions]                                          # [B, S, hd/2, 2]
+    cos, sin = rows[..., 0], rows[..., 1]
+    cos2 = torch.stack([cos, cos], dim=-1).flatten(-2)
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return torch.stack([cos2, sin2], dim=2)[:, :, :, None]
+
+
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
     """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x [B, S, H, hd] by the table's angles.
 
     Interleaved (GPT-J / complex) convention, not NeoX half-rotation; fp32 math, cast back. The table is
-    either the first S rows of the position table or, for tokens at arbitrary positions, [B, S, hd/2, 2].
+    either the first S rows of the position table, or for tokens at arbitrary positions (cached decoding, padded
+    batches) rows already picked per token: [B, S, hd/2, 2], or :func:`rope_rows`' [B, S, 2, 1, hd].
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if table.dim() == 4:  # [B, S, hd/2, 2]: rows already picked per token (cached decoding, padded batches)
+    xf = x if x.dtype == torch.float32 else x.float()
+    if table.dim() == 5:
+        # (x0, x1) -> (x0·c + x1·(−s), x1·c + x0·s): the same products and sums as below, bit for bit (x1·(−s) is
+        # −(x1·s) exactly, and a + (−b) is a − b), in three elementwise ops over the whole head.
+        cos, sin = table.unbind(2)
+        swapped = xf.reshape(xf.shape[:-1] + (-1, 2)).flip(-1).flatten(-2)
+        out = xf * cos + swapped * sin
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+    pairs = xf.unflatten(-1, (-1, 2))
+    if table.dim() == 4:  # [B, S, hd/2, 2]: rows already picked per token
         cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     else:
         cos = table[: x.shape[1], None, :, 0]
@@ -83,18 +109,23 @@ class Attention(nn.Module):
         if self.ve_gate is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(a[..., :VALUE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, S, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.qk_norm:  # parameter-free, after RoPE; eps=None is the dtype's machine epsilon
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if cache is None:
+            q, k = self._rotate(q, rope), self._rotate(k, rope)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=self.kv_heads != self.n_heads)  # KV heads shared by consecutive query heads
-        else:
+        else:  # the queries and keys rotated (and normed) together: one call of each instead of two
+            q, k = self._rotate(torch.cat([q, k], 2), rope).split_with_sizes([self.n_heads, self.kv_heads], 2)
             keys, values, mask = cache.update(k, v)  # [B, kv_heads, L, hd] x2, bool [B, 1, S, L]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                                enable_gqa=self.kv_heads != self.n_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))  # B may be 0
+
+    def _rotate(self, x: Tensor, rope: Tensor) -> Tensor:
+        """RoPE, then the parameter-free QK-norm (eps=None: the dtype's machine epsilon); both act on each head's
+        channels alone, so rotating queries and keys stacked on the head axis is bit for bit rotating each."""
+        x = apply_rope(x, rope)
+        return torch.rms_norm(x, (self.head_dim,)) if self.qk_norm else x
 
 
 class ReLU2MLP(nn.Module):
@@ -106,7 +137,7 @@ class ReLU2MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(0.5 * F.relu(self.up_proj(x)).square())
+        return self.down_proj(0.5 * torch.relu(self.up_proj(x)).square())
 
 
 class SwiGLU(nn.Module):

@@ -41,7 +41,7 @@ from .config import ModelConfig
 from .depth import Depths
 from .init import initialize
 from .injection import make_injection
-from .layers import Block, RMSNorm, rope_table
+from .layers import Block, RMSNorm, rope_rows, rope_table
 from .loop import LoopRecorder, PerSequence, Schedule, pick
 from .state import positional_noise
 
@@ -228,9 +228,10 @@ class LoopedLM(nn.Module):
         return h, (record.summary(self.injection) if record else None)
 
     def recurrent_step(self, h: Tensor, drive: Tensor, rope: Tensor, value_embeddings: dict[int, Tensor],
-                       caches: Optional[list] = None) -> Tensor:
-        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks (block r reading/writing ``caches[r]``)."""
-        u = self.injection(h, drive)
+                       caches: Optional[list] = None, inject: Optional[Callable] = None) -> Tensor:
+        """One iteration: u = Ā h + B̄ e, then the R recurrent blocks (block r reading/writing ``caches[r]``).
+        ``inject``: the injection's :meth:`~parcae.model.injection.Injection.bound` form (no gradient)."""
+        u = (inject or self.injection)(h, drive)
         for r, block in enumerate(self.recurrent):
             u = block(u, rope, value_embeddings.get(block.index), caches[r] if caches else None)
         return u
@@ -243,8 +244,11 @@ class LoopedLM(nn.Module):
         set of rows and the state is scattered back only then, so a schedule whose rows change only when some
         leave (the engine's exit rules) pays for the gather/scatter once per change, not per iteration."""
         step = self.recurrent_step
-        if self.checkpoint_iterations and torch.is_grad_enabled():
-            step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
+        if torch.is_grad_enabled():
+            if self.checkpoint_iterations:
+                step = partial(checkpoint, self.recurrent_step, use_reentrant=False)
+        else:  # Ā's parameter-only part once for every iteration, not once per iteration
+            step = partial(self.recurrent_step, inject=self.injection.bound())
         current, h_in, drive_in, rope_in, ve_in = None, h, drive, rope, value_embeddings  # slices of rows `current`
         for t in range(schedule.first, schedule.iterations):
             if schedule.finished:
@@ -252,7 +256,7 @@ class LoopedLM(nn.Module):
             rows, write = schedule.rows(t), schedule.writes(t)
             if rows is not current:
                 h = h_in if current is None else h.index_copy(0, current, h_in)
-                h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() == 4 else rope
+                h_in, drive_in, rope_in = pick(h, rows), pick(drive, rows), pick(rope, rows) if rope.dim() >= 4 else rope
                 ve_in = value_embeddings if rows is None else \
                     {i: v.index_select(0, rows) for i, v in value_embeddings.items()}
                 current = rows
@@ -280,9 +284,10 @@ class LoopedLM(nn.Module):
         return input_ids.shape
 
     def _rope_at(self, positions: Tensor, cache) -> Tensor:
-        """[B, S, hd/2, 2] RoPE rows of each token's position; a cache's capacity bounds them (no device read)."""
+        """[B, S, 2, 1, hd] RoPE rotation of each token's position (:func:`rope_rows`, once per step, for every
+        block call of the step); a cache's capacity bounds the positions (no device read)."""
         length = cache.capacity if cache is not None else int(positions.max()) + 1
-        return self._rope(length)[positions]
+        return rope_rows(self._rope(length), positions)
 
     def _rope(self, seq_len: int) -> Tensor:
         if seq_len > self.rope.shape[0]:

@@ -12,6 +12,7 @@ Instead each channel of each token gets its own counter-based uniform number: an
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,22 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _constant_keys(seed: int, dim: int, device) -> tuple[Tensor, Tensor]:
+    """The parts of the hash that depend on the seed and the channel only: mix(seed + golden ratio) and
+    channel·c₁ + c₂ for the ``dim`` channels."""
+    seed_key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.long, device=device) + 0x9E3779B9)
+    channels = torch.arange(dim, device=device, dtype=torch.long)
+    return seed_key, channels * 0xC2B2AE35 + 0x27D4EB2F
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_constant_keys(seed: int, dim: int, device) -> tuple[Tensor, Tensor]:
+    """:func:`_constant_keys` once per (seed, dim, device), not once per cached step; ordinary tensors even when first
+    asked for inside inference mode."""
+    with torch.inference_mode(False):
+        return _constant_keys(seed, dim, device)
+
+
 def positional_noise(seed: int, sequences: Tensor, positions: Tensor, dim: int, std: float,
                      dtype: torch.dtype = torch.float32) -> Tensor:
     """Truncated-normal noise N(0, std²) cut at ±3·std, of shape [B, S, dim].
@@ -46,11 +63,12 @@ def positional_noise(seed: int, sequences: Tensor, positions: Tensor, dim: int, 
         positions: [B, S] position of each token in its own sequence (0 for its first token).
     """
     device = positions.device
-    key = _mix32(torch.tensor(int(seed) & _MASK32, dtype=torch.long, device=device) + 0x9E3779B9)
-    key = _mix32(key ^ sequences.to(device=device, dtype=torch.long)[:, None])          # [B, 1]
+    # (a graph being traced by torch.compile computes them itself: it keeps its own constants)
+    constant = _constant_keys if torch.compiler.is_compiling() else _remembered_constant_keys
+    seed_key, channel_keys = constant(int(seed), dim, device)
+    key = _mix32(seed_key ^ sequences.to(device=device, dtype=torch.long)[:, None])     # [B, 1]
     key = _mix32(key ^ (positions.long() * 0x85EBCA6B))                                 # [B, S]
-    channels = torch.arange(dim, device=device, dtype=torch.long)
-    bits = _mix32(key[..., None] ^ (channels * 0xC2B2AE35 + 0x27D4EB2F))               # [B, S, dim]
+    bits = _mix32(key[..., None] ^ channel_keys)                                        # [B, S, dim]
     uniform = (bits.double() + 0.5) / 2.0**32                                           # in (0, 1)
     z = torch.special.ndtri(_PHI_LO + uniform * _PHI_SPAN).clamp(-_TRUNCATION, _TRUNCATION)
     return (z * std).to(dtype)

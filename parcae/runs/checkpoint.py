@@ -45,20 +45,12 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+    try:  # the one opening of a good file: the diagnosis below reads a file that fails to load
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read it ({describe_os_error(err)})") from None
-    size = path.stat().st_size
-    if not zipfile.is_zipfile(path):
-        if head == b"PK\x03\x04":
-            raise CheckpointError(f"{path} is truncated or damaged ({size:,} bytes, the end of its zip archive is "
-                                  "missing); it cannot be loaded")
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size:,} bytes that are not a zip archive)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError) as err:
+        _refuse_if_not_a_zip_archive(path)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             first = "it holds Python objects beyond tensors and plain values"
@@ -68,6 +60,24 @@ def check_checkpoint(path: str | Path, allow_sharded: bool = False) -> dict:
     if "arch" not in (ckpt.get("hyper_parameters") or {}):
         raise CheckpointError(f"{path} is a Lightning checkpoint but not a parcae one (no hyper_parameters.arch)")
     return ckpt
+
+
+def _refuse_if_not_a_zip_archive(path: Path) -> None:
+    """The one line for a file that failed to load because it is no (whole) zip archive: truncated, or not a
+    PyTorch file at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            whole = zipfile.is_zipfile(f)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({describe_os_error(err)})") from None
+    if whole:
+        return
+    size = path.stat().st_size
+    if head == b"PK\x03\x04":
+        raise CheckpointError(f"{path} is truncated or damaged ({size:,} bytes, the end of its zip archive is "
+                              "missing); it cannot be loaded")
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size:,} bytes that are not a zip archive)")
 
 
 def _sharded_step(folder: Path) -> Optional[int]:

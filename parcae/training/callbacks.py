@@ -17,7 +17,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write the checkpoint next to its destination, fsync, then ``os.replace``: a kill during a save leaves the
     previous file intact. (Lightning's default stages in the system temp dir and *moves* the file, which is a
-    copy, not a rename, when that is another filesystem.)"""
+    copy, not a rename, when that is another filesystem.)
+
+    ``opened``: (path, checkpoint) already opened by the command's checks; loading that path returns it (an
+    evaluation's restore does not read the file a second time)."""
+
+    def __init__(self, opened: Optional[tuple[str, dict]] = None) -> None:
+        super().__init__()
+        self.opened = opened
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        if self.opened is not None and isinstance(path, (str, Path)) and Path(path).resolve() == \
+                Path(self.opened[0]).resolve():
+            return self.opened[1]
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         from parcae.runs import save_atomically

@@ -202,7 +202,11 @@ class RecipeCLI(LightningCLI):
                                or str(a).startswith("--model.arch") for a in given)
         super().parse_arguments(parser, args)
 
-    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+    def __init__(self, args=None, run: bool = True, opened: Optional[tuple[str, dict]] = None, **kwargs) -> None:
+        """``opened``: (``--ckpt_path``, the checkpoint as :func:`parcae.runs.check_checkpoint` returned it), when the
+        caller already opened it (``parcae validate/test/predict``): neither the checks nor the evaluation's restore
+        open it again."""
+        self.opened_checkpoint = opened
         super().__init__(LoopedLMModule, TokenDataModule, trainer_class=ParcaeTrainer,
                          save_config_kwargs={"overwrite": True}, args=args, run=run,
                          parser_kwargs={"default_env": False}, **kwargs)
@@ -238,7 +242,7 @@ class RecipeCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path == "last":
             return
-        ckpt = rundir.check_checkpoint(ckpt_path, allow_sharded=subcommand == "fit")
+        ckpt = self._opened(ckpt_path, allow_sharded=subcommand == "fit")
         self.opened_checkpoint = (ckpt_path, ckpt)  # what the checks below read, instead of opening it again
         hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         if not hparams:
@@ -252,10 +256,11 @@ class RecipeCLI(LightningCLI):
             sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
             raise
 
-    def _opened(self, ckpt_path: str) -> dict:
-        """The checkpoint ``_parse_ckpt_path`` checked, when it is this path; else checked (opened) now."""
-        path, ckpt = getattr(self, "opened_checkpoint", (None, None))
-        return ckpt if path == ckpt_path else rundir.check_checkpoint(ckpt_path)
+    def _opened(self, ckpt_path: str, allow_sharded: bool = False) -> dict:
+        """The checkpoint opened before (by the caller or ``_parse_ckpt_path``), when it is this path; else checked
+        (opened) now."""
+        path, ckpt = self.opened_checkpoint or (None, None)
+        return ckpt if path == ckpt_path else rundir.check_checkpoint(ckpt_path, allow_sharded=allow_sharded)
 
     # -- run directory rules ----------------------------------------------------------------------------
     def _cfg(self):
@@ -358,7 +363,9 @@ class RecipeCLI(LightningCLI):
             callbacks.append(RunCheckpoint(dirpath=run_dir, every_n_train_steps=cfg.checkpoint_every))
         kwargs["callbacks"] = callbacks
         plugins = trainer_cfg.get("plugins") or []
-        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        # validate/test/predict restore the checkpoint their checks opened (memory-mapped) instead of loading it again
+        opened = self.opened_checkpoint if self.subcommand not in ("fit", None) else None
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO(opened)]
         kwargs.setdefault("enable_model_summary", False)  # RunSummary prints ours
         return super().instantiate_trainer(**kwargs)
 

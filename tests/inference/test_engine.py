@@ -567,3 +567,11 @@ def test_depth_options_resolve_to_one_canonical_value():
             depth.resolved(cfg)
     with pytest.raises(dataclasses.FrozenInstanceError):
         kl.loops = 3
+
+
+def test_event_logits_are_ordinary_tensors_the_caller_may_change():
+    """The model's step runs under inference mode; what the engine hands out is not an inference tensor (an in-place
+    change to it would raise outside inference mode)."""
+    event = next(iter(Engine(tiny_model(), loops=2).stream([[0, 5, 6]], 1)))
+    assert not event.logits.is_inference()
+    event.logits[0, 0] = 0.0

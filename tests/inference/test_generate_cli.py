@@ -132,3 +132,31 @@ def test_speculate_with_no_new_tokens_exits_cleanly_and_reports_the_counts(runs,
     line = next(x for x in err.splitlines() if x.startswith("[speculate]"))
     accepted, drafted = (int(v) for v in line.split("accepted ")[1].split(" ")[0].split("/"))
     assert 0 <= accepted <= drafted and drafted >= 3 * 6 // 3   # every prompt's rounds counted, not the last batch's
+
+
+@pytest.mark.parametrize("given", ["file", "run directory"])
+def test_generate_opens_the_checkpoint_once_memory_mapped(runs, given, monkeypatch, capsys):
+    """A one-token generate reads the checkpoint file once, through one memory-mapped torch.load (no separate
+    opening to check its header or its zip directory first), whether given the file or its run directory."""
+    import builtins
+
+    ckpt, _ = runs["parcae"]
+    loads, opens = [], []
+    real_load, real_open = torch.load, builtins.open
+
+    def counting_load(f, *args, **kwargs):
+        loads.append((str(f), kwargs.get("mmap")))
+        return real_load(f, *args, **kwargs)
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(ckpt):
+            opens.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    main(["generate", "--ckpt_path", str(ckpt if given == "file" else ckpt.parent), "--prompt", "ROMEO:",
+          "--max_new_tokens", "1", "--temperature", "0"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert loads == [(str(ckpt), True)]
+    assert opens == [str(ckpt)]  # torch.load's own; the memory map itself is not an open() call

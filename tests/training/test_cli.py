@@ -131,11 +131,23 @@ def test_print_config_resolves_composed_pieces(capsys):
     assert "d_model: 64" in out and "name: trapezoid" in out and "precision: 32-true" in out
 
 
-def test_validate_reports_every_loop_count(trained_run, capsys):
+def test_validate_reports_every_loop_count_from_one_memory_mapped_load(trained_run, capsys, monkeypatch):
+    """validate checks the checkpoint, reads its hyperparameters and restores the model from one memory-mapped
+    torch.load (it was three: the run-config check, LightningCLI's hyperparameters, Lightning's restore)."""
+    import torch
+
     _, _, run_dir = trained_run
+    loads, real_load = [], torch.load
+
+    def counting_load(f, *args, **kwargs):
+        loads.append((str(f), kwargs.get("mmap")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
     main(["validate", "--ckpt_path", str(run_dir / "step=0000008.ckpt")])
     out = capsys.readouterr().out
     assert "val/loss_T3" in out and "val/bpb" in out
+    assert loads == [(str(run_dir / "step=0000008.ckpt"), True)]
 
 
 def test_every_extra_verb_is_listed_and_dispatches(capsys):
