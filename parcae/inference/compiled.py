@@ -1,0 +1,275 @@
+"""The compiled decode step (``Engine(..., compile=True)``, ``--compile``): one token per row through
+``torch.compile`` with static shapes (plain PyTorch).
+
+    engine = Engine(model, loops=8, compile=True)          # the first step of a (batch, capacity) bucket compiles
+    engine.generate([[bos, *ids]], max_new_tokens=64)       # same tokens as compile=False
+
+What is compiled: the engine's per-token work — the prelude, the cached recurrent iterations, the coda and the
+head (the model's own :meth:`parcae.model.LoopedLM.step`, with the engine's schedule; nothing here restates the
+model's math) — as one graph per (row bucket, capacity bucket). Shapes never change from step to step:
+
+* :class:`StaticKVCache` preallocates every iteration slot (``max_loops`` for full/latest, K for ring:K, one
+  per prelude/coda block) and every attention reads the whole capacity (absent columns are masked), so
+  :meth:`StaticKVCache.begin` does no host read and the keys' length is fixed;
+* the batch is padded to a row bucket (1, 2, 4, 8, 16, ...; beyond 64 a multiple of 64) and the capacity to a
+  power of two (at least 64; the model's context when it is larger), so a new request of another size reuses a
+  graph; padded rows and rows not decoding are ``real`` = False: they write nothing, and their outputs are
+  dropped;
+* nothing inside the graph reads the host: the step's inputs are device tensors and the loop count is fixed.
+
+What runs where: fixed depth (``loops``, speculative drafts and verifications included) and the exit rules
+under the ``full`` KV policy are one graph per token (the exit rule under ``full`` needs no host decision:
+every token computes every iteration and only its output is taken at its exit). The exit rules under
+``latest`` / ``ring:K`` decide on the host after each check which rows keep computing (that read is what saves
+their compute); under compile they run the engine's eager exit schedule on the static cache — the same tokens,
+not yet faster (see docs/inference.md). Prompt prefill (a chunk of many tokens, once per request) runs eagerly
+against the same static cache. Sampling is drawn outside the graph (each row's generator).
+
+On CUDA the graphs are captured with ``mode="reduce-overhead"`` (CUDA graphs); on the CPU inductor's default
+mode. Start-up: compiled artifacts go to inductor's on-disk caches (FX graph cache, AOT autograd cache) under
+``$TORCHINDUCTOR_CACHE_DIR``, which defaults here to ``~/.cache/parcae/inductor`` (:func:`cache_dir`), so a second
+process compiles from cache. Each new graph logs "compiling ..." and its time on the ``parcae.compile`` logger
+(stderr for the command line); a recompilation of a graph (a guard that failed) is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from parcae.model.loop import Uniform
+
+from .cache import KVPolicy, LoopKVCache
+
+if TYPE_CHECKING:
+    from .engine import Engine, _Forward
+
+log = logging.getLogger("parcae.compile")
+
+DEFAULT_CACHE_DIR = Path("~/.cache/parcae/inductor")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled artifacts across processes: ``$TORCHINDUCTOR_CACHE_DIR`` if the user set it,
+    else ``~/.cache/parcae/inductor`` (set in the environment, so inductor's own caches use it)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE_DIR.expanduser())
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def row_bucket(n: int) -> int:
+    """Rows a batch of ``n`` is padded to: the next power of two up to 64, then the next multiple of 64."""
+    if n < 1:
+        raise ValueError(f"a batch needs at least one row, got {n}")
+    return 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
+def capacity_bucket(n: int, block_size: int) -> int:
+    """Cache columns for ``n`` needed: the next power of two >= 64, capped at the model's context ``block_size``
+    (when ``n`` itself fits)."""
+    bucket = max(64, 1 << (max(n, 1) - 1).bit_length())
+    return max(n, min(bucket, block_size))
+
+
+class StaticKVCache(LoopKVCache):
+    """A :class:`LoopKVCache` whose shapes never change: every iteration slot allocated up front (``max_loops``,
+    or K under ring:K), attention over all ``capacity`` columns (the absent ones masked), no host read in
+    :meth:`begin` or :meth:`release`. A step with fewer rows than the cache (prompt prefill of the unpadded batch)
+    uses the cache's first rows."""
+
+    def __init__(self, config, batch_size: int, capacity: int, policy: KVPolicy, adaptive: bool, max_loops: int,
+                 device=None, dtype=torch.float32) -> None:
+        super().__init__(config, batch_size, capacity, policy, adaptive, device, dtype)
+        slots = min(policy.slots, max_loops) if policy.kind == "ring" else max_loops
+        for store in self.recurrent:
+            store.ensure(slots - 1)
+        self.length = capacity
+        self.key_cols = torch.arange(capacity, device=device)
+
+    def begin(self, cols: Tensor, real: Tensor, rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
+        if max_col is not None and max_col >= self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {max_col} is beyond")
+        if rows is None and cols.shape[0] != self.B:
+            rows = self.all_rows[: cols.shape[0]]
+        self.step_rows, self.cols = rows, cols
+        r = (self.all_rows if rows is None else rows)[:, None]
+        self.present[r, cols] |= real
+        present = self.present if rows is None else self.present[rows]
+        key_cols = self.key_cols
+        causal = key_cols[None, None, :] <= cols[..., None]                      # [b, S, capacity]
+        mask = (causal & present[:, None, :]) | (key_cols[None, None, :] == cols[..., None])
+        self.mask = mask[:, None]
+
+    def release(self, row: int) -> None:
+        self.present[row] = False
+        if self.computed is not None:
+            self.computed[row] = 0
+
+    def reset(self) -> None:
+        """Forget every row (the cache is reused by the next request)."""
+        self.present.zero_()
+        if self.computed is not None:
+            self.computed.zero_()
+
+
+class CompiledStep:
+    """The engine's compiled per-token forward (see the module docstring); built by ``Engine(..., compile=True)``."""
+
+    def __init__(self, engine: "Engine") -> None:
+        import torch._dynamo  # noqa: F401  (imported here: only a compiled engine pays for it)
+
+        cache_dir()
+        _log_recompiles()
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.mode = "reduce-overhead" if self.cuda else None
+        self._graphs: dict[tuple, object] = {}   # (kind, rows, capacity, loops, first) -> compiled function
+        self._caches: list[StaticKVCache] = []   # reused when nobody else holds them (static addresses)
+
+    # -- caches ----------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
+        """A static cache of ``row_bucket(batch_size)`` rows and ``capacity_bucket(capacity)`` columns; one that
+        no caller holds any more is reused (its addresses stay, so CUDA graphs replay without re-recording)."""
+        e = self.engine
+        B, C = row_bucket(batch_size), capacity_bucket(capacity, e.config.block_size)
+        for cache in self._caches:
+            # held only by this list, the loop variable and getrefcount's argument: free to reuse
+            if cache.B == B and cache.capacity == C and sys.getrefcount(cache) <= 3:
+                cache.reset()
+                return cache
+        dtype = next(e.model.parameters()).dtype
+        cache = StaticKVCache(e.config, B, C, e.policy, e.adaptive, e.max_loops, e.device, dtype)
+        if self.cuda:
+            for t in [cache.present, *(s.k for s in cache.stores.values()), *(s.v for s in cache.stores.values()),
+                      *(s.k for s in cache.recurrent), *(s.v for s in cache.recurrent)] + \
+                     ([cache.computed] if cache.computed is not None else []):
+                torch._dynamo.mark_static_address(t)
+        self._caches.append(cache)
+        return cache
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def handles(self, cache, tokens: Tensor, adaptive: bool, need_logits: bool) -> bool:
+        """Whether this forward goes through a graph: one token per row, a static cache, logits wanted, and a
+        depth decided without host reads (fixed depth, or an exit rule under the full KV policy)."""
+        e = self.engine
+        return (isinstance(cache, StaticKVCache) and tokens.shape[1] == 1 and need_logits and e.config.looped
+                and (not adaptive or e.policy.kind == "full"))
+
+    def forward(self, cache: StaticKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
+                sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor], rows: Optional[Sequence[int]],
+                max_col: Optional[int], loops: Optional[int], first_loop: int) -> "_Forward":
+        """:meth:`Engine.forward` of one token per row through the compiled graph of the cache's bucket."""
+        from .engine import _Forward
+
+        e = self.engine
+        B, Bp = tokens.shape[0], cache.B
+        if max_col is not None and max_col >= cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} tokens per row; column {max_col} is beyond")
+        if rows is not None and len(rows) < B:
+            mask = torch.zeros(B, 1, dtype=torch.bool)
+            mask[list(rows)] = True
+            real = real & mask.to(real.device)
+        if Bp > B:  # padded rows: not real, so they write nothing
+            pad = Bp - B
+            tokens, cols, positions, real, sequences = (
+                torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in (tokens, cols, positions, real, sequences))
+            if initial_state is not None:
+                initial_state = torch.cat([initial_state, initial_state.new_zeros((pad, *initial_state.shape[1:]))])
+        if adaptive:
+            key = ("exit", Bp, cache.capacity, initial_state is not None)
+        else:
+            n = (loops or e.prefill_loops)
+            key = ("fixed", Bp, cache.capacity, n, first_loop, initial_state is not None)
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._graphs[key] = _Timed(self._compile(key), key)
+        logits, depth, state = fn(cache, tokens, cols, positions, real, sequences, initial_state)
+        if not adaptive:
+            n_real = real.sum()
+            e._iterations += n_real * (key[3] - first_loop)
+            e._readouts += n_real
+        if Bp > B:
+            logits, depth, state = logits[:B], depth[:B], state[:B]
+        return _Forward(logits, depth, state)
+
+    def _compile(self, key: tuple):
+        e = self.engine
+        model, seed = e.model, e.seed
+        if key[0] == "fixed":
+            iterations, first = key[3], key[4]
+
+            def step(cache, tokens, cols, positions, real, sequences, initial_state):
+                cache.begin(cols, real)
+                out = model.step(tokens, schedule=Uniform(iterations, real, first), positions=positions,
+                                 cache=cache, real=real, initial_state=initial_state, state_seed=seed,
+                                 sequences=sequences)
+                depth = torch.where(real, iterations, 0)
+                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
+        else:
+            from .engine import _ExitSchedule
+
+            def step(cache, tokens, cols, positions, real, sequences, initial_state):
+                cache.begin(cols, real)
+                schedule = _ExitSchedule(e, real)
+                out = model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
+                                 initial_state=initial_state, state_seed=seed, sequences=sequences)
+                if schedule.logits_out is None:
+                    e._readouts += real.sum()
+                depth = torch.where(real, schedule.depth, 0)
+                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
+
+        return torch.compile(step, mode=self.mode, dynamic=False)
+
+
+class _Timed:
+    """A compiled function whose first call (the compilation) is logged with its time."""
+
+    def __init__(self, fn, key: tuple) -> None:
+        self.fn, self.key, self.first = fn, key, True
+
+    def __call__(self, *args):
+        if not self.first:
+            return self.fn(*args)
+        what = f"{self.key[0]} step, {self.key[1]} rows, {self.key[2]} cache columns" + \
+            (f", {self.key[3]} loops" if self.key[0] == "fixed" else "")
+        log.info("compiling the decode step (%s); cache %s", what, cache_dir())
+        start = time.perf_counter()
+        out = self.fn(*args)
+        log.info("compiled the decode step (%s) in %.1f s", what, time.perf_counter() - start)
+        self.first = False
+        return out
+
+
+_recompile_hook_installed = False
+
+
+def _log_recompiles() -> None:
+    """Route dynamo's recompilation reasons to our logger as warnings (a recompile is never silent)."""
+    global _recompile_hook_installed
+    if _recompile_hook_installed:
+        return
+    _recompile_hook_installed = True
+    torch._logging.set_logs(recompiles=True)
+    source = logging.getLogger("torch._dynamo")  # the recompiles artifact is logged here (guards.py)
+
+    class _Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "ecompil" in message:
+                log.warning("torch recompiled a graph: %s", message.strip().splitlines()[0][:500])
+
+    source.addHandler(_Forward())
+
+
+def recompiles() -> int:
+    """Recompilations dynamo counted in this process (a graph whose guards failed and was compiled again)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["recompiles"].values()) if "recompiles" in counters else 0
