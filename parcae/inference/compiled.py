@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -58,8 +59,13 @@ DEFAULT_CACHE_DIR = Path("~/.cache/parcae/inductor")
 
 def cache_dir() -> Path:
     """Where inductor keeps compiled artifacts across processes: ``$TORCHINDUCTOR_CACHE_DIR`` if the user set it,
-    else ``~/.cache/parcae/inductor`` (set in the environment, so inductor's own caches use it)."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    else ``~/.cache/parcae/inductor`` (set in the environment, so inductor's own caches use it). Importing
+    ``torch._dynamo`` fills the variable with torch's default (a per-user folder in the temporary directory, which
+    does not survive a reboot); that default counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE_DIR.expanduser())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
@@ -127,6 +133,7 @@ class CompiledStep:
 
         cache_dir()
         _log_recompiles()
+        _show_progress()
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
         self.mode = "reduce-overhead" if self.cuda else None
@@ -225,7 +232,15 @@ class CompiledStep:
                 depth = torch.where(real, schedule.depth, 0)
                 return torch.where(real[..., None], out.logits, 0.0), depth, out.state
 
-        return torch.compile(step, mode=self.mode, dynamic=False)
+        return torch.compile(_own_code(step, "_".join(map(str, key))), mode=self.mode, dynamic=False)
+
+
+def _own_code(fn, tag: str):
+    """``fn`` with a code object of its own: dynamo keeps compiled graphs per code object, so each bucket's graph
+    has its own cache entry and a new bucket is a first compile, never a recompile of another bucket's graph (nor
+    does it count toward dynamo's recompile limit)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 class _Timed:
@@ -245,6 +260,16 @@ class _Timed:
         log.info("compiled the decode step (%s) in %.1f s", what, time.perf_counter() - start)
         self.first = False
         return out
+
+
+def _show_progress() -> None:
+    """Compile progress on stderr when nobody configured logging (the command line): a line per graph."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[compile] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 _recompile_hook_installed = False

@@ -130,10 +130,12 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
-                 prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None) -> None:
+                 prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None,
+                 compile: bool = False) -> None:
         """``max_rows`` rows decode at once over all lanes; at most ``max_lanes`` lanes (distinct depth options)
         exist at once, each holding ``max_rows`` full-context KV caches; at most ``max_queue`` (default
-        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`."""
+        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. ``compile``: every
+        lane's engine decodes through its compiled step (``Engine(..., compile=True)``)."""
         max_queue = 4 * max_rows if max_queue is None else max_queue
         for name, value in (("max_rows", max_rows), ("prefill_chunk", prefill_chunk), ("max_lanes", max_lanes),
                             ("max_queue", max_queue)):
@@ -141,6 +143,7 @@ class Scheduler:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
         self.max_lanes, self.max_queue = max_lanes, max_queue
+        self.compile = compile
         self.stop_ids = set(int(s) for s in stop_ids)
         self.capacity = model.config.block_size
         self.vocab_size = model.config.vocab_size
@@ -269,7 +272,7 @@ class Scheduler:
                 continue   # the draining lane takes no one new
             if lane is None:
                 try:
-                    lane = self._lanes[key] = _Lane(Engine.from_options(self.model, key), self.max_rows,
+                    lane = self._lanes[key] = _Lane(Engine.from_options(self.model, key, compile=self.compile), self.max_rows,
                                                     self.capacity)
                 except Exception as err:
                     taken.add(id(row))

@@ -306,12 +306,12 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
               prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
-              max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False):
+              max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False, compile: bool = False):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread. ``app.state.stopping``
     ends every open request (:class:`Stopping`); :func:`serve` calls it on SIGTERM / SIGINT."""
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence, special_tokens)
     scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=stop_ids(tok), prefill_chunk=prefill_chunk,
-                          max_queue=max_queue, max_lanes=max_lanes)
+                          max_queue=max_queue, max_lanes=max_lanes, compile=compile)
     stopping = Stopping()
 
     @asynccontextmanager
@@ -484,7 +484,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           tokenizer: Optional[str] = None, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
           prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
-          max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False) -> None:
+          max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False, compile: bool = False) -> None:
     """OpenAI-style /v1/completions with continuous batching; each request carries its own depth options.
 
     Args:
@@ -503,6 +503,8 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
         max_request_bytes: the largest request body (default 1 MiB); a larger one is answered 413 unread.
         special_tokens: read special-token spellings in prompts (<|eos|>, <|bos|>) as the control tokens; by default
             they are plain text, so a client cannot inject them.
+        compile: decode through torch.compile with static shapes (each depth setting's lane compiles on its
+            first step; compiled graphs are cached in ~/.cache/parcae/inductor).
     """
     for flag, value in (("max_batch_size", max_batch_size), ("max_request_loops", max_request_loops),
                         ("prefill_chunk", prefill_chunk), ("max_queue", max_queue), ("max_lanes", max_lanes),
@@ -522,7 +524,7 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
     app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,
                     prefill_chunk=prefill_chunk, max_queue=max_queue, max_lanes=max_lanes,
                     max_request_bytes=max_request_bytes,
-                    special_tokens=special_tokens)
+                    special_tokens=special_tokens, compile=compile)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
