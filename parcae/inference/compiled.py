@@ -47,7 +47,7 @@ from torch import Tensor
 
 from parcae.model.loop import Uniform
 
-from .cache import KVPolicy, LoopKVCache
+from .cache import KVPolicy, LoopKVCache, _Store, _View
 
 if TYPE_CHECKING:
     from .engine import Engine, _Forward
@@ -94,8 +94,9 @@ class StaticKVCache(LoopKVCache):
                  device=None, dtype=torch.float32) -> None:
         super().__init__(config, batch_size, capacity, policy, adaptive, device, dtype)
         slots = min(policy.slots, max_loops) if policy.kind == "ring" else max_loops
-        for store in self.recurrent:
-            store.ensure(slots - 1)
+        shape = (batch_size, config.kv_heads, capacity, config.head_dim)
+        self.stores = {index: _StaticStore(shape, device, dtype) for index in self.stores}
+        self.recurrent = [_StaticStore(shape, device, dtype, slots) for _ in self.recurrent]
         self.length = capacity
         self.key_cols = torch.arange(capacity, device=device)
 
@@ -113,6 +114,13 @@ class StaticKVCache(LoopKVCache):
         mask = (causal & present[:, None, :]) | (key_cols[None, None, :] == cols[..., None])
         self.mask = mask[:, None]
 
+    def once(self, index: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
+        return _StaticView(self, self.stores[index], 0, None, False, rows, write)
+
+    def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
+        view = super().loop(block, iteration, rows, write)
+        return _StaticView(self, view.store, view.slot, view.count, view.fallback, rows, write)
+
     def release(self, row: int) -> None:
         self.present[row] = False
         if self.computed is not None:
@@ -123,6 +131,64 @@ class StaticKVCache(LoopKVCache):
         self.present.zero_()
         if self.computed is not None:
             self.computed.zero_()
+
+
+class _StaticStore(_Store):
+    """A store of one tensor per slot (keys and values), all allocated up front. Slots of one tensor would be views
+    of one base, and a compiled graph that writes into one view copies the whole base: separate tensors are
+    written in place."""
+
+    def __init__(self, shape: tuple, device, dtype, slots: int = 1) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+        self.vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+
+    def ensure(self, slot: int) -> None:
+        if slot >= len(self.ks):
+            raise ValueError(f"iteration slot {slot} is beyond the {len(self.ks)} slots of a static KV cache")
+
+    def write(self, slot: int, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+        K, V = self.ks[slot], self.vs[slot]
+        if mask is not None:
+            m = mask[..., None, None]
+            k, v = torch.where(m, k.to(K.dtype), K[rows, :, cols]), torch.where(m, v.to(V.dtype), V[rows, :, cols])
+        K[rows, :, cols], V[rows, :, cols] = k.to(K.dtype), v.to(V.dtype)
+
+    @property
+    def k(self) -> Tensor:   # the stacked slots [slots, B, kv_heads, capacity, head_dim] (a copy; eager reads)
+        return torch.stack(self.ks)
+
+    @property
+    def v(self) -> Tensor:
+        return torch.stack(self.vs)
+
+    @property
+    def slots(self) -> int:
+        return len(self.ks)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.ks, *self.vs])
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.ks, *self.vs]
+
+
+class _StaticView(_View):
+    """A view that reads its own slot's tensor (no stacked copy) when no fallback is needed."""
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.fallback:  # latest / ring with an exit rule (the eager exit schedule): the stacked slots
+            return super().update(k, v)
+        c, sub = self.cache, self.rows
+        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
+        cols = c.cols if sub is None else c.cols[sub]
+        mask = c.mask if sub is None else c.mask[sub]
+        self.store.write(self.slot, (c.all_rows if batch_rows is None else batch_rows)[:, None], cols, k, v,
+                         self.write)
+        keys, values = self.store.ks[self.slot], self.store.vs[self.slot]
+        if batch_rows is not None:
+            keys, values = keys[batch_rows], values[batch_rows]
+        return keys, values, mask
 
 
 class CompiledStep:
@@ -154,8 +220,7 @@ class CompiledStep:
         dtype = next(e.model.parameters()).dtype
         cache = StaticKVCache(e.config, B, C, e.policy, e.adaptive, e.max_loops, e.device, dtype)
         if self.cuda:
-            for t in [cache.present, *(s.k for s in cache.stores.values()), *(s.v for s in cache.stores.values()),
-                      *(s.k for s in cache.recurrent), *(s.v for s in cache.recurrent)] + \
+            for t in [cache.present, *(t for s in [*cache.stores.values(), *cache.recurrent] for t in s.tensors())] + \
                      ([cache.computed] if cache.computed is not None else []):
                 torch._dynamo.mark_static_address(t)
         self._caches.append(cache)
