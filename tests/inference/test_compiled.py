@@ -169,3 +169,40 @@ def test_a_recompile_is_logged(fixed, caplog):
         f(torch.ones(5))  # another shape under dynamic=False: a recompile
     assert recompiles() == before + 1
     assert any("recompiled" in r.getMessage() for r in caplog.records if r.name == "parcae.compile")
+
+
+def test_scheduler_lanes_compiled_equal_each_request_alone(model, compile_cache, traced, caplog):
+    """The server's scheduler with compile=True (rows joining, leaving and reusing slots of a lane's static cache,
+    chunked prefill, a warm-start lane, an exit-rule lane) answers each request as the eager engine does alone."""
+    from parcae.inference import Sampling
+    from parcae.inference.options import DepthOptions
+    from parcae.inference.scheduler import Job, Scheduler
+
+    jobs = [Job([0, 5, 9, 13, 2, 7, 40], 9, DepthOptions(), Sampling(), 0),
+            Job([0, 3], 5, DepthOptions(), Sampling(temperature=1.0, top_k=20), 7),
+            Job([0, 8, 8, 9], 6, DepthOptions(exit="latent-diff:1", max_loops=4), Sampling(), 0),
+            Job([0, 60, 61, 62], 4, DepthOptions(continuous=True), Sampling(), 0),
+            Job([0, 70, 71], 7, DepthOptions(), Sampling(temperature=0.7, top_p=0.9), 12345)]
+    scheduler = Scheduler(model, max_rows=2, prefill_chunk=3, compile=True)
+    events = [[] for _ in jobs]
+    for i, job in enumerate(jobs):
+        scheduler.submit(job, lambda ev, i=i: events[i].append(ev))
+    with caplog.at_level(logging.INFO, logger="parcae.compile"):
+        for _ in range(300):
+            if all(ev and ev[-1].finish for ev in events):
+                break
+            scheduler.step()
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the decode step")]
+    assert len(compiled) >= 2  # the lanes decoded through their graphs (fixed depth, warm start)
+    for job, ev in zip(jobs, events):
+        sampling = Sampling(job.sampling.temperature, job.sampling.top_k, job.sampling.top_p, seed=job.seed)
+        out = Engine.from_options(model, job.depth).generate([job.prompt], job.max_new_tokens, sampling)[0]
+        assert [e.token for e in ev] == out.tokens and [e.depth for e in ev] == out.depths
+
+
+def test_perplexity_compile_needs_an_exit_rule(tmp_path):
+    from parcae.errors import UsageError
+    from parcae.eval.perplexity import perplexity
+
+    with pytest.raises(UsageError, match="--compile applies to perplexity --exit"):
+        perplexity(ckpt_path=str(tmp_path / "none.ckpt"), text=tmp_path / "none.txt", compile=True)
