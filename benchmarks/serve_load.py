@@ -10,6 +10,19 @@ a short or a longer prompt. Requests still running when the time is up are waite
     python benchmarks/serve_load.py --label continuous                          # this checkout's server
     git archive 1f635f2 parcae | tar -x -C /tmp/static                           # the static-batching server
     python benchmarks/serve_load.py --label static --server_code /tmp/static --server_flags "--batch_timeout 0.05"
+
+Exit rule against fixed depth on a trained checkpoint (issue 28: depth-level batching): every request the same
+length (``--max_tokens``), the rule's fields in every request (``--payload``), and each distinct request sent again
+alone after the load, its answer compared with the ones under load (``--check_alone``):
+
+    CK=/tmp/democlone/checkpoints/mini_demo/last.ckpt
+    python benchmarks/serve_load.py --label fixed --ckpt_path $CK --max_batch_size 16 --max_tokens 64 --check_alone
+    python benchmarks/serve_load.py --label latent-diff-depth-level --ckpt_path $CK --max_batch_size 16 \
+        --max_tokens 64 --check_alone --payload '{"exit": "latent-diff"}' --server_flags "--depth_gather 1"
+    python benchmarks/serve_load.py --label latent-diff-token-level --ckpt_path $CK --max_batch_size 16 \
+        --max_tokens 64 --check_alone --payload '{"exit": "latent-diff"}' --server_flags "--depth_gather 0"
+
+(``--depth_gather`` omitted: depth-level ticks on a GPU, token-level steps on the CPU.)
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,9 +115,11 @@ def stop_server(proc: subprocess.Popen) -> None:
             continue
 
 
-def load(port: int, clients: int, duration: float, seed: int) -> tuple[list[dict], float]:
+def load(port: int, clients: int, duration: float, seed: int, max_tokens: Optional[int] = None,
+         payload: Optional[dict] = None) -> tuple[list[dict], float]:
     records: list[dict] = []
     lock = threading.Lock()
+    fixed_tokens = max_tokens
     start = time.perf_counter()
 
     def client(i: int) -> None:
@@ -114,13 +130,16 @@ def load(port: int, clients: int, duration: float, seed: int) -> tuple[list[dict
                 acc += weight
                 if u < acc:
                     break
+            if fixed_tokens is not None:
+                kind, max_tokens = "fixed", fixed_tokens
             prompt = rng.choice(PROMPTS)
             sent = time.perf_counter()
-            body = post(port, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            body = post(port, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **(payload or {})})
             done = time.perf_counter()
             with lock:
                 records.append({"kind": kind, "max_tokens": max_tokens, "sent": sent - start, "latency": done - sent,
-                                "tokens": body["usage"]["completion_tokens"]})
+                                "tokens": body["usage"]["completion_tokens"], "prompt": prompt,
+                                "text": body["choices"][0]["text"]})
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -139,9 +158,11 @@ def summary(records: list[dict], elapsed: float) -> dict:
     out = {"requests": len(records), "elapsed_s": round(elapsed, 1),
            "tokens_per_s": round(sum(r["tokens"] for r in records) / elapsed, 1),
            "requests_per_s": round(len(records) / elapsed, 2)}
-    for kind in (None, "short", "medium", "long"):
+    for kind in (None, "short", "medium", "long", "fixed"):
         lat = [r["latency"] for r in records if kind is None or r["kind"] == kind]
         name = kind or "all"
+        if not lat and kind is not None:
+            continue
         out[f"{name}_n"] = len(lat)
         out[f"{name}_p50_s"] = round(percentile(lat, 50), 2)
         out[f"{name}_p99_s"] = round(percentile(lat, 99), 2)
@@ -158,9 +179,15 @@ def main() -> None:
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    p.add_argument("--ckpt_path", default=None, help="serve this checkpoint (default: mini-demo, random weights)")
+    p.add_argument("--max_tokens", type=int, default=None, help="every request this many tokens (not the mix)")
+    p.add_argument("--payload", default="{}", help="JSON fields added to every request, e.g. '{\"exit\": \"kl\"}'")
+    p.add_argument("--check_alone", action="store_true",
+                   help="after the load, send each distinct request alone and compare its answer with the loaded ones")
     args = p.parse_args()
+    payload = json.loads(args.payload)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_run(Path(tmp))
+        ckpt = Path(args.ckpt_path) if args.ckpt_path else write_run(Path(tmp))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -174,14 +201,25 @@ def main() -> None:
                 sent = time.perf_counter()
                 post(port, {"prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0})
                 alone[f"alone_{kind}_s"] = round(time.perf_counter() - sent, 2)
-            records, elapsed = load(port, args.clients, args.duration, args.seed)
+            records, elapsed = load(port, args.clients, args.duration, args.seed, args.max_tokens, payload)
+            if args.check_alone:   # each distinct request on the idle server: the same answer as under load?
+                answers: dict = {}
+                for r in records:
+                    answers.setdefault((r["prompt"], r["max_tokens"]), set()).add(r["text"])
+                differ = 0
+                for (prompt, max_tokens), texts in answers.items():
+                    body = post(port, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **payload})
+                    differ += sum(t != body["choices"][0]["text"] for t in texts)
+                alone["answers_equal_alone"] = differ == 0
+                alone["distinct_requests"] = len(answers)
         finally:
             stop_server(proc)
     result = {"label": args.label, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"load {os.getloadavg()[0]:.1f}", "torch": torch.__version__,
               "clients": args.clients, "duration_s": args.duration, "max_batch_size": args.max_batch_size,
-              "server_flags": args.server_flags, **alone, **summary(records, elapsed)}
+              "server_flags": args.server_flags, "checkpoint": args.ckpt_path or "mini-demo (random weights)",
+              "payload": payload, "max_tokens": args.max_tokens, **alone, **summary(records, elapsed)}
     print(json.dumps(result, indent=1))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

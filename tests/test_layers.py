@@ -50,6 +50,7 @@ MODULES = {
     "runs": ["parcae.runs", "parcae.runs.checkpoint", "parcae.runs.errors", "parcae.runs.layout",
              "parcae.runs.lock", "parcae.runs.output", "parcae.runs.rundir", "parcae.runs.storage"],
     "inference": ["parcae.inference", "parcae.inference.cache", "parcae.inference.cli", "parcae.inference.compiled",
+                  "parcae.inference.depth_batching",
                   "parcae.inference.elastic",
                   "parcae.inference.engine", "parcae.inference.exits", "parcae.inference.options",
                   "parcae.inference.scheduler", "parcae.inference.serve", "parcae.inference.speculative"],

@@ -148,6 +148,20 @@ class LoopKVCache:
         count = iteration + 1 if fallback and block == 0 else None  # the first block of an iteration counts it
         return _View(self, self.recurrent[block], self.policy.slot(iteration), count, fallback, rows, write)
 
+    def loop_rows(self, block: int, iterations: Tensor, rows: Optional[Tensor], write: Optional[Tensor],
+                  top: Optional[int] = None) -> "_RowsView":
+        """The view of recurrent block ``block`` when each row of the step is at its own iteration: ``iterations``
+        [rows] (depth-level batching, :mod:`parcae.inference.depth_batching`). Row b stores into and reads the
+        slot of its iteration t_b under the policy, a token that never ran it read from slot min(slot_b,
+        computed − 1) (the fallback of :meth:`loop`, per row). ``top`` (the largest iteration, known to the
+        caller) spares a device read."""
+        fallback = self.computed is not None
+        slots = iterations % self.policy.slots if self.policy.kind == "ring" else iterations
+        deepest = int(iterations.max()) if top is None else top
+        top_slot = min(deepest, self.policy.slots - 1) if self.policy.kind == "ring" else deepest
+        return _RowsView(self, self.recurrent[block], slots, top_slot,
+                         iterations + 1 if fallback and block == 0 else None, fallback, rows, write)
+
     def release(self, row: int) -> None:
         """Forget every entry of one row, so the row can hold a new sequence from column 0 (continuous batching:
         a finished request's slot is reused by the next one's prefill)."""
@@ -215,3 +229,42 @@ class _View:
             keys, values = keys[:, batch_rows], values[:, batch_rows]
         index = pick.expand(1, *keys.shape[1:])
         return keys.gather(0, index)[0], values.gather(0, index)[0], mask
+
+
+class _RowsView(_View):
+    """A recurrent block's view whose rows are each at their own iteration slot (``slots`` [rows]); ``top`` is
+    the largest slot (allocated on first use, like :meth:`_Store.ensure`), ``count`` [rows] the iterations
+    computed by a row's written tokens (first block only)."""
+
+    def __init__(self, cache: LoopKVCache, store: _Store, slots: Tensor, top: int, count: Optional[Tensor],
+                 fallback: bool, rows: Optional[Tensor], write: Optional[Tensor]) -> None:
+        super().__init__(cache, store, 0, None, fallback, rows, write)
+        self.slots, self.top, self.counts = slots, top, count
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c, sub, st = self.cache, self.rows, self.store
+        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
+        cols = c.cols if sub is None else c.cols[sub]
+        mask = c.mask if sub is None else c.mask[sub]
+        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        s = self.slots[:, None]
+        st.ensure(self.top)
+        if self.write is None:
+            st.k[s, r, :, cols], st.v[s, r, :, cols] = k.to(st.dtype), v.to(st.dtype)
+        else:
+            m = self.write[..., None, None]
+            st.k[s, r, :, cols] = torch.where(m, k.to(st.dtype), st.k[s, r, :, cols])
+            st.v[s, r, :, cols] = torch.where(m, v.to(st.dtype), st.v[s, r, :, cols])
+        if self.counts is not None:
+            counted = c.computed[r, cols]
+            count = self.counts[:, None].expand_as(counted)
+            c.computed[r, cols] = count if self.write is None else torch.where(self.write, count, counted)
+        L = c.length
+        rows_all = r[:, 0]
+        if not self.fallback:
+            return st.k[self.slots, rows_all, :, :L], st.v[self.slots, rows_all, :, :L], mask
+        # row b's token that ran n iterations is read from slot min(slot_b, n − 1)
+        computed = c.computed[rows_all, :L]
+        pick = torch.minimum((computed - 1).clamp(min=0), self.slots[:, None])               # [b, L]
+        key_cols = torch.arange(L, device=pick.device)[None]
+        return (st.k[pick, r, :, key_cols].transpose(1, 2), st.v[pick, r, :, key_cols].transpose(1, 2), mask)

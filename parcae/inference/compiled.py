@@ -121,6 +121,10 @@ class StaticKVCache(LoopKVCache):
         view = super().loop(block, iteration, rows, write)
         return _StaticView(self, view.store, view.slot, view.count, view.fallback, rows, write)
 
+    def loop_rows(self, *args, **kwargs):
+        raise NotImplementedError("depth-level batching does not run on the static KV cache of a compiled engine "
+                                  "(compiled lanes decode token-level steps)")
+
     def release(self, row: int) -> None:
         self.present[row] = False
         if self.computed is not None:

@@ -236,6 +236,13 @@ class Engine:
         """The engine for ``model`` at the depth ``options`` (resolved here if they are not yet)."""
         return cls(model, seed=seed, speculate=speculate, compile=compile, **options.as_kwargs())
 
+    def count(self, iterations: int = 0, readouts: int = 0) -> None:
+        """Add (token, iteration) pairs and read-outs computed outside :meth:`forward` (depth-level batching)."""
+        if iterations:
+            self._iterations += iterations
+        if readouts:
+            self._readouts += readouts
+
     @property
     def iterations_run(self) -> int:
         return int(self._iterations)
@@ -424,7 +431,16 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: Sampling | Sequence[Sampling] = Sampling(), stop_ids: Sequence[int] = (),
                  padding: str = "left", sequences: Optional[Sequence[int]] = None) -> list[Generation]:
-        """:meth:`stream`'s tokens gathered per row (with speculation, each row's :class:`SpeculationStats`)."""
+        """:meth:`stream`'s tokens gathered per row (with speculation, each row's :class:`SpeculationStats`). With
+        an exit rule and several prompts on an accelerator the rows decode in depth-level ticks
+        (:mod:`parcae.inference.depth_batching`: a row whose token exits early goes on to its next token while the
+        others still loop; :func:`~parcae.inference.depth_batching.default_gather` says where), the same tokens."""
+        if self.adaptive and len(prompts) > 1:
+            from . import depth_batching  # (it builds on this module)
+            gather = depth_batching.default_gather(self)
+            if gather and depth_batching.supports(self):
+                return depth_batching.generate(self, prompts, max_new_tokens, sampling, stop_ids, padding, sequences,
+                                               gather)
         results = [Generation(speculation=SpeculationStats() if self.speculate else None) for _ in prompts]
         for event in self.stream(prompts, max_new_tokens, sampling, stop_ids, padding, sequences):
             for b, r in enumerate(results):
@@ -608,7 +624,17 @@ def decode_step(engine: Engine, cache: LoopKVCache, tokens: Tensor, cols: Tensor
     out = engine.forward(cache, tokens[:, None], cols[:, None], positions[:, None], real.to(dev), sequences,
                          adaptive=engine.adaptive and loops is None, initial_state=initial_state, rows=rows,
                          max_col=max_col, loops=loops, first_loop=first_loop)
-    logits, V = out.logits[:, -1], engine.config.vocab_size
+    return draw_step(out.logits[:, -1], out.depth[:, -1], out.state, rows, samplings, generators,
+                     engine.config.vocab_size, logprobs, want_probs)
+
+
+def draw_step(logits: Tensor, depth: Tensor, state: Optional[Tensor], rows: Sequence[int],
+              samplings: Sequence[Sampling], generators: Sequence[torch.Generator], V: int,
+              logprobs: Optional[Sequence[Optional[int]]] = None, want_probs: bool = False) -> DecodeStep:
+    """The drawing half of :func:`decode_step`: from each row's logits [B, V'] (rows ``rows``; the others draw
+    nothing), the next token by the row's own sampling settings and generator (rows with equal settings drawn
+    together), and the log-probabilities asked for; ``depth`` [B] and ``state`` are carried into the step."""
+    B, dev = logits.shape[0], logits.device
     nxt = torch.zeros(B, dtype=torch.long, device=dev)
     probs = torch.zeros(B, V, device=dev) if want_probs else None
     errors: dict[int, str] = {}
@@ -624,7 +650,7 @@ def decode_step(engine: Engine, cache: LoopKVCache, tokens: Tensor, cols: Tensor
         n = min(max((logprobs[b] or 0) for b in rows if logprobs[b] is not None), V)
         top = torch.topk(logp, n, -1)
         lp = (logp.gather(1, nxt[:, None])[:, 0], top.values, top.indices)
-    return DecodeStep(nxt, out.depth[:, -1], logits, out.state, probs, errors, logprobs, lp)
+    return DecodeStep(nxt, depth, logits, state, probs, errors, logprobs, lp)
 
 
 def _draw_group(logits: Tensor, sampling: Sampling, generators: Sequence[torch.Generator], group: list[int],

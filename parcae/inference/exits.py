@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,16 @@ class ExitTracker:
         self.prev_entropy = torch.full(shape, math.inf, device=h0.device)
         self.prev_argmax = torch.full(shape, -1, dtype=torch.long, device=h0.device)
         self.stable = torch.zeros(shape, dtype=torch.long, device=h0.device)
+
+    def restart(self, rows: Tensor, h0: Tensor) -> None:
+        """Rows ``rows`` begin a new loop from h0 [rows, S, d] (depth-level batching: a new token enters a slot
+        whose previous token exited): their quantities are those of :meth:`ExitRule.start`."""
+        self.prev_h = put(self.prev_h, rows, h0)
+        if self.prev_log_probs is not None:
+            self.prev_log_probs = self.prev_log_probs.index_fill(0, rows, -math.log(self.vocab_size))
+        self.prev_entropy = self.prev_entropy.index_fill(0, rows, math.inf)
+        self.prev_argmax = self.prev_argmax.index_fill(0, rows, -1)
+        self.stable = self.stable.index_fill(0, rows, 0)
 
     def update(self, h: Tensor, logits: Optional[Tensor], rows: Optional[Tensor] = None,
                h_before: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -157,3 +167,47 @@ class _ForcedTracker:
         done = pick(self.done, rows) + 1
         self.done = put(self.done, rows, done)
         return done >= pick(self.target, rows), done.float()
+
+
+class ScriptedDepth:
+    """Not a convergence rule: each token exits at the ``depth(h0)``-th check (with the default min_loops 1 and
+    exit_every 1: after depth(h0) iterations), ``depth`` mapping initial states [b, S, d] to counts [b, S]. The
+    depth is a function of the token's own initial state, so a token exits at the same iteration alone, in a
+    token-level batch or at a depth-level tick: mixed depths forced where a test or a benchmark needs them known.
+
+        rule = ScriptedDepth.spread(8)      # depths 1..8 from h₀'s sign pattern, mean ≈ 4.5
+    """
+
+    name = "scripted"
+
+    def __init__(self, depth: Callable[[Tensor], Tensor], needs_logits: bool = False) -> None:
+        self.depth, self.needs_logits = depth, needs_logits
+
+    @classmethod
+    def spread(cls, most: int, needs_logits: bool = False) -> "ScriptedDepth":
+        """Depths 1..``most``, about uniform over tokens (mean (most + 1) / 2), from the signs of h₀'s first 16
+        channels (a random-noise h₀; a zero h₀ gives every token depth 1)."""
+        weights = 2 ** torch.arange(16)
+
+        def depth(h0: Tensor) -> Tensor:
+            bits = (h0[..., :16] > 0).long()
+            return 1 + (bits * weights[: bits.shape[-1]].to(h0.device)).sum(-1) % most
+        return cls(depth, needs_logits)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def start(self, h0: Tensor, vocab_size: int) -> "_ScriptedTracker":
+        return _ScriptedTracker(self.depth, h0)
+
+
+class _ScriptedTracker(_ForcedTracker):
+    """Checks done per token against its target depth(h₀); :meth:`restart` begins new tokens in some rows."""
+
+    def __init__(self, depth: Callable[[Tensor], Tensor], h0: Tensor) -> None:
+        super().__init__(depth(h0).to(h0.device))
+        self.depth_of = depth
+
+    def restart(self, rows: Tensor, h0: Tensor) -> None:
+        self.target = self.target.index_copy(0, rows, self.depth_of(h0).to(self.target.device))
+        self.done = self.done.index_fill(0, rows, 0)

@@ -24,7 +24,10 @@ share a forward; a step runs one forward per lane that has work. Every step:
 4. runs one decode step for every row whose prompt is in — :func:`~parcae.inference.engine.decode_step`, the same
    step :meth:`Engine.stream` runs — at the row's own column and position (idle slots cost nothing), the next
    token drawn with the row's own sampling settings and generator; a row that hit a stop id or its token limit
-   leaves at once, freeing its slot for the next request.
+   leaves at once, freeing its slot for the next request. A lane with an exit rule on an accelerator (or with
+   ``depth_gather`` >= 1) instead runs one depth-level tick (:class:`~parcae.inference.depth_batching.DepthBatch`):
+   one loop iteration for every token in flight, each at its own iteration, so a row whose token exits early goes
+   on to its next token while the others still loop.
 
 The queue holds at most ``max_queue`` requests (default 4 x ``max_rows``); :meth:`Scheduler.submit` raises
 :class:`Overloaded` beyond that (the server answers 429).
@@ -52,6 +55,7 @@ from torch import Tensor
 from parcae.model import LoopedLM
 from parcae.model.state import positional_noise
 
+from .depth_batching import DepthBatch, default_gather, supports
 from .engine import Engine, Sampling, decode_step, generator_seed
 from .options import DepthOptions
 
@@ -101,6 +105,7 @@ class _Row:
     slot: int
     fed: int = 0        # prompt tokens in the cache (all but the last go in by prefill)
     generated: int = 0
+    looping: bool = False   # a depth-level lane: the row's tokens have started entering its loop
 
     @property
     def decoding(self) -> bool:
@@ -110,7 +115,7 @@ class _Row:
 class _Lane:
     """One engine (one set of depth options) and its KV cache of fixed slots."""
 
-    def __init__(self, engine: Engine, slots: int, capacity: int) -> None:
+    def __init__(self, engine: Engine, slots: int, capacity: int, depth_gather: Optional[int] = None) -> None:
         self.engine, self.capacity = engine, capacity
         self.sequences = torch.zeros(slots, dtype=torch.long, device=engine.device)  # every slot is sequence 0
         self.cache = engine.new_cache(slots, capacity)
@@ -120,6 +125,10 @@ class _Lane:
         dtype = next(engine.model.parameters()).dtype
         self.state = (torch.zeros(slots, 1, cfg.d_model, device=engine.device, dtype=dtype)
                       if engine.continuous else None)   # warm start: the previous token's final state per slot
+        # with an exit rule the lane decodes in depth-level ticks (one loop iteration per tick for every token)
+        gather = default_gather(engine) if depth_gather is None else depth_gather
+        self.depth = DepthBatch(engine, self.cache, self.sequences, gather) \
+            if gather and engine.adaptive and supports(engine) else None
 
     def free_slot(self) -> Optional[int]:
         return next((i for i, r in enumerate(self.rows) if r is None), None)
@@ -131,18 +140,25 @@ class _Lane:
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
                  prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None,
-                 compile: bool = False) -> None:
+                 depth_gather: Optional[int] = None, compile: bool = False) -> None:
         """``max_rows`` rows decode at once over all lanes; at most ``max_lanes`` lanes (distinct depth options)
         exist at once, each holding ``max_rows`` full-context KV caches; at most ``max_queue`` (default
-        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. ``compile``: every
-        lane's engine decodes through its compiled step (``Engine(..., compile=True)``)."""
+        4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. ``depth_gather`` N >= 1:
+        lanes with an exit rule decode in depth-level ticks (:mod:`parcae.inference.depth_batching`), their exited
+        tokens read out N at a time (:class:`~parcae.inference.depth_batching.DepthBatch`'s ``gather``); 0: in
+        token-level steps like the fixed-depth lanes (each step runs to its deepest row); None:
+        :func:`~parcae.inference.depth_batching.default_gather` (1 on an accelerator, 0 on the CPU).
+        ``compile``: every lane's engine decodes through its compiled step (``Engine(..., compile=True)``)."""
         max_queue = 4 * max_rows if max_queue is None else max_queue
         for name, value in (("max_rows", max_rows), ("prefill_chunk", prefill_chunk), ("max_lanes", max_lanes),
                             ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if depth_gather is not None and (isinstance(depth_gather, bool) or not isinstance(depth_gather, int)
+                                         or depth_gather < 0):
+            raise ValueError(f"depth_gather must be an integer >= 0, got {depth_gather!r}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
-        self.max_lanes, self.max_queue = max_lanes, max_queue
+        self.max_lanes, self.max_queue, self.depth_gather = max_lanes, max_queue, depth_gather
         self.compile = compile
         self.stop_ids = set(int(s) for s in stop_ids)
         self.capacity = model.config.block_size
@@ -272,8 +288,9 @@ class Scheduler:
                 continue   # the draining lane takes no one new
             if lane is None:
                 try:
-                    lane = self._lanes[key] = _Lane(Engine.from_options(self.model, key, compile=self.compile), self.max_rows,
-                                                    self.capacity)
+                    engine = Engine.from_options(self.model, key, compile=self.compile)
+                    gather = 0 if self.compile else self.depth_gather  # compiled lanes decode token-level steps
+                    lane = self._lanes[key] = _Lane(engine, self.max_rows, self.capacity, gather)
                 except Exception as err:
                     taken.add(id(row))
                     self._end(row, TokenEvent(None, finish="error", error=f"{type(err).__name__}: {err}"), "failed")
@@ -323,9 +340,44 @@ class Scheduler:
             if r.decoding and lane.state is not None:   # warm start of the last prompt token: the state before it
                 lane.state[r.slot] = out.state[r.slot, n - 1: n]
 
+    def _tick(self, lane: _Lane) -> None:
+        """A depth-level lane's step: the rows whose prompt is now in enter their last prompt token, then one
+        :meth:`DepthBatch.tick` (one loop iteration of every token in flight); a row whose token exited gets its
+        event and, unless it is done, its next token enters at the next tick."""
+        batch = lane.depth
+        for r in lane.live():
+            if r.decoding and not r.looping:
+                r.looping = True
+                batch.admit(r.slot, r.job.sampling, r.generator, r.job.logprobs)
+                batch.enter(r.slot, lane.token[r.slot], r.fed, r.fed,
+                            None if lane.state is None else lane.state[r.slot:r.slot + 1])
+        if not batch.active:
+            return
+        exits = batch.tick()
+        self.counts["steps"] += 1
+        for x in exits:
+            r = lane.rows[x.slot]
+            if x.error is not None:
+                self._leave(lane, r, TokenEvent(None, finish="error", error=x.error), "failed")
+                continue
+            r.generated += 1
+            event = TokenEvent(x.token, x.depth)
+            if x.logprobs is not None:
+                event.logprob, event.top = x.logprobs.chosen, x.logprobs.top
+            if x.token in self.stop_ids or r.generated >= r.job.max_new_tokens:
+                event.finish = "stop" if x.token in self.stop_ids else "length"
+                self._leave(lane, r, event, "finished")
+            else:
+                col = r.fed + r.generated
+                batch.enter(r.slot, x.token, col, col)
+                self._send(r, event)
+
     def _decode(self, lane: _Lane) -> None:
         """One token for every row whose prompt is in (:func:`~parcae.inference.engine.decode_step`, the step
         :meth:`Engine.stream` runs); a row whose sampling fails ends with an error, the others go on."""
+        if lane.depth is not None:
+            self._tick(lane)
+            return
         rows = [r for r in lane.live() if r.decoding]
         if not rows:
             return
@@ -368,6 +420,8 @@ class Scheduler:
     def _leave(self, lane: _Lane, row: _Row, event: TokenEvent, count: str) -> None:
         lane.rows[row.slot] = None
         lane.cache.release(row.slot)
+        if lane.depth is not None:
+            lane.depth.release(row.slot)
         self._end(row, event, count)
 
     def _end(self, row: _Row, event: TokenEvent, count: str) -> None:

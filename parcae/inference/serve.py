@@ -306,12 +306,13 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
               prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
-              max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False, compile: bool = False):
+              max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False,
+              depth_gather: Optional[int] = None, compile: bool = False):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread. ``app.state.stopping``
     ends every open request (:class:`Stopping`); :func:`serve` calls it on SIGTERM / SIGINT."""
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence, special_tokens)
     scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=stop_ids(tok), prefill_chunk=prefill_chunk,
-                          max_queue=max_queue, max_lanes=max_lanes, compile=compile)
+                          max_queue=max_queue, max_lanes=max_lanes, depth_gather=depth_gather, compile=compile)
     stopping = Stopping()
 
     @asynccontextmanager
@@ -484,7 +485,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           tokenizer: Optional[str] = None, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
           prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
-          max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False, compile: bool = False) -> None:
+          max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False,
+          depth_gather: Optional[int] = None, compile: bool = False) -> None:
     """OpenAI-style /v1/completions with continuous batching; each request carries its own depth options.
 
     Args:
@@ -503,6 +505,11 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
         max_request_bytes: the largest request body (default 1 MiB); a larger one is answered 413 unread.
         special_tokens: read special-token spellings in prompts (<|eos|>, <|bos|>) as the control tokens; by default
             they are plain text, so a client cannot inject them.
+        depth_gather: N >= 1: requests with an exit rule decode in depth-level ticks (one loop iteration per tick
+            for every token, a token that exits early making room for the next one of its request at once), exited
+            tokens read out N at a time (1: each at its exit; more: fewer, larger read-out calls); 0: token-level
+            steps, each running as many loops as its deepest row. Default: 1 on a GPU, 0 on the CPU (measured
+            faster there).
         compile: decode through torch.compile with static shapes (each depth setting's lane compiles on its
             first step; compiled graphs are cached in ~/.cache/parcae/inductor).
     """
@@ -511,6 +518,9 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
                         ("max_request_bytes", max_request_bytes)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"--{flag} must be an integer >= 1, got {value!r}")
+    if depth_gather is not None and (isinstance(depth_gather, bool) or not isinstance(depth_gather, int)
+                                     or depth_gather < 0):
+        raise UsageError(f"--depth_gather must be an integer >= 0, got {depth_gather!r}")
     from parcae.runs import load_checkpoint
 
     try:
@@ -524,7 +534,7 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
     app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,
                     prefill_chunk=prefill_chunk, max_queue=max_queue, max_lanes=max_lanes,
                     max_request_bytes=max_request_bytes,
-                    special_tokens=special_tokens, compile=compile)
+                    special_tokens=special_tokens, depth_gather=depth_gather, compile=compile)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

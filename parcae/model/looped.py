@@ -146,18 +146,13 @@ class LoopedLM(nn.Module):
         Returns logits (None unless ``need_logits``) and, for looped models, the state read out.
         """
         B, S = input_ids.shape
-        rope = self._rope(S) if positions is None else self._rope_at(positions, cache)
-        value_embeddings = self.value_embeddings_of(input_ids)  # once, not per loop
-        once = (lambda block: None) if cache is None else (lambda block: cache.once(block.index, None, real))
-        x = self.wte(input_ids)
-        for block in self.prelude:
-            x = block(x, rope, value_embeddings.get(block.index), once(block))
+        x, rope, value_embeddings = self.prelude_step(input_ids, positions, cache, real)
         if self.injection is None:  # fixed-depth GPT: the same stack, run once
             for block in self.recurrent:
-                x = block(x, rope, value_embeddings.get(block.index), once(block))
+                x = block(x, rope, value_embeddings.get(block.index),
+                          None if cache is None else cache.once(block.index, None, real))
             return LoopOutput(self.read_out(x, rope, value_embeddings, cache, None, real, need_logits, final_hidden))
-        e = self.prelude_norm(x) if self.prelude_norm is not None else x
-        h = self._initial_state(e, initial_state, state_seed, sequences, positions)
+        e, h = self.loop_input(x, initial_state, state_seed, sequences, positions)
         stats = None
         if schedule is None:
             if cache is not None:
@@ -171,6 +166,27 @@ class LoopedLM(nn.Module):
                 return LoopOutput(logits, state=h)
         return LoopOutput(self.read_out(h, rope, value_embeddings, cache, None, real, need_logits, final_hidden), None,
                           stats, h)
+
+    def prelude_step(self, input_ids: Tensor, positions: Optional[Tensor] = None, cache=None,
+                     real: Optional[Tensor] = None, rows: Optional[Tensor] = None
+                     ) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        """The entry of a step: x = Prelude(embed(ids)) (the prelude blocks storing the keys/values of tokens
+        ``real`` of rows ``rows`` of the cache's step), with the RoPE rows and value embeddings of the tokens that
+        the later blocks take."""
+        rope = self._rope(input_ids.shape[1]) if positions is None else self._rope_at(positions, cache)
+        value_embeddings = self.value_embeddings_of(input_ids)  # once, not per loop
+        x = self.wte(input_ids)
+        for block in self.prelude:
+            x = block(x, rope, value_embeddings.get(block.index),
+                      None if cache is None else cache.once(block.index, rows, real))
+        return x, rope, value_embeddings
+
+    def loop_input(self, x: Tensor, initial_state: Optional[Tensor] = None, state_seed=None,
+                   sequences: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(e, h₀) of a looped model from the prelude's output x: e = N_pre(x) and the initial state (``step``'s
+        arguments of the same names)."""
+        e = self.prelude_norm(x) if self.prelude_norm is not None else x
+        return e, self._initial_state(e, initial_state, state_seed, sequences, positions)
 
     def value_embeddings_of(self, input_ids: Tensor) -> dict[int, Tensor]:
         """{stack index: value embedding [B, S, kv_heads·head_dim]} for the blocks that have one."""
