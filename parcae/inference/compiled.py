@@ -266,7 +266,11 @@ class CompiledStep:
         fn = self._graphs.get(key)
         if fn is None:
             fn = self._graphs[key] = _Timed(self._compile(key), key)
+        if self.cuda:  # a new CUDA-graph step: the previous replay's outputs are no longer read in place
+            torch.compiler.cudagraph_mark_step_begin()
         logits, depth, state = fn(cache, tokens, cols, positions, real, sequences, initial_state)
+        if self.cuda:  # the next replay overwrites the graph's outputs; callers may keep them (StepEvent.logits)
+            logits, depth, state = logits.clone(), depth.clone(), None if state is None else state.clone()
         if not adaptive:
             n_real = real.sum()
             e._iterations += n_real * (key[3] - first_loop)
