@@ -17,13 +17,14 @@ model's math) — as one graph per (row bucket, capacity bucket). Shapes never c
   dropped;
 * nothing inside the graph reads the host: the step's inputs are device tensors and the loop count is fixed.
 
-What runs where: fixed depth (``loops``, speculative drafts and verifications included) and the exit rules
-under the ``full`` KV policy are one graph per token (the exit rule under ``full`` needs no host decision:
-every token computes every iteration and only its output is taken at its exit). The exit rules under
-``latest`` / ``ring:K`` decide on the host after each check which rows keep computing (that read is what saves
-their compute); under compile they run the engine's eager exit schedule on the static cache — the same tokens,
-not yet faster (see docs/inference.md). Prompt prefill (a chunk of many tokens, once per request) runs eagerly
-against the same static cache. Sampling is drawn outside the graph (each row's generator).
+What runs where: fixed depth (speculative drafts included) and every exit rule are one graph per token. Under the
+``full`` KV policy every token computes every iteration and the rule only picks its output; under ``latest`` /
+``ring:K`` the eager engine reads after each check which rows keep computing (that read is what saves their
+compute), while the graph cannot read the host: a row whose token exited keeps running without storing anything
+(``_ExitSchedule(compact=False)``), so the outputs and cache entries are the eager engine's and the compute is that
+of ``max_loops`` (``PARCAE_COMPILE_EXIT=0`` runs those steps through the eager exit schedule on the static cache).
+Prompt prefill (a chunk of many tokens, once per request) runs eagerly against the same static cache. Sampling is
+drawn outside the graph (each row's generator).
 
 On CUDA the graphs are captured with ``mode="reduce-overhead"`` (CUDA graphs); on the CPU inductor's default
 mode. Start-up: compiled artifacts go to inductor's on-disk caches (FX graph cache, AOT autograd cache) under
@@ -181,7 +182,7 @@ class _StaticView(_View):
     """A view that reads its own slot's tensor (no stacked copy) when no fallback is needed."""
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.fallback:  # latest / ring with an exit rule (the eager exit schedule): the stacked slots
+        if self.fallback and not torch.compiler.is_compiling():  # latest / ring, the eager exit schedule
             return super().update(k, v)
         c, sub = self.cache, self.rows
         batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
@@ -192,6 +193,20 @@ class _StaticView(_View):
         keys, values = self.store.ks[self.slot], self.store.vs[self.slot]
         if batch_rows is not None:
             keys, values = keys[batch_rows], values[batch_rows]
+        if not self.fallback:
+            return keys, values, mask
+        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        if self.count is not None:  # the count of LoopKVCache's fallback, then its read as a chain of selects
+            counted = c.computed[r, cols]
+            c.computed[r, cols] = counted.fill_(self.count) if self.write is None else \
+                torch.where(self.write, self.count, counted)
+        computed = c.computed if batch_rows is None else c.computed[batch_rows]
+        pick = (computed - 1).clamp(0, self.slot)[:, None, :, None]                      # [b, 1, capacity, 1]
+        for s in range(self.slot):
+            older_k, older_v = self.store.ks[s], self.store.vs[s]
+            if batch_rows is not None:
+                older_k, older_v = older_k[batch_rows], older_v[batch_rows]
+            keys, values = torch.where(pick == s, older_k, keys), torch.where(pick == s, older_v, values)
         return keys, values, mask
 
 
@@ -207,6 +222,9 @@ class CompiledStep:
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
         self.mode = "reduce-overhead" if self.cuda else None
+        # latest / ring with an exit rule: one graph whose exited rows keep running without storing (no host
+        # read, none of the compute saved), instead of the eager exit schedule (PARCAE_COMPILE_EXIT=0)
+        self.exit_graph = os.environ.get("PARCAE_COMPILE_EXIT", "1") != "0"
         self._graphs: dict[tuple, object] = {}   # (kind, rows, capacity, loops, first) -> compiled function
         self._caches: list[StaticKVCache] = []   # reused when nobody else holds them (static addresses)
 
@@ -236,7 +254,7 @@ class CompiledStep:
         depth decided without host reads (fixed depth, or an exit rule under the full KV policy)."""
         e = self.engine
         return (isinstance(cache, StaticKVCache) and tokens.shape[1] == 1 and need_logits and e.config.looped
-                and (not adaptive or e.policy.kind == "full"))
+                and (not adaptive or e.policy.kind == "full" or self.exit_graph))
 
     def forward(self, cache: StaticKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
                 sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor], rows: Optional[Sequence[int]],
@@ -297,7 +315,7 @@ class CompiledStep:
 
             def step(cache, tokens, cols, positions, real, sequences, initial_state):
                 cache.begin(cols, real)
-                schedule = _ExitSchedule(e, real)
+                schedule = _ExitSchedule(e, real, compact=False)
                 out = model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
                                  initial_state=initial_state, state_seed=seed, sequences=sequences)
                 if schedule.logits_out is None:

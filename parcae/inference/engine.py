@@ -133,7 +133,11 @@ class _ExitSchedule:
 
     first = 0
 
-    def __init__(self, engine: "Engine", real: Tensor) -> None:
+    def __init__(self, engine: "Engine", real: Tensor, compact: bool = True) -> None:
+        """``compact`` False (the compiled step, :mod:`parcae.inference.compiled`): no device read at all; a row
+        whose tokens all exited keeps running the iterations without storing anything (the same outputs and
+        cache entries, none of the compute saved; the engine's iteration count still adds each token's depth)."""
+        self.compact = compact
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
         self.every = engine.exit_every
         self.vocab_size, self.counter, self.readouts = engine.config.vocab_size, engine._iterations, engine._readouts
@@ -169,7 +173,7 @@ class _ExitSchedule:
         consecutive = self.every == 1 and t + 1 > self.min_loops
         converged, _ = self.tracker.update(h, logits, rows, h_before if consecutive else None)
         stop = deciding if last else deciding & converged
-        reading = not (self.keep_computing or last)
+        reading = self.compact and not (self.keep_computing or last)
         if reading:  # the one device read of this iteration: which rows have a token stopping, which stay
             stopping, still = torch.stack([stop.any(-1), (deciding & ~stop).any(-1)]).tolist()
             if not any(stopping):

@@ -109,9 +109,12 @@ def test_exit_rule_under_full_is_one_graph_and_equals_eager(model, compile_cache
     assert compiled.iterations_run == eager.iterations_run
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("policy", ["latest", "ring:2"])
-def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, policy):
-    """latest / ring decide on the host which rows keep computing: the eager exit schedule on the static cache."""
+def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, monkeypatch, policy, backend):
+    """latest / ring: one graph in which a row whose token exited keeps running without storing (no host read);
+    the tokens, depths, logits and KV fallbacks equal the eager exit schedule's, which drops such rows."""
+    monkeypatch.setenv("PARCAE_COMPILE_BACKEND", backend)
     eager = Engine(model, exit="latent-diff:1", max_loops=4, kv_policy=policy)
     compiled = Engine(model, exit="latent-diff:1", max_loops=4, kv_policy=policy, compile=True)
     tokens_e, logits_e, depths_e = run(eager, PROMPTS)
