@@ -85,7 +85,7 @@ def text_perplexity(model, tokenizer, text: str, loops_list: Sequence[Optional[i
 def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, window: Optional[int] = None,
                context: int = 1, device: str = "cuda" if torch.cuda.is_available() else "cpu",
                tokenizer: Optional[str] = None, output_dir: Optional[str] = None,
-               depth: DepthOptions = DepthOptions()) -> None:
+               depth: DepthOptions = DepthOptions(), compile: bool = False) -> None:
     """Token/word perplexity and bits per byte of a text file at chosen loops (or adaptive depth with --exit).
 
     Args:
@@ -99,11 +99,15 @@ def perplexity(*, ckpt_path: str, text: Path, loops: Optional[str] = None, windo
         output_dir: folder for perplexity_<text>.json (default: the checkpoint's folder when writable).
         depth: with --exit: adaptive depth through the generation engine (--exit, --min_loops, --max_loops,
             --kv_policy, --continuous).
+        compile: with --exit: score through the engine's compiled step (torch.compile, static shapes).
     """
     args = SimpleNamespace(ckpt_path=ckpt_path, text=text, loops=loops, window=window, context=context,
-                           device=device, tokenizer=tokenizer, output_dir=output_dir)
+                           device=device, tokenizer=tokenizer, output_dir=output_dir, compile=compile)
     if depth.exit is not None:
         return _main_elastic(args, depth)
+    if compile:
+        raise UsageError("--compile applies to perplexity --exit (token-by-token scoring through the engine); at "
+                         "fixed loops each window is one forward, with nothing per token to compile")
     from parcae.model import parse_loops
     from parcae.options import check_options, loop_cost_note
     from parcae.runs import load_checkpoint, perplexity_result, results_dir_for, write_text_atomically
@@ -160,7 +164,7 @@ def _main_elastic(args, depth: DepthOptions) -> None:
         out_dir, note = results_dir_for(args.ckpt_path, args.output_dir)  # before the work
         run = load_checkpoint(args.ckpt_path, args.device, args.tokenizer)
         model, tok = run.model, run.tokenizer
-        engine = depth.engine(model)
+        engine = depth.engine(model, compile=args.compile)
         text = args.text.read_text(encoding="utf-8")
         ids = encode_prompt(tok, text)
         row = elastic_nll(engine, ids, args.window or model.config.block_size)

@@ -67,7 +67,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
              depth: DepthOptions = DepthOptions(), speculate: Optional[str] = None,
              max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50, top_p: Optional[float] = None,
              seed: int = 0, show_depth: bool = False, device: str = "cuda" if torch.cuda.is_available() else "cpu",
-             tokenizer: Optional[str] = None, special_tokens: bool = False) -> None:
+             tokenizer: Optional[str] = None, special_tokens: bool = False, compile: bool = False) -> None:
     """Generate text with the KV-cached engine, at fixed or adaptive depth.
 
     Args:
@@ -90,6 +90,8 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
         tokenizer: tokenizer.json (default: the run's own or its data folder's).
         special_tokens: read special-token spellings in the prompts (<|eos|>, <|bos|>) as the control tokens; by
             default they are plain text.
+        compile: decode through torch.compile with static shapes (the same tokens; the first run compiles for
+            tens of seconds, later runs load the compiled step from ~/.cache/parcae/inductor).
     """
     if (prompt is None) == (prompts is None):
         raise UsageError("give --prompt TEXT or --prompts FILE.jsonl (one of them)")
@@ -105,7 +107,7 @@ def generate(*, ckpt_path: str, prompt: Optional[str] = None, prompts: Optional[
 
         run = load_checkpoint(ckpt_path, device, tokenizer)
         model, tok = run.model, run.tokenizer
-        engine = Engine.from_options(model, depth, seed=seed, speculate=speculate)
+        engine = Engine.from_options(model, depth, seed=seed, speculate=speculate, compile=compile)
         sampling = Sampling(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
         encoded = [encode_prompt(tok, t, special_tokens=special_tokens) for t in texts]
         engine.check_request(encoded, max_new_tokens)

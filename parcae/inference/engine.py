@@ -133,7 +133,11 @@ class _ExitSchedule:
 
     first = 0
 
-    def __init__(self, engine: "Engine", real: Tensor, dense: bool = False) -> None:
+    def __init__(self, engine: "Engine", real: Tensor, dense: bool = False, compact: bool = True) -> None:
+        """``compact`` False (the compiled step, :mod:`parcae.inference.compiled`): no device read at all; a row
+        whose tokens all exited keeps running the iterations without storing anything (the same outputs and
+        cache entries, none of the compute saved; the engine's iteration count still adds each token's depth)."""
+        self.compact = compact
         self.iterations, self.min_loops, self.rule = engine.max_loops, engine.min_loops, engine.exit
         self.every = engine.exit_every
         self.vocab_size, self.counter, self.readouts = engine.config.vocab_size, engine._iterations, engine._readouts
@@ -176,7 +180,7 @@ class _ExitSchedule:
         consecutive = self.every == 1 and t + 1 > self.min_loops
         converged, _ = self.tracker.update(h, logits, rows, h_before if consecutive else None)
         stop = deciding if last else deciding & converged
-        reading = not (self.keep_computing or last)
+        reading = self.compact and not (self.keep_computing or last)
         if reading:  # the one device read of this iteration: which rows have a token stopping, which stay
             stopping, still = torch.stack([stop.any(-1), (deciding & ~stop).any(-1)]).tolist()
             if not any(stopping):
@@ -207,13 +211,14 @@ class Engine:
     def __init__(self, model: LoopedLM, *, loops: Optional[int] = None, exit: Optional[str | ExitRule] = None,
                  min_loops: int = 1, max_loops: Optional[int] = None, kv_policy: Optional[str | KVPolicy] = None,
                  continuous: bool = False, seed: int = 0, exit_every: int = 1,
-                 speculate: Optional[str | tuple[int, int]] = None) -> None:
+                 speculate: Optional[str | tuple[int, int]] = None, compile: bool = False) -> None:
         """Fixed depth (``loops``, default μ_rec) or an exit rule. The defaults are the ones that save compute:
         with an exit rule, ``max_loops`` = μ_rec (Huginn also caps at μ), KV policy ``latest`` (an exited token
         stops computing) and the prompt runs at min(μ_rec, max_loops) (at ``max_loops`` under ``full``, where
         every entry must exist). The depth arguments are checked and completed by :meth:`DepthOptions.resolved`
         (``self.options``). ``speculate`` = (draft loops, k) or "D:K": self-speculative decoding at the fixed
-        depth (see :mod:`parcae.inference.speculative`)."""
+        depth (see :mod:`parcae.inference.speculative`). ``compile``: one token per row through ``torch.compile``
+        with static shapes (:mod:`parcae.inference.compiled`); the same tokens, compiled on first use."""
         cfg = model.config
         self.model, self.config, self.seed = model, cfg, seed
         self.options = DepthOptions(loops=loops, exit=exit, min_loops=min_loops, max_loops=max_loops,
@@ -231,12 +236,16 @@ class Engine:
         # head (once per token, or per check with an output-based exit rule), for accounting; kept on the device
         self._iterations = torch.zeros((), dtype=torch.long, device=self.device)
         self._readouts = torch.zeros((), dtype=torch.long, device=self.device)
+        self.compiled = None
+        if compile:
+            from .compiled import CompiledStep  # (it builds on this module)
+            self.compiled = CompiledStep(self)
 
     @classmethod
     def from_options(cls, model: LoopedLM, options: DepthOptions, *, seed: int = 0,
-                     speculate: Optional[str | tuple[int, int]] = None) -> "Engine":
+                     speculate: Optional[str | tuple[int, int]] = None, compile: bool = False) -> "Engine":
         """The engine for ``model`` at the depth ``options`` (resolved here if they are not yet)."""
-        return cls(model, seed=seed, speculate=speculate, **options.as_kwargs())
+        return cls(model, seed=seed, speculate=speculate, compile=compile, **options.as_kwargs())
 
     def count(self, iterations: int = 0, readouts: int = 0) -> None:
         """Add (token, iteration) pairs and read-outs computed outside :meth:`forward` (depth-level batching)."""
@@ -267,6 +276,8 @@ class Engine:
         return self.max_loops if self.policy.kind == "full" else min(self.config.mean_recurrence, self.max_loops)
 
     def new_cache(self, batch_size: int, capacity: int) -> LoopKVCache:
+        if self.compiled is not None:  # static shapes: rows and columns padded to buckets
+            return self.compiled.new_cache(batch_size, capacity)
         dtype = next(self.model.parameters()).dtype
         return LoopKVCache(self.config, batch_size, capacity, self.policy, self.adaptive, self.device, dtype)
 
@@ -287,6 +298,10 @@ class Engine:
         ``dense``: the caller knows that every token of ``rows`` is real (a decode step), so the cache stores them
         without masks (no read-modify-write) and the counts need no device reduction."""
         B, S = tokens.shape
+        if self.compiled is not None and self.compiled.handles(cache, tokens, adaptive and self.config.looped,
+                                                               need_logits):
+            return self.compiled.forward(cache, tokens, cols, positions, real, sequences, adaptive, initial_state,
+                                         rows, max_col, loops, first_loop)
         if rows is None:
             rows = [b for b, any_real in enumerate(real.any(1).tolist()) if any_real]
         index = None

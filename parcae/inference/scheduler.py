@@ -140,14 +140,15 @@ class _Lane:
 class Scheduler:
     def __init__(self, model: LoopedLM, *, max_rows: int = 8, stop_ids: Sequence[int] = (),
                  prefill_chunk: int = 256, max_lanes: int = 4, max_queue: Optional[int] = None,
-                 depth_gather: Optional[int] = None) -> None:
+                 depth_gather: Optional[int] = None, compile: bool = False) -> None:
         """``max_rows`` rows decode at once over all lanes; at most ``max_lanes`` lanes (distinct depth options)
         exist at once, each holding ``max_rows`` full-context KV caches; at most ``max_queue`` (default
         4 x max_rows) requests wait, beyond which :meth:`submit` raises :class:`Overloaded`. ``depth_gather`` N >= 1:
         lanes with an exit rule decode in depth-level ticks (:mod:`parcae.inference.depth_batching`), their exited
         tokens read out N at a time (:class:`~parcae.inference.depth_batching.DepthBatch`'s ``gather``); 0: in
         token-level steps like the fixed-depth lanes (each step runs to its deepest row); None:
-        :func:`~parcae.inference.depth_batching.default_gather` (1 on an accelerator, 0 on the CPU)."""
+        :func:`~parcae.inference.depth_batching.default_gather` (1 on an accelerator, 0 on the CPU).
+        ``compile``: every lane's engine decodes through its compiled step (``Engine(..., compile=True)``)."""
         max_queue = 4 * max_rows if max_queue is None else max_queue
         for name, value in (("max_rows", max_rows), ("prefill_chunk", prefill_chunk), ("max_lanes", max_lanes),
                             ("max_queue", max_queue)):
@@ -158,6 +159,7 @@ class Scheduler:
             raise ValueError(f"depth_gather must be an integer >= 0, got {depth_gather!r}")
         self.model, self.max_rows, self.prefill_chunk = model, max_rows, prefill_chunk
         self.max_lanes, self.max_queue, self.depth_gather = max_lanes, max_queue, depth_gather
+        self.compile = compile
         self.stop_ids = set(int(s) for s in stop_ids)
         self.capacity = model.config.block_size
         self.vocab_size = model.config.vocab_size
@@ -286,8 +288,9 @@ class Scheduler:
                 continue   # the draining lane takes no one new
             if lane is None:
                 try:
-                    lane = self._lanes[key] = _Lane(Engine.from_options(self.model, key), self.max_rows,
-                                                    self.capacity, self.depth_gather)
+                    engine = Engine.from_options(self.model, key, compile=self.compile)
+                    gather = 0 if self.compile else self.depth_gather  # compiled lanes decode token-level steps
+                    lane = self._lanes[key] = _Lane(engine, self.max_rows, self.capacity, gather)
                 except Exception as err:
                     taken.add(id(row))
                     self._end(row, TokenEvent(None, finish="error", error=f"{type(err).__name__}: {err}"), "failed")

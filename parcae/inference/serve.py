@@ -307,12 +307,12 @@ SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 def build_app(model, tok, *, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
               prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
               max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False,
-              depth_gather: Optional[int] = None):
+              depth_gather: Optional[int] = None, compile: bool = False):
     """The FastAPI app over one model (loaded by the caller) and one scheduler thread. ``app.state.stopping``
     ends every open request (:class:`Stopping`); :func:`serve` calls it on SIGTERM / SIGINT."""
     limits = Limits(model, tok, max_request_loops or 4 * model.config.mean_recurrence, special_tokens)
     scheduler = Scheduler(model, max_rows=max_batch_size, stop_ids=stop_ids(tok), prefill_chunk=prefill_chunk,
-                          max_queue=max_queue, max_lanes=max_lanes, depth_gather=depth_gather)
+                          max_queue=max_queue, max_lanes=max_lanes, depth_gather=depth_gather, compile=compile)
     stopping = Stopping()
 
     @asynccontextmanager
@@ -486,7 +486,7 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
           tokenizer: Optional[str] = None, max_batch_size: int = 8, max_request_loops: Optional[int] = None,
           prefill_chunk: int = 256, max_queue: Optional[int] = None, max_lanes: int = 4,
           max_request_bytes: int = MAX_REQUEST_BYTES, special_tokens: bool = False,
-          depth_gather: Optional[int] = None) -> None:
+          depth_gather: Optional[int] = None, compile: bool = False) -> None:
     """OpenAI-style /v1/completions with continuous batching; each request carries its own depth options.
 
     Args:
@@ -510,6 +510,8 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
             tokens read out N at a time (1: each at its exit; more: fewer, larger read-out calls); 0: token-level
             steps, each running as many loops as its deepest row. Default: 1 on a GPU, 0 on the CPU (measured
             faster there).
+        compile: decode through torch.compile with static shapes (each depth setting's lane compiles on its
+            first step; compiled graphs are cached in ~/.cache/parcae/inductor).
     """
     for flag, value in (("max_batch_size", max_batch_size), ("max_request_loops", max_request_loops),
                         ("prefill_chunk", prefill_chunk), ("max_queue", max_queue), ("max_lanes", max_lanes),
@@ -532,7 +534,7 @@ def serve(*, ckpt_path: str, host: str = "127.0.0.1", port: int = 8000, device: 
     app = build_app(model, tok, max_batch_size=max_batch_size, max_request_loops=max_request_loops,
                     prefill_chunk=prefill_chunk, max_queue=max_queue, max_lanes=max_lanes,
                     max_request_bytes=max_request_bytes,
-                    special_tokens=special_tokens, depth_gather=depth_gather)
+                    special_tokens=special_tokens, depth_gather=depth_gather, compile=compile)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

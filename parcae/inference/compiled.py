@@ -1,0 +1,407 @@
+"""The compiled decode step (``Engine(..., compile=True)``, ``--compile``): one token per row through
+``torch.compile`` with static shapes (plain PyTorch).
+
+    engine = Engine(model, loops=8, compile=True)          # the first step of a (batch, capacity) bucket compiles
+    engine.generate([[bos, *ids]], max_new_tokens=64)       # same tokens as compile=False
+
+What is compiled: the engine's per-token work — the prelude, the cached recurrent iterations, the coda and the
+head (the model's own :meth:`parcae.model.LoopedLM.step`, with the engine's schedule; nothing here restates the
+model's math) — as one graph per (row bucket, capacity bucket). Shapes never change from step to step:
+
+* :class:`StaticKVCache` preallocates every iteration slot (``max_loops`` for full/latest, K for ring:K, one
+  per prelude/coda block) and every attention reads the whole capacity (absent columns are masked), so
+  :meth:`StaticKVCache.begin` does no host read and the keys' length is fixed;
+* the batch is padded to a row bucket (1, 2, 4, 8, 16, ...; beyond 64 a multiple of 64) and the capacity to a
+  power of two (at least 64; the model's context when it is larger), so a new request of another size reuses a
+  graph; padded rows and rows not decoding are ``real`` = False: they write nothing, and their outputs are
+  dropped;
+* nothing inside the graph reads the host: the step's inputs are device tensors and the loop count is fixed.
+
+What runs where: fixed depth (speculative drafts included) and every exit rule are one graph per token. Under the
+``full`` KV policy every token computes every iteration and the rule only picks its output; under ``latest`` /
+``ring:K`` the eager engine reads after each check which rows keep computing (that read is what saves their
+compute), while the graph cannot read the host: a row whose token exited keeps running without storing anything
+(``_ExitSchedule(compact=False)``), so the outputs and cache entries are the eager engine's and the compute is that
+of ``max_loops`` (``PARCAE_COMPILE_EXIT=0`` runs those steps through the eager exit schedule on the static cache).
+Prompt prefill (a chunk of many tokens, once per request) runs eagerly against the same static cache. Sampling is
+drawn outside the graph (each row's generator).
+
+On CUDA the graphs are captured with ``mode="reduce-overhead"`` (CUDA graphs); on the CPU inductor's default
+mode. Start-up: compiled artifacts go to inductor's on-disk caches (FX graph cache, AOT autograd cache) under
+``$TORCHINDUCTOR_CACHE_DIR``, which defaults here to ``~/.cache/parcae/inductor`` (:func:`cache_dir`), so a second
+process compiles from cache. Each new graph logs "compiling ..." and its time on the ``parcae.compile`` logger
+(stderr for the command line); a recompilation of a graph (a guard that failed) is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from parcae.model.loop import Uniform
+
+from .cache import KVPolicy, LoopKVCache, _Store, _View
+
+if TYPE_CHECKING:
+    from .engine import Engine, _Forward
+
+log = logging.getLogger("parcae.compile")
+
+DEFAULT_CACHE_DIR = Path("~/.cache/parcae/inductor")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled artifacts across processes: ``$TORCHINDUCTOR_CACHE_DIR`` if the user set it,
+    else ``~/.cache/parcae/inductor`` (set in the environment, so inductor's own caches use it). Importing
+    ``torch._dynamo`` fills the variable with torch's default (a per-user folder in the temporary directory, which
+    does not survive a reboot); that default counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE_DIR.expanduser())
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def row_bucket(n: int) -> int:
+    """Rows a batch of ``n`` is padded to: the next power of two up to 64, then the next multiple of 64."""
+    if n < 1:
+        raise ValueError(f"a batch needs at least one row, got {n}")
+    return 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
+def capacity_bucket(n: int, block_size: int) -> int:
+    """Cache columns for ``n`` needed: the next power of two >= 64, capped at the model's context ``block_size``
+    (when ``n`` itself fits)."""
+    bucket = max(64, 1 << (max(n, 1) - 1).bit_length())
+    return max(n, min(bucket, block_size))
+
+
+class StaticKVCache(LoopKVCache):
+    """A :class:`LoopKVCache` whose shapes never change: every iteration slot allocated up front (``max_loops``,
+    or K under ring:K), attention over all ``capacity`` columns (the absent ones masked), no host read in
+    :meth:`begin` or :meth:`release`. A step with fewer rows than the cache (prompt prefill of the unpadded batch)
+    uses the cache's first rows."""
+
+    def __init__(self, config, batch_size: int, capacity: int, policy: KVPolicy, adaptive: bool, max_loops: int,
+                 device=None, dtype=torch.float32) -> None:
+        super().__init__(config, batch_size, capacity, policy, adaptive, device, dtype)
+        slots = min(policy.slots, max_loops) if policy.kind == "ring" else max_loops
+        shape = (batch_size, config.kv_heads, capacity, config.head_dim)
+        self.stores = {index: _StaticStore(shape, device, dtype) for index in self.stores}
+        self.recurrent = [_StaticStore(shape, device, dtype, slots) for _ in self.recurrent]
+        self.length = capacity
+        self.key_cols = torch.arange(capacity, device=device)
+
+    def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
+        if max_col is not None and max_col >= self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {max_col} is beyond")
+        if rows is None and cols.shape[0] != self.B:
+            rows = self.all_rows[: cols.shape[0]]
+        self.step_rows, self.cols = rows, cols
+        r = (self.all_rows if rows is None else rows)[:, None]
+        self.step_index = r  # (LoopKVCache.begin's: the eager views index the stores with it)
+        if real is None:  # every token real (LoopKVCache.begin's decode-step case)
+            self.present[r, cols] = True
+        else:
+            self.present[r, cols] |= real
+        present = self.present if rows is None else self.present[rows]
+        key_cols = self.key_cols
+        causal = key_cols[None, None, :] <= cols[..., None]                      # [b, S, capacity]
+        mask = (causal & present[:, None, :]) | (key_cols[None, None, :] == cols[..., None])
+        self.mask = mask[:, None]
+
+    def once(self, index: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
+        return _StaticView(self, self.stores[index], 0, None, False, rows, write)
+
+    def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
+        view = super().loop(block, iteration, rows, write)
+        return _StaticView(self, view.store, view.slot, view.count, view.fallback, rows, write)
+
+    def loop_rows(self, *args, **kwargs):
+        raise NotImplementedError("depth-level batching does not run on the static KV cache of a compiled engine "
+                                  "(compiled lanes decode token-level steps)")
+
+    def release(self, row: int) -> None:
+        self.present[row] = False
+        if self.computed is not None:
+            self.computed[row] = 0
+
+    def reset(self) -> None:
+        """Forget every row (the cache is reused by the next request)."""
+        self.present.zero_()
+        if self.computed is not None:
+            self.computed.zero_()
+
+
+class _StaticStore(_Store):
+    """A store of one tensor per slot (keys and values), all allocated up front. Slots of one tensor would be views
+    of one base, and a compiled graph that writes into one view copies the whole base: separate tensors are
+    written in place."""
+
+    def __init__(self, shape: tuple, device, dtype, slots: int = 1) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+        self.vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+
+    def ensure(self, slot: int) -> None:
+        if slot >= len(self.ks):
+            raise ValueError(f"iteration slot {slot} is beyond the {len(self.ks)} slots of a static KV cache")
+
+    def write(self, slot: int, rows: Tensor, cols: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> None:
+        K, V = self.ks[slot], self.vs[slot]
+        if mask is not None:
+            m = mask[..., None, None]
+            k, v = torch.where(m, k.to(K.dtype), K[rows, :, cols]), torch.where(m, v.to(V.dtype), V[rows, :, cols])
+        K[rows, :, cols], V[rows, :, cols] = k.to(K.dtype), v.to(V.dtype)
+
+    @property
+    def k(self) -> Tensor:   # the stacked slots [slots, B, kv_heads, capacity, head_dim] (a copy; eager reads)
+        return torch.stack(self.ks)
+
+    @property
+    def v(self) -> Tensor:
+        return torch.stack(self.vs)
+
+    @property
+    def slots(self) -> int:
+        return len(self.ks)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.ks, *self.vs])
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.ks, *self.vs]
+
+
+class _StaticView(_View):
+    """A view that reads its own slot's tensor (no stacked copy) when no fallback is needed."""
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.fallback and not torch.compiler.is_compiling():  # latest / ring, the eager exit schedule
+            return super().update(k, v)
+        c, sub = self.cache, self.rows
+        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
+        cols = c.cols if sub is None else c.cols[sub]
+        mask = c.mask if sub is None else c.mask[sub]
+        self.store.write(self.slot, (c.all_rows if batch_rows is None else batch_rows)[:, None], cols, k, v,
+                         self.write)
+        keys, values = self.store.ks[self.slot], self.store.vs[self.slot]
+        if batch_rows is not None:
+            keys, values = keys[batch_rows], values[batch_rows]
+        if not self.fallback:
+            return keys, values, mask
+        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        if self.count is not None:  # the count of LoopKVCache's fallback, then its read as a chain of selects
+            counted = c.computed[r, cols]
+            c.computed[r, cols] = counted.fill_(self.count) if self.write is None else \
+                torch.where(self.write, self.count, counted)
+        computed = c.computed if batch_rows is None else c.computed[batch_rows]
+        pick = (computed - 1).clamp(0, self.slot)[:, None, :, None]                      # [b, 1, capacity, 1]
+        for s in range(self.slot):
+            older_k, older_v = self.store.ks[s], self.store.vs[s]
+            if batch_rows is not None:
+                older_k, older_v = older_k[batch_rows], older_v[batch_rows]
+            keys, values = torch.where(pick == s, older_k, keys), torch.where(pick == s, older_v, values)
+        return keys, values, mask
+
+
+class CompiledStep:
+    """The engine's compiled per-token forward (see the module docstring); built by ``Engine(..., compile=True)``."""
+
+    def __init__(self, engine: "Engine") -> None:
+        import torch._dynamo  # noqa: F401  (imported here: only a compiled engine pays for it)
+
+        cache_dir()
+        _log_recompiles()
+        _show_progress()
+        self.engine = engine
+        self.cuda = engine.device.type == "cuda"
+        self.mode = "reduce-overhead" if self.cuda else None
+        # latest / ring with an exit rule: one graph whose exited rows keep running without storing (no host
+        # read, none of the compute saved), instead of the eager exit schedule (PARCAE_COMPILE_EXIT=0)
+        self.exit_graph = os.environ.get("PARCAE_COMPILE_EXIT", "1") != "0"
+        self._graphs: dict[tuple, object] = {}   # (kind, rows, capacity, loops, first) -> compiled function
+        self._caches: list[StaticKVCache] = []   # reused when nobody else holds them (static addresses)
+
+    # -- caches ----------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
+        """A static cache of ``row_bucket(batch_size)`` rows and ``capacity_bucket(capacity)`` columns; one that
+        no caller holds any more is reused (its addresses stay, so CUDA graphs replay without re-recording)."""
+        e = self.engine
+        B, C = row_bucket(batch_size), capacity_bucket(capacity, e.config.block_size)
+        for cache in self._caches:
+            # held only by this list, the loop variable and getrefcount's argument: free to reuse
+            if cache.B == B and cache.capacity == C and sys.getrefcount(cache) <= 3:
+                cache.reset()
+                return cache
+        dtype = next(e.model.parameters()).dtype
+        cache = StaticKVCache(e.config, B, C, e.policy, e.adaptive, e.max_loops, e.device, dtype)
+        if self.cuda:
+            for t in [cache.present, *(t for s in [*cache.stores.values(), *cache.recurrent] for t in s.tensors())] + \
+                     ([cache.computed] if cache.computed is not None else []):
+                torch._dynamo.mark_static_address(t)
+        self._caches.append(cache)
+        return cache
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def handles(self, cache, tokens: Tensor, adaptive: bool, need_logits: bool) -> bool:
+        """Whether this forward goes through a graph: one token per row, a static cache, logits wanted, and a
+        depth decided without host reads (fixed depth, or an exit rule under the full KV policy)."""
+        e = self.engine
+        return (isinstance(cache, StaticKVCache) and tokens.shape[1] == 1 and need_logits and e.config.looped
+                and (not adaptive or e.policy.kind == "full" or self.exit_graph))
+
+    def forward(self, cache: StaticKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
+                sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor], rows: Optional[Sequence[int]],
+                max_col: Optional[int], loops: Optional[int], first_loop: int) -> "_Forward":
+        """:meth:`Engine.forward` of one token per row through the compiled graph of the cache's bucket."""
+        from .engine import _Forward
+
+        e = self.engine
+        B, Bp = tokens.shape[0], cache.B
+        if max_col is not None and max_col >= cache.capacity:
+            raise ValueError(f"the KV cache holds {cache.capacity} tokens per row; column {max_col} is beyond")
+        if rows is not None and len(rows) < B:
+            mask = torch.zeros(B, 1, dtype=torch.bool)
+            mask[list(rows)] = True
+            real = real & mask.to(real.device)
+        if Bp > B:  # padded rows: not real, so they write nothing
+            pad = Bp - B
+            tokens, cols, positions, real, sequences = (
+                torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in (tokens, cols, positions, real, sequences))
+            if initial_state is not None:
+                initial_state = torch.cat([initial_state, initial_state.new_zeros((pad, *initial_state.shape[1:]))])
+        if adaptive:
+            key = ("exit", Bp, cache.capacity, initial_state is not None)
+        else:
+            n = (loops or e.prefill_loops)
+            key = ("fixed", Bp, cache.capacity, n, first_loop, initial_state is not None)
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._graphs[key] = _Timed(self._compile(key), key)
+        if self.cuda:  # a new CUDA-graph step: the previous replay's outputs are no longer read in place
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, depth, state = fn(cache, tokens, cols, positions, real, sequences, initial_state)
+        if self.cuda:  # the next replay overwrites the graph's outputs; callers may keep them (StepEvent.logits)
+            logits, depth, state = logits.clone(), depth.clone(), None if state is None else state.clone()
+        if not adaptive:
+            n_real = real.sum()
+            e._iterations += n_real * (key[3] - first_loop)
+            e._readouts += n_real
+        if Bp > B:
+            logits, depth, state = logits[:B], depth[:B], state[:B]
+        return _Forward(logits, depth, state)
+
+    def _compile(self, key: tuple):
+        e = self.engine
+        model, seed = e.model, e.seed
+        if key[0] == "fixed":
+            iterations, first = key[3], key[4]
+
+            def step(cache, tokens, cols, positions, real, sequences, initial_state):
+                cache.begin(cols, real)
+                out = model.step(tokens, schedule=Uniform(iterations, real, first), positions=positions,
+                                 cache=cache, real=real, initial_state=initial_state, state_seed=seed,
+                                 sequences=sequences)
+                depth = torch.where(real, iterations, 0)
+                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
+        else:
+            from .engine import _ExitSchedule
+
+            def step(cache, tokens, cols, positions, real, sequences, initial_state):
+                cache.begin(cols, real)
+                schedule = _ExitSchedule(e, real, compact=False)
+                out = model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
+                                 initial_state=initial_state, state_seed=seed, sequences=sequences)
+                if schedule.logits_out is None:
+                    e._readouts += real.sum()
+                depth = torch.where(real, schedule.depth, 0)
+                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
+
+        # PARCAE_COMPILE_BACKEND (default inductor) lets the tests check the tracing (static shapes, buckets, no
+        # graph break) with "aot_eager", which skips inductor's code generation
+        backend = os.environ.get("PARCAE_COMPILE_BACKEND", "inductor")
+        fn = _own_code(step, "_".join(map(str, key)))
+        if backend != "inductor":
+            return torch.compile(fn, backend=backend, dynamic=False)
+        if self.cuda:
+            return torch.compile(fn, mode=self.mode, dynamic=False)
+        # CPU: the graph's wrapper in C++ instead of Python (~20 % more tokens/s at batch 1 on the demo model)
+        return torch.compile(fn, options={"cpp_wrapper": True}, dynamic=False)
+
+
+def _own_code(fn, tag: str):
+    """``fn`` with a code object of its own: dynamo keeps compiled graphs per code object, so each bucket's graph
+    has its own cache entry and a new bucket is a first compile, never a recompile of another bucket's graph (nor
+    does it count toward dynamo's recompile limit)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+class _Timed:
+    """A compiled function whose first call (the compilation) is logged with its time."""
+
+    def __init__(self, fn, key: tuple) -> None:
+        self.fn, self.key, self.first = fn, key, True
+
+    def __call__(self, *args):
+        if not self.first:
+            return self.fn(*args)
+        what = f"{self.key[0]} step, {self.key[1]} rows, {self.key[2]} cache columns" + \
+            (f", {self.key[3]} loops" if self.key[0] == "fixed" else "")
+        log.info("compiling the decode step (%s); cache %s", what, cache_dir())
+        start = time.perf_counter()
+        out = self.fn(*args)
+        log.info("compiled the decode step (%s) in %.1f s", what, time.perf_counter() - start)
+        self.first = False
+        return out
+
+
+def _show_progress() -> None:
+    """Compile progress on stderr when nobody configured logging (the command line): a line per graph."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[compile] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+_recompile_hook_installed = False
+_recompiled = 0  # recompilations seen by the hook in this process
+
+
+def _log_recompiles() -> None:
+    """Route dynamo's recompilation reasons to our logger as warnings (a recompile is never silent)."""
+    global _recompile_hook_installed
+    if _recompile_hook_installed:
+        return
+    _recompile_hook_installed = True
+    torch._logging.set_logs(recompiles=True)
+    source = logging.getLogger("torch._dynamo")  # the recompiles artifact is logged here (guards.py)
+
+    class _Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            global _recompiled
+            message = record.getMessage()
+            if message.lstrip().startswith("Recompiling"):
+                _recompiled += 1
+                lines = [line.strip() for line in message.strip().splitlines()]
+                log.warning("torch recompiled a graph: %s", " | ".join(lines[:4])[:800])
+
+    source.addHandler(_Forward())
+
+
+def recompiles() -> int:
+    """Recompilations logged in this process since the first compiled engine (a graph whose guards failed and
+    was compiled again)."""
+    return _recompiled
