@@ -55,7 +55,8 @@ class KVPolicy:
             return cls("ring", int(k))
         raise ValueError(f"unknown KV policy {text!r}; choose full, latest or ring:K (e.g. ring:4)")
 
-    def slot(self, iteration: int) -> int:
+    def slot(self, iteration: int | Tensor) -> int | Tensor:
+        """The slot of an iteration (or of a tensor of them, one per row)."""
         return iteration % self.slots if self.kind == "ring" else iteration
 
     def __str__(self) -> str:
@@ -166,7 +167,7 @@ class LoopKVCache:
         computed − 1) (the fallback of :meth:`loop`, per row). ``top`` (the largest iteration, known to the
         caller) spares a device read."""
         fallback = self.computed is not None
-        slots = iterations % self.policy.slots if self.policy.kind == "ring" else iterations
+        slots = self.policy.slot(iterations)
         deepest = int(iterations.max()) if top is None else top
         top_slot = min(deepest, self.policy.slots - 1) if self.policy.kind == "ring" else deepest
         return _RowsView(self, self.recurrent[block], slots, top_slot,
@@ -214,19 +215,32 @@ class _View:
         self.cache, self.store, self.slot, self.count, self.rows, self.write = cache, store, slot, count, rows, write
         self.fallback = fallback  # a token that never ran this slot's iteration is read from its last one
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c, sub, slot = self.cache, self.rows, self.slot
+    def step(self) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+        """This view's rows of the step: (their rows in the batch, None for all; their columns; their mask; their
+        places in the stores as an index [b, 1])."""
+        c, sub = self.cache, self.rows
         if sub is None:  # the step's rows, indexed once by begin
-            batch_rows, cols, mask, r = c.step_rows, c.cols, c.mask, c.step_index
+            return c.step_rows, c.cols, c.mask, c.step_index
+        batch_rows = sub if c.step_rows is None else c.step_rows[sub]
+        return batch_rows, c.cols[sub], c.mask[sub], batch_rows[:, None]
+
+    def record_count(self, r: Tensor, cols: Tensor, count: int | Tensor) -> None:
+        """Mark the tokens written here as having computed ``count`` iterations (an int, or one per row [b, 1])."""
+        c = self.cache
+        counted = c.computed[r, cols]
+        if self.write is not None:
+            c.computed[r, cols] = torch.where(self.write, count, counted)
+        elif isinstance(count, int):
+            c.computed[r, cols] = counted.fill_(count)
         else:
-            batch_rows = sub if c.step_rows is None else c.step_rows[sub]
-            cols, mask = c.cols[sub], c.mask[sub]
-            r = batch_rows[:, None]
+            c.computed[r, cols] = count.expand_as(counted)
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c, slot = self.cache, self.slot
+        batch_rows, cols, mask, r = self.step()
         self.store.write(slot, r, cols, k, v, self.write)
         if self.count is not None:  # iterations computed by the tokens written here
-            counted = c.computed[r, cols]
-            c.computed[r, cols] = counted.fill_(self.count) if self.write is None else \
-                torch.where(self.write, self.count, counted)
+            self.record_count(r, cols, self.count)
         L = c.length
         if not self.fallback:
             keys, values = self.store.k[slot, :, :, :L], self.store.v[slot, :, :, :L]
@@ -254,11 +268,8 @@ class _RowsView(_View):
         self.slots, self.top, self.counts = slots, top, count
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        c, sub, st = self.cache, self.rows, self.store
-        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
-        cols = c.cols if sub is None else c.cols[sub]
-        mask = c.mask if sub is None else c.mask[sub]
-        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
+        c, st = self.cache, self.store
+        _, cols, mask, r = self.step()
         s = self.slots[:, None]
         st.ensure(self.top)
         if self.write is None:
@@ -268,9 +279,7 @@ class _RowsView(_View):
             st.k[s, r, :, cols] = torch.where(m, k.to(st.dtype), st.k[s, r, :, cols])
             st.v[s, r, :, cols] = torch.where(m, v.to(st.dtype), st.v[s, r, :, cols])
         if self.counts is not None:
-            counted = c.computed[r, cols]
-            count = self.counts[:, None].expand_as(counted)
-            c.computed[r, cols] = count if self.write is None else torch.where(self.write, count, counted)
+            self.record_count(r, cols, self.counts[:, None])
         L = c.length
         rows_all = r[:, 0]
         if not self.fallback:

@@ -101,7 +101,8 @@ class StaticKVCache(LoopKVCache):
         self.length = capacity
         self.key_cols = torch.arange(capacity, device=device)
 
-    def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None, max_col: Optional[int] = None) -> None:
+    def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None,
+              max_col: Optional[int] = None) -> None:
         if max_col is not None and max_col >= self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} tokens per row; column {max_col} is beyond")
         if rows is None and cols.shape[0] != self.B:
@@ -188,22 +189,16 @@ class _StaticView(_View):
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.fallback and not torch.compiler.is_compiling():  # latest / ring, the eager exit schedule
             return super().update(k, v)
-        c, sub = self.cache, self.rows
-        batch_rows = c.step_rows if sub is None else (sub if c.step_rows is None else c.step_rows[sub])
-        cols = c.cols if sub is None else c.cols[sub]
-        mask = c.mask if sub is None else c.mask[sub]
-        self.store.write(self.slot, (c.all_rows if batch_rows is None else batch_rows)[:, None], cols, k, v,
-                         self.write)
+        c = self.cache
+        batch_rows, cols, mask, r = self.step()
+        self.store.write(self.slot, r, cols, k, v, self.write)
         keys, values = self.store.ks[self.slot], self.store.vs[self.slot]
         if batch_rows is not None:
             keys, values = keys[batch_rows], values[batch_rows]
         if not self.fallback:
             return keys, values, mask
-        r = (c.all_rows if batch_rows is None else batch_rows)[:, None]
         if self.count is not None:  # the count of LoopKVCache's fallback, then its read as a chain of selects
-            counted = c.computed[r, cols]
-            c.computed[r, cols] = counted.fill_(self.count) if self.write is None else \
-                torch.where(self.write, self.count, counted)
+            self.record_count(r, cols, self.count)
         computed = c.computed if batch_rows is None else c.computed[batch_rows]
         pick = (computed - 1).clamp(0, self.slot)[:, None, :, None]                      # [b, 1, capacity, 1]
         for s in range(self.slot):
@@ -302,30 +297,20 @@ class CompiledStep:
         return _Forward(logits, depth, state)
 
     def _compile(self, key: tuple):
+        from .engine import _ExitSchedule
+
         e = self.engine
-        model, seed = e.model, e.seed
-        if key[0] == "fixed":
-            iterations, first = key[3], key[4]
+        model, seed, fixed = e.model, e.seed, key[0] == "fixed"
 
-            def step(cache, tokens, cols, positions, real, sequences, initial_state):
-                cache.begin(cols, real)
-                out = model.step(tokens, schedule=Uniform(iterations, real, first), positions=positions,
-                                 cache=cache, real=real, initial_state=initial_state, state_seed=seed,
-                                 sequences=sequences)
-                depth = torch.where(real, iterations, 0)
-                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
-        else:
-            from .engine import _ExitSchedule
-
-            def step(cache, tokens, cols, positions, real, sequences, initial_state):
-                cache.begin(cols, real)
-                schedule = _ExitSchedule(e, real, compact=False)
-                out = model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
-                                 initial_state=initial_state, state_seed=seed, sequences=sequences)
-                if schedule.logits_out is None:
-                    e._readouts += real.sum()
-                depth = torch.where(real, schedule.depth, 0)
-                return torch.where(real[..., None], out.logits, 0.0), depth, out.state
+        def step(cache, tokens, cols, positions, real, sequences, initial_state):
+            cache.begin(cols, real)
+            schedule = Uniform(key[3], real, key[4]) if fixed else _ExitSchedule(e, real, compact=False)
+            out = model.step(tokens, schedule=schedule, positions=positions, cache=cache, real=real,
+                             initial_state=initial_state, state_seed=seed, sequences=sequences)
+            if not fixed and schedule.logits_out is None:  # (fixed depth counts its read-outs in forward)
+                e._readouts += real.sum()
+            depth = torch.where(real, schedule.iterations if fixed else schedule.depth, 0)
+            return torch.where(real[..., None], out.logits, 0.0), depth, out.state
 
         # PARCAE_COMPILE_BACKEND (default inductor) lets the tests check the tracing (static shapes, buckets, no
         # graph break) with "aot_eager", which skips inductor's code generation

@@ -159,7 +159,7 @@ class DepthBatch:
         n = len(looping)
         rows = None if n == self.B else torch.tensor(looping, dtype=torch.long, device=dev)
         cols = torch.tensor([self.col[b] for b in looping], dtype=torch.long, device=dev)[:, None]
-        cache.begin(cols, torch.ones(n, 1, dtype=torch.bool, device=dev), rows, max(self.col[b] for b in looping))
+        cache.begin(cols, None, rows, max(self.col[b] for b in looping))  # every token real
         where = {b: i for i, b in enumerate(looping)}   # slot -> its row in this tick's step
         if entering:
             self._enter(entering, where)
@@ -290,7 +290,7 @@ class DepthBatch:
                                              self.cache, index, None)
             else:   # some left the loop at an earlier tick: a cache step of their own
                 cols = torch.tensor([self.col[b] for b in unread], dtype=torch.long, device=dev)[:, None]
-                self.cache.begin(cols, torch.ones_like(cols, dtype=torch.bool), U, max(self.col[b] for b in unread))
+                self.cache.begin(cols, None, U, max(self.col[b] for b in unread))
                 logits = self.model.read_out(state, self.rope.index_select(0, U),
                                              {i: v.index_select(0, U) for i, v in self.value_embeddings.items()},
                                              self.cache, None, None)
