@@ -16,7 +16,9 @@ deepest row needs: exited rows cost nothing, but the step waits for the last). S
 (``--speculate D:K``) verify at μ_rec, so their output and loss are fixed μ_rec's; their acceptance rate is printed.
 ``--windows 0`` skips the loss. Writes <out>.json.
 
-``--compile`` builds every engine with ``compile=True`` (the compiled decode step); each (setting, batch) then runs
+``--compile`` builds every engine with ``compile=True`` (the compiled decode step), a rule's setting may name how the
+compiled engine runs it (``latent-diff:0.1@segments``, ``@graph`` or ``@eager``: compaction between checks, one graph
+whose exited rows keep running, or the eager exit schedule); each (setting, batch) then runs
 once untimed before its first timed round (compilation and first-call costs; the seconds are reported as
 ``warmup_s``), and the batch-8 iterations per step are not counted (a hook would break the compiled graph).
 
@@ -51,7 +53,20 @@ DEFAULT_SETTINGS = ["fixed:8", "fixed:6", "fixed:4", "latent-diff", "latent-diff
 
 
 def engine_for(model, setting: str, **extra) -> Engine:
-    """fixed:T | speculate:D:K (at μ_rec) | RULE[:THRESHOLD] with the engine's defaults (``extra``: compile=True)."""
+    """fixed:T | speculate:D:K (at μ_rec) | RULE[:THRESHOLD][@MODE] with the engine's defaults (``extra``:
+    compile=True); MODE (segments, graph or eager) is how a compiled engine runs the rule under the ``latest``
+    KV policy (``PARCAE_COMPILE_EXIT``, parcae.inference.compiled)."""
+    setting, _, mode = setting.partition("@")
+    if mode:
+        previous = os.environ.get("PARCAE_COMPILE_EXIT")
+        os.environ["PARCAE_COMPILE_EXIT"] = mode
+        try:
+            return engine_for(model, setting, **extra)
+        finally:
+            if previous is None:
+                del os.environ["PARCAE_COMPILE_EXIT"]
+            else:
+                os.environ["PARCAE_COMPILE_EXIT"] = previous
     kind, _, rest = setting.partition(":")
     if kind == "fixed":
         return Engine(model, loops=int(rest), **extra)

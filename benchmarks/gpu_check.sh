@@ -8,15 +8,17 @@
 #   4. decode tokens/s of parcae-140m (random weights, fp32, fixed depth 8, greedy, batch 1 and 8): today's engine
 #      (commit ec2adf8), the eager engine and the compiled one (Engine(compile=True): on CUDA its graphs are
 #      captured, torch.compile mode "reduce-overhead"), compile time apart (benchmarks/decode_speed.py --device cuda);
-#   5. depth-level batching on parcae-140m (benchmarks/depth_batching.py --device cuda, when that script exists).
+#   5. depth-level batching on parcae-140m (benchmarks/depth_batching.py --device cuda, when that script exists);
+#   6. the compiled engine's exit-rule modes (segments / graph / eager) against compiled fixed depth on parcae-140m
+#      with forced depths (benchmarks/compiled_exit.py --device cuda, when that script exists).
 #
 #   bash benchmarks/gpu_check.sh                       # report: benchmarks/results/gpu_check_<date>.md
 #   PEAK_TFLOPS=989.4 bash benchmarks/gpu_check.sh out.md
 #
 # Env: PYTHON (default: python), PEAK_TFLOPS (default: auto = Lightning's table, else a datasheet figure for
-# H100/H200), BUDGET_S (seconds for part 1, default 270), DECODE_S / DEPTH_S (limits of parts 4 and 5, default
-# 240 / 120; worst case 270 + 45 + 75 + 60 + 240 + 120 s plus start-up, about 14 minutes; BUDGET_S=150 keeps it
-# under 12). Without a CUDA GPU it exits with status 2 and a message.
+# H100/H200), BUDGET_S (seconds for part 1, default 270), DECODE_S / DEPTH_S / EXITMODE_S (limits of parts 4, 5
+# and 6, default 240 / 120 / 120; worst case 270 + 45 + 75 + 60 + 240 + 120 + 120 s plus start-up, about 16
+# minutes; BUDGET_S=150 EXITMODE_S=90 keeps it under 14). Without a CUDA GPU it exits with status 2 and a message.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -84,7 +86,7 @@ echo "[gpu_check] 3/5 cached generation ..."
   fi
 } >> "$OUT"
 
-echo "[gpu_check] 4/5 decode speed of parcae-140m: today / eager / compiled (graph-captured) ..."
+echo "[gpu_check] 4/6 decode speed of parcae-140m: today / eager / compiled (graph-captured) ..."
 {
   echo
   echo "## Decode tokens/s, parcae-140m, fixed depth 8 (benchmarks/decode_speed.py --device cuda)"
@@ -97,7 +99,7 @@ echo "[gpu_check] 4/5 decode speed of parcae-140m: today / eager / compiled (gra
   echo '```'
 } >> "$OUT"
 
-echo "[gpu_check] 5/5 depth-level batching ..."
+echo "[gpu_check] 5/6 depth-level batching ..."
 {
   echo
   echo "## Depth-level batching (benchmarks/depth_batching.py --device cuda)"
@@ -112,6 +114,22 @@ echo "[gpu_check] 5/5 depth-level batching ..."
   else
     echo "Skipped: benchmarks/depth_batching.py does not exist in this checkout (it comes with issue 28's"
     echo "depth-level scheduler)."
+  fi
+} >> "$OUT"
+
+echo "[gpu_check] 6/6 the compiled engine's exit-rule modes ..."
+{
+  echo
+  echo "## Compiled exit-rule modes, parcae-140m, forced depths (benchmarks/compiled_exit.py --device cuda)"
+  echo
+  if [ -f benchmarks/compiled_exit.py ]; then
+    echo '```'
+    timeout "${EXITMODE_S:-120}" "$PY" benchmarks/compiled_exit.py --device cuda --new_tokens 32 --repeats 2 \
+        --out "${OUT%.md}_compiled_exit.json" 2>&1 | grep -v -i warning | grep -v "^\[compile" | tail -n 14
+    echo "(exit ${PIPESTATUS[0]}; raw rows: ${OUT%.md}_compiled_exit.json)"
+    echo '```'
+  else
+    echo "Skipped: benchmarks/compiled_exit.py does not exist in this checkout."
   fi
   echo
   echo "Total wall time of the check: $(( $(date +%s) - START )) s."

@@ -17,12 +17,25 @@ model's math) — as one graph per (row bucket, capacity bucket). Shapes never c
   dropped;
 * nothing inside the graph reads the host: the step's inputs are device tensors and the loop count is fixed.
 
-What runs where: fixed depth (speculative drafts included) and every exit rule are one graph per token. Under the
-``full`` KV policy every token computes every iteration and the rule only picks its output; under ``latest`` /
-``ring:K`` the eager engine reads after each check which rows keep computing (that read is what saves their
-compute), while the graph cannot read the host: a row whose token exited keeps running without storing anything
-(``_ExitSchedule(compact=False)``), so the outputs and cache entries are the eager engine's and the compute is that
-of ``max_loops`` (``PARCAE_COMPILE_EXIT=0`` runs those steps through the eager exit schedule on the static cache).
+What runs where: fixed depth (speculative drafts included) is one graph per token, and so is every exit rule under
+the ``full`` KV policy (every token computes every iteration; the rule only picks its output). Under ``latest`` /
+``ring:K`` an exited token should stop computing, which needs the host to know which rows still decide; a compiled
+engine runs those steps one of three ways (``PARCAE_COMPILE_EXIT``):
+
+* ``segments`` (the default on the CPU for models whose loop iteration costs at least 2 MFLOP a token,
+  :func:`default_exit_mode`): the entry (prelude, h₀) is one graph, then each stretch of iterations up to
+  the next check is a graph call on the rows whose token still decides, padded to a row bucket with rows that no
+  longer compute (they store nothing), then the read-out. The host reads once per check which rows go on, as the
+  eager engine does, and the batch shrinks 8 → 4 → 2 → 1 rows as tokens exit, so the compute an exit saves is saved
+  up to the bucket's padding. A segment's iterations are numbered from a tensor (``StaticKVCache.first_iteration``:
+  its KV slot and count are tensors), so one graph per (batch bucket, row bucket, segment length, last or not)
+  serves every segment wherever it starts, and compaction never recompiles.
+* ``graph`` (the default under CUDA graphs, where a launch-bound step costs about the same for fewer rows, and for
+  smaller models on the CPU, where a segment's graph call costs more than the iterations it saves): one graph per
+  token; a row whose token exited keeps running without storing anything (``_ExitSchedule(compact=False)``),
+  so the outputs and cache entries are the eager engine's and the compute is that of ``max_loops``.
+* ``eager``: the eager exit schedule on the static cache.
+
 Prompt prefill (a chunk of many tokens, once per request) runs eagerly against the same static cache. Sampling is
 drawn outside the graph (each row's generator).
 
@@ -46,7 +59,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from torch import Tensor
 
-from parcae.model.loop import Uniform
+from parcae.model.loop import Uniform, pick
 
 from .cache import KVPolicy, LoopKVCache, _Store, _View
 
@@ -56,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("parcae.compile")
 
 DEFAULT_CACHE_DIR = Path("~/.cache/parcae/inductor")
+EXIT_MODES = ("segments", "graph", "eager")  # how a compiled engine runs an exit rule under latest / ring
 
 
 def cache_dir() -> Path:
@@ -69,6 +83,26 @@ def cache_dir() -> Path:
     if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE_DIR.expanduser())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+# A segment's graph call costs ~0.3 ms on the 2-core CPU whatever its rows (docs/benchmarks.md, "The compiled
+# engine's exit-rule modes"): compaction pays when dropping an exited row saves more than that. Measured there: an
+# iteration of 0.1 MFLOP a token (the demo model) ran "graph" 1.4-1.8x faster than "segments"; one of 28 MFLOP
+# (the parcae-140m shape) ran "segments" 1.2x faster than "graph" and 1.06-1.15x faster than fixed depth.
+SEGMENTS_MIN_FLOPS = 2e6
+
+
+def default_exit_mode(config, device: torch.device) -> str:
+    """How a compiled engine runs an exit rule under latest / ring unless ``PARCAE_COMPILE_EXIT`` says otherwise:
+    ``graph`` under CUDA graphs (a launch-bound step costs about the same for fewer rows; not measured yet) and on
+    the CPU for models whose loop iteration costs less than :data:`SEGMENTS_MIN_FLOPS` per token, ``segments``
+    on the CPU above it."""
+    from parcae.model.flops import inference_flops_per_token
+
+    if torch.device(device).type == "cuda":
+        return "graph"
+    per_iteration = inference_flops_per_token(config, 2, 0) - inference_flops_per_token(config, 1, 0)
+    return "segments" if per_iteration >= SEGMENTS_MIN_FLOPS else "graph"
 
 
 def row_bucket(n: int) -> int:
@@ -92,14 +126,18 @@ class StaticKVCache(LoopKVCache):
     uses the cache's first rows."""
 
     def __init__(self, config, batch_size: int, capacity: int, policy: KVPolicy, adaptive: bool, max_loops: int,
-                 device=None, dtype=torch.float32) -> None:
+                 device=None, dtype=torch.float32, stacked: bool = False) -> None:
+        """``stacked``: each recurrent block's slots in one tensor (the compiled segments' tensor slots)."""
         super().__init__(config, batch_size, capacity, policy, adaptive, device, dtype)
         slots = min(policy.slots, max_loops) if policy.kind == "ring" else max_loops
         shape = (batch_size, config.kv_heads, capacity, config.head_dim)
         self.stores = {index: _StaticStore(shape, device, dtype) for index in self.stores}
-        self.recurrent = [_StaticStore(shape, device, dtype, slots) for _ in self.recurrent]
+        self.recurrent = [_StaticStore(shape, device, dtype, slots, stacked) for _ in self.recurrent]
         self.length = capacity
         self.key_cols = torch.arange(capacity, device=device)
+        # a compiled segment's first iteration (a 0-d tensor; None outside segments): the model's iteration t of
+        # the segment is iteration first_iteration + t, so one graph serves segments starting anywhere
+        self.first_iteration: Optional[Tensor] = None
 
     def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None,
               max_col: Optional[int] = None) -> None:
@@ -124,6 +162,11 @@ class StaticKVCache(LoopKVCache):
         return _StaticView(self, self.stores[index], 0, None, False, rows, write)
 
     def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
+        if self.first_iteration is not None:  # a segment: the slot and the count are tensors
+            t = self.first_iteration + iteration
+            count = t + 1 if block == 0 and self.computed is not None else None
+            return _StaticView(self, self.recurrent[block], self.policy.slot(t), count, self.computed is not None,
+                               rows, write)
         view = super().loop(block, iteration, rows, write)
         return _StaticView(self, view.store, view.slot, view.count, view.fallback, rows, write)
 
@@ -148,10 +191,19 @@ class _StaticStore(_Store):
     of one base, and a compiled graph that writes into one view copies the whole base: separate tensors are
     written in place."""
 
-    def __init__(self, shape: tuple, device, dtype, slots: int = 1) -> None:
+    def __init__(self, shape: tuple, device, dtype, slots: int = 1, stacked: bool = False) -> None:
+        """``stacked``: the slots are views of one tensor [slots, ...] (``k_all``, ``v_all``), which the compiled
+        segments index with a tensor slot (one scatter, one gather); the other graphs write into one slot's
+        tensor and take separate ones."""
         self.shape, self.device, self.dtype = shape, device, dtype
-        self.ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
-        self.vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+        self.k_all = self.v_all = None
+        if stacked:
+            self.k_all = torch.zeros(slots, *shape, device=device, dtype=dtype)
+            self.v_all = torch.zeros_like(self.k_all)
+            self.ks, self.vs = list(self.k_all), list(self.v_all)
+        else:
+            self.ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
+            self.vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(slots)]
 
     def ensure(self, slot: int) -> None:
         if slot >= len(self.ks):
@@ -165,28 +217,30 @@ class _StaticStore(_Store):
         K[rows, :, cols], V[rows, :, cols] = k.to(K.dtype), v.to(V.dtype)
 
     @property
-    def k(self) -> Tensor:   # the stacked slots [slots, B, kv_heads, capacity, head_dim] (a copy; eager reads)
-        return torch.stack(self.ks)
+    def k(self) -> Tensor:   # the stacked slots [slots, B, kv_heads, capacity, head_dim] (a copy unless stacked)
+        return self.k_all if self.k_all is not None else torch.stack(self.ks)
 
     @property
     def v(self) -> Tensor:
-        return torch.stack(self.vs)
+        return self.v_all if self.v_all is not None else torch.stack(self.vs)
 
     @property
     def slots(self) -> int:
         return len(self.ks)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.ks, *self.vs])
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[Tensor]:
-        return [*self.ks, *self.vs]
+        return [self.k_all, self.v_all] if self.k_all is not None else [*self.ks, *self.vs]
 
 
 class _StaticView(_View):
     """A view that reads its own slot's tensor (no stacked copy) when no fallback is needed."""
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if isinstance(self.slot, Tensor):
+            return self._update_any_slot(k, v)
         if self.fallback and not torch.compiler.is_compiling():  # latest / ring, the eager exit schedule
             return super().update(k, v)
         c = self.cache
@@ -208,6 +262,55 @@ class _StaticView(_View):
             keys, values = torch.where(pick == s, older_k, keys), torch.where(pick == s, older_v, values)
         return keys, values, mask
 
+    def _update_any_slot(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The slot is a 0-d tensor (a compiled segment, whose graph serves every iteration) into the stacked slots
+        of the store: the new entries go to the slot named (one scatter), and a token is read from slot
+        min(slot, computed − 1) (its own entry or its last computed one, :meth:`LoopKVCache.loop`'s fallback; one
+        gather)."""
+        c, st = self.cache, self.store
+        batch_rows, cols, mask, r = self.step()
+        K, V, s = st.k_all, st.v_all, self.slot.reshape(1, 1)  # (a 0-d index would be read as a number)
+        if self.write is None:
+            K[s, r, :, cols], V[s, r, :, cols] = k.to(K.dtype), v.to(V.dtype)
+        else:
+            m = self.write[..., None, None]
+            K[s, r, :, cols] = torch.where(m, k.to(K.dtype), K[s, r, :, cols])
+            V[s, r, :, cols] = torch.where(m, v.to(V.dtype), V[s, r, :, cols])
+        if self.count is not None:
+            self.record_count(r, cols, self.count)
+        computed = c.computed if batch_rows is None else c.computed[batch_rows]
+        pick = torch.minimum((computed - 1).clamp(min=0), s)                                  # [b, capacity]
+        key_cols = c.key_cols[None]
+        return K[pick, r, :, key_cols].transpose(1, 2), V[pick, r, :, key_cols].transpose(1, 2), mask
+
+
+class _Segment:
+    """The schedule of one compiled segment of an exit-rule step: ``n`` iterations of the rows ``rows`` (an index
+    of the batch, padded to a row bucket with rows that no longer compute, which store nothing), then the exit
+    check of ``exit`` (an :class:`parcae.inference.engine._ExitSchedule`). Iterations are numbered from the cache's
+    ``first_iteration`` tensor, so segments of the same length share one graph wherever they start."""
+
+    finished = False
+    first = 0
+
+    def __init__(self, exit, rows: Tensor, n: int, first_iteration: Tensor, last: bool, consecutive: bool) -> None:
+        self.exit, self.active, self.iterations, self.first_iteration = exit, rows, n, first_iteration
+        self.last, self.consecutive = last, consecutive
+
+    def rows(self, t: int) -> Tensor:
+        return self.active
+
+    def writes(self, t: int) -> Tensor:
+        return pick(self.exit.deciding, self.active)  # a row whose token exited stores nothing
+
+    def done(self, t: int, h_before: Tensor, h: Tensor, rows: Tensor, read_out) -> None:
+        if t + 1 == self.iterations:
+            self.exit.check(self.first_iteration + self.iterations, h_before if self.consecutive else None, h, rows,
+                            read_out, self.last)
+
+    def output(self, h: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        return h, None
+
 
 class CompiledStep:
     """The engine's compiled per-token forward (see the module docstring); built by ``Engine(..., compile=True)``."""
@@ -221,11 +324,18 @@ class CompiledStep:
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
         self.mode = "reduce-overhead" if self.cuda else None
-        # latest / ring with an exit rule: one graph whose exited rows keep running without storing (no host
-        # read, none of the compute saved), instead of the eager exit schedule (PARCAE_COMPILE_EXIT=0)
-        self.exit_graph = os.environ.get("PARCAE_COMPILE_EXIT", "1") != "0"
+        # latest / ring with an exit rule (module docstring): "segments" (compaction), "graph" (one graph, exited
+        # rows keep running) or "eager"
+        self.exit_mode = os.environ.get("PARCAE_COMPILE_EXIT", default_exit_mode(engine.config, engine.device))
+        if self.exit_mode not in EXIT_MODES:
+            raise ValueError(f"PARCAE_COMPILE_EXIT={self.exit_mode!r}: choose one of {', '.join(EXIT_MODES)}")
+        self.segments = engine.adaptive and engine.policy.kind != "full" and self.exit_mode == "segments"
         self._graphs: dict[tuple, object] = {}   # (kind, rows, capacity, loops, first) -> compiled function
         self._caches: list[StaticKVCache] = []   # reused when nobody else holds them (static addresses)
+        self._iterations: dict[int, Tensor] = {}
+        # (row, iteration) pairs the recurrent blocks of the graphs computed, padded rows included (host-side: the
+        # compute an exit rule's compaction saves shows here, while Engine.iterations_run counts tokens' depths)
+        self.row_iterations = 0
 
     # -- caches ----------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, capacity: int) -> StaticKVCache:
@@ -239,7 +349,8 @@ class CompiledStep:
                 cache.reset()
                 return cache
         dtype = next(e.model.parameters()).dtype
-        cache = StaticKVCache(e.config, B, C, e.policy, e.adaptive, e.max_loops, e.device, dtype)
+        cache = StaticKVCache(e.config, B, C, e.policy, e.adaptive, e.max_loops, e.device, dtype,
+                              stacked=self.segments)
         if self.cuda:
             for t in [cache.present, *(t for s in [*cache.stores.values(), *cache.recurrent] for t in s.tensors())] + \
                      ([cache.computed] if cache.computed is not None else []):
@@ -253,7 +364,7 @@ class CompiledStep:
         depth decided without host reads (fixed depth, or an exit rule under the full KV policy)."""
         e = self.engine
         return (isinstance(cache, StaticKVCache) and tokens.shape[1] == 1 and need_logits and e.config.looped
-                and (not adaptive or e.policy.kind == "full" or self.exit_graph))
+                and (not adaptive or e.policy.kind == "full" or self.exit_mode != "eager"))
 
     def forward(self, cache: StaticKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
                 sequences: Tensor, adaptive: bool, initial_state: Optional[Tensor], rows: Optional[Sequence[int]],
@@ -275,17 +386,19 @@ class CompiledStep:
                 torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) for x in (tokens, cols, positions, real, sequences))
             if initial_state is not None:
                 initial_state = torch.cat([initial_state, initial_state.new_zeros((pad, *initial_state.shape[1:]))])
+        if adaptive and self.segments:
+            logits, depth, state = self._segments(cache, tokens, cols, positions, real, sequences, initial_state)
+            return _Forward(logits[:B], depth[:B], state[:B])
         if adaptive:
             key = ("exit", Bp, cache.capacity, initial_state is not None)
         else:
             n = (loops or e.prefill_loops)
             key = ("fixed", Bp, cache.capacity, n, first_loop, initial_state is not None)
-        fn = self._graphs.get(key)
-        if fn is None:
-            fn = self._graphs[key] = _Timed(self._compile(key), key)
+        fn = self._graph(key, self._compile)
         if self.cuda:  # a new CUDA-graph step: the previous replay's outputs are no longer read in place
             torch.compiler.cudagraph_mark_step_begin()
         logits, depth, state = fn(cache, tokens, cols, positions, real, sequences, initial_state)
+        self.row_iterations += Bp * (e.max_loops if adaptive else key[3] - first_loop)
         if self.cuda:  # the next replay overwrites the graph's outputs; callers may keep them (StepEvent.logits)
             logits, depth, state = logits.clone(), depth.clone(), None if state is None else state.clone()
         if not adaptive:
@@ -295,6 +408,92 @@ class CompiledStep:
         if Bp > B:
             logits, depth, state = logits[:B], depth[:B], state[:B]
         return _Forward(logits, depth, state)
+
+    def _graph(self, key: tuple, build):
+        """The compiled function of ``key`` (built by ``build(key)`` and compiled on its first call)."""
+        fn = self._graphs.get(key)
+        if fn is None:
+            fn = self._graphs[key] = _Timed(self._torch_compile(build(key), key), key)
+        return fn
+
+    def _segments(self, cache: StaticKVCache, tokens: Tensor, cols: Tensor, positions: Tensor, real: Tensor,
+                  sequences: Tensor, initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """An exit-rule step under latest / ring with compaction: the entry (prelude, h₀) in one graph, then one
+        graph per segment of iterations between checks, on the rows still deciding padded to a row bucket (the
+        host reads once per check which rows those are, as the eager engine does), then the read-out. Segments
+        of one length and bucket share a graph whatever their first iteration, so a step compiles at most a
+        graph per (segment length, row bucket) and never recompiles."""
+        from .engine import _ExitSchedule
+
+        e, Bp, C = self.engine, cache.B, cache.capacity
+        warm = initial_state is not None
+        h, drive, rope, ve = self._graph(("enter", Bp, C, warm), self._enter)(
+            cache, tokens, cols, positions, real, sequences, initial_state)
+        exit = _ExitSchedule(e, real, compact=False)
+        # (distinct tensors: dynamo guards on which inputs alias, and after the first segment none do)
+        exit.tracker, exit.h_out = e.exit.start(h.clone(), e.config.vocab_size), h.clone()
+        rows, t = cache.all_rows, 0
+        while True:
+            n = min(e.min_loops if t == 0 else e.exit_every, e.max_loops - t)
+            last = t + n == e.max_loops
+            # the state rules compare with the state before the check's iteration when the previous check (or h₀,
+            # before the first) was that state
+            consecutive = e.exit_every == 1 and (t > 0 or e.min_loops == 1)
+            segment = self._graph(("segment", len(rows), C, n, last, consecutive, Bp), self._segment)
+            h = segment(cache, exit, h, drive, rope, ve, rows, self._iteration(t))
+            self.row_iterations += len(rows) * n
+            t += n
+            if last:
+                break
+            still = exit.deciding.any(-1).tolist()  # the one read of a check: the rows whose token still decides
+            keep = [b for b in range(Bp) if still[b]]
+            if not keep:
+                break
+            if len(keep) < len(rows):  # compaction: the deciding rows, padded with rows that no longer compute
+                idle = [b for b in range(Bp) if not still[b]]
+                rows = torch.tensor(keep + idle[: row_bucket(len(keep)) - len(keep)], device=real.device)
+        if exit.logits_out is not None:  # an output rule read every token out at its exit check
+            logits = exit.logits_out
+        else:
+            logits = self._graph(("readout", Bp, C), self._readout)(cache, exit.h_out, rope, ve, real)
+            e._readouts += real.sum()
+        exit.output(h)  # counts each token's iterations
+        return torch.where(real[..., None], logits, 0.0), torch.where(real, exit.depth, 0), exit.h_out
+
+    def _iteration(self, t: int) -> Tensor:
+        """Iteration t as a 0-d tensor on the engine's device (one per t, made once)."""
+        found = self._iterations.get(t)
+        if found is None:
+            found = self._iterations[t] = torch.tensor(t, device=self.engine.device)
+        return found
+
+    def _enter(self, key: tuple):
+        model, seed = self.engine.model, self.engine.seed
+
+        def enter(cache, tokens, cols, positions, real, sequences, initial_state):
+            cache.begin(cols, real)
+            x, rope, value_embeddings = model.prelude_step(tokens, positions, cache, real)
+            e, h = model.loop_input(x, initial_state, seed, sequences, positions)
+            return h, model.injection.input_term(e), rope, value_embeddings
+        return enter
+
+    def _segment(self, key: tuple):
+        model, (_, _, _, n, last, consecutive, _) = self.engine.model, key
+
+        def segment(cache, exit, h, drive, rope, value_embeddings, rows, first_iteration):
+            cache.first_iteration = first_iteration
+            h = model._iterate(h, drive, _Segment(exit, rows, n, first_iteration, last, consecutive), rope,
+                               value_embeddings, cache)
+            cache.first_iteration = None
+            return h
+        return segment
+
+    def _readout(self, key: tuple):
+        model = self.engine.model
+
+        def readout(cache, h, rope, value_embeddings, real):
+            return model.read_out(h, rope, value_embeddings, cache, None, real)
+        return readout
 
     def _compile(self, key: tuple):
         from .engine import _ExitSchedule
@@ -312,14 +511,19 @@ class CompiledStep:
             depth = torch.where(real, schedule.iterations if fixed else schedule.depth, 0)
             return torch.where(real[..., None], out.logits, 0.0), depth, out.state
 
+        return step
+
+    def _torch_compile(self, fn, key: tuple):
         # PARCAE_COMPILE_BACKEND (default inductor) lets the tests check the tracing (static shapes, buckets, no
         # graph break) with "aot_eager", which skips inductor's code generation
         backend = os.environ.get("PARCAE_COMPILE_BACKEND", "inductor")
-        fn = _own_code(step, "_".join(map(str, key)))
+        fn = _own_code(fn, "_".join(map(str, key)))
         if backend != "inductor":
             return torch.compile(fn, backend=backend, dynamic=False)
         if self.cuda:
-            return torch.compile(fn, mode=self.mode, dynamic=False)
+            # (a segment's outputs feed the next replay of the same graph, which CUDA graphs would overwrite in
+            # place: the segments' graphs are compiled without capture)
+            return torch.compile(fn, mode=self.mode if key[0] in ("fixed", "exit") else None, dynamic=False)
         # CPU: the graph's wrapper in C++ instead of Python (~20 % more tokens/s at batch 1 on the demo model)
         return torch.compile(fn, options={"cpp_wrapper": True}, dynamic=False)
 
@@ -341,8 +545,12 @@ class _Timed:
     def __call__(self, *args):
         if not self.first:
             return self.fn(*args)
-        what = f"{self.key[0]} step, {self.key[1]} rows, {self.key[2]} cache columns" + \
-            (f", {self.key[3]} loops" if self.key[0] == "fixed" else "")
+        kind, rows, columns = self.key[:3]
+        n = self.key[3] if kind in ("fixed", "segment") else 0
+        part = {"fixed": f"fixed step, {n} loops", "exit": "exit-rule step", "enter": "exit-rule entry",
+                "segment": f"exit-rule segment of {n} iteration{'s' * (n != 1)}",
+                "readout": "exit-rule read-out"}[kind]
+        what = f"{part}, {rows} rows, {columns} cache columns"
         log.info("compiling the decode step (%s); cache %s", what, cache_dir())
         start = time.perf_counter()
         out = self.fn(*args)

@@ -60,8 +60,9 @@ class Exit:
 def supports(engine: Engine) -> bool:
     """Whether ``engine``'s tokens can run depth-level: a looped model whose exit rule (if any) keeps per-token
     state a new token can restart (every :class:`~parcae.inference.exits.ExitRule` and
-    :class:`~parcae.inference.exits.ScriptedDepth` do; the step-counted test rule ``ForcedDepth`` does not)."""
-    if not engine.config.looped or engine.speculate is not None:
+    :class:`~parcae.inference.exits.ScriptedDepth` do; the step-counted test rule ``ForcedDepth`` does not), and
+    not through a compiled engine (its static cache has no per-row iteration slots: it decodes token-level steps)."""
+    if not engine.config.looped or engine.speculate is not None or engine.compiled is not None:
         return False
     return not engine.adaptive or isinstance(engine.exit, (ExitRule, ScriptedDepth))
 

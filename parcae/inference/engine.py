@@ -153,7 +153,11 @@ class _ExitSchedule:
         self.finished = False
         self.ran = 0  # iterations run so far
         self.depth = torch.full(real.shape, self.iterations, dtype=torch.long, device=real.device)
-        self.tracker = self.h_out = self.logits_out = None
+        self.tracker = self.h_out = None
+        # each token's logits at its exit (an output rule reads them out at the checks; a state rule reads the exit
+        # states out once, after the loop)
+        self.logits_out = torch.zeros(*real.shape, engine.config.padded_vocab_size, device=real.device) \
+            if self.rule.needs_logits else None
 
     def rows(self, t: int) -> Optional[Tensor]:
         return self.active
@@ -170,15 +174,23 @@ class _ExitSchedule:
         last, n = t + 1 == self.iterations, t + 1 - self.min_loops
         if not last and (n < 0 or n % self.every):
             return  # not a checked iteration
+        # the state rules compare with the previous iteration's state when that was the previous check
+        consecutive = self.every == 1 and t + 1 > self.min_loops
+        self.check(t + 1, h_before if consecutive else None, h, rows, read_out, last)
+
+    def check(self, depth: int | Tensor, h_before: Optional[Tensor], h: Tensor, rows: Optional[Tensor], read_out,
+              last: bool) -> None:
+        """The exit check of rows ``rows`` (None: all) after ``depth`` iterations (an int, or a 0-d tensor in the
+        compiled segments of :mod:`parcae.inference.compiled`): the rule decides, the stopping tokens record their
+        state, logits and depth; ``last`` stops every token. ``h_before``: the state before this iteration when
+        the previous check was the previous iteration (:meth:`ExitTracker.update`)."""
         deciding = pick(self.deciding, rows)
         # (the coda stores the entries of the deciding tokens: under full some computing tokens have decided)
         logits = read_out(h, None if self.dense and not self.keep_computing else deciding) \
             if self.rule.needs_logits else None
         if logits is not None:  # the read-out ran on every row still computing
             self.readouts += (self.computing if self.keep_computing else deciding).sum()
-        # the state rules compare with the previous iteration's state when that was the previous check
-        consecutive = self.every == 1 and t + 1 > self.min_loops
-        converged, _ = self.tracker.update(h, logits, rows, h_before if consecutive else None)
+        converged, _ = self.tracker.update(h, logits, rows, h_before)
         stop = deciding if last else deciding & converged
         reading = self.compact and not (self.keep_computing or last)
         if reading:  # the one device read of this iteration: which rows have a token stopping, which stay
@@ -186,10 +198,8 @@ class _ExitSchedule:
             if not any(stopping):
                 return  # nothing to record, nobody leaves
         self.h_out = put(self.h_out, rows, torch.where(stop[..., None], h, pick(self.h_out, rows)))
-        self.depth = put(self.depth, rows, torch.where(stop, t + 1, pick(self.depth, rows)))
+        self.depth = put(self.depth, rows, torch.where(stop, depth, pick(self.depth, rows)))
         if logits is not None:
-            if self.logits_out is None:
-                self.logits_out = torch.zeros(*self.deciding.shape, logits.shape[-1], device=logits.device)
             self.logits_out = put(self.logits_out, rows,
                                   torch.where(stop[..., None], logits, pick(self.logits_out, rows)))
         self.deciding = put(self.deciding, rows, deciding & ~stop)

@@ -85,8 +85,10 @@ class ExitTracker:
         self.rule = rule
         self.prev_h = h0
         shape = h0.shape[:-1]
-        self.prev_log_probs: Optional[Tensor] = None
         self.vocab_size = vocab_size
+        # p_{-1}: uniform (the KL rules' previous distribution at the first check)
+        self.prev_log_probs = torch.full((*shape, vocab_size), -math.log(vocab_size), device=h0.device) \
+            if rule.name in ("kl", "minp-kl") else None
         self.prev_entropy = torch.full(shape, math.inf, device=h0.device)
         self.prev_argmax = torch.full(shape, -1, dtype=torch.long, device=h0.device)
         self.stable = torch.zeros(shape, dtype=torch.long, device=h0.device)
@@ -123,9 +125,6 @@ class ExitTracker:
             probs = torch.where(probs < MIN_P * probs.amax(-1, keepdim=True), 1.0 / self.vocab_size, probs)
             log_probs = (probs / probs.sum(-1, keepdim=True)).log()
         if name in ("kl", "minp-kl"):
-            if self.prev_log_probs is None:  # p_{-1}: uniform
-                self.prev_log_probs = torch.full((*self.prev_entropy.shape, self.vocab_size), -math.log(self.vocab_size),
-                                                 device=log_probs.device)
             prev = pick(self.prev_log_probs, rows)
             value = (prev.exp() * (prev - log_probs)).sum(-1)
             self.prev_log_probs = put(self.prev_log_probs, rows, log_probs)

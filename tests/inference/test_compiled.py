@@ -68,6 +68,34 @@ def test_buckets():
     assert capacity_bucket(100, 96) == 100  # beyond the context: exactly what is needed
 
 
+def test_exit_mode_defaults_follow_the_cost_of_an_iteration(model):
+    """Compaction (segments) where an iteration costs more than a graph call: the parcae-140m shape (28 MFLOP a token
+    per iteration) on the CPU; one graph for the tiny and demo models and under CUDA graphs."""
+    from parcae.inference.compiled import default_exit_mode
+    from parcae.model import preset
+
+    assert default_exit_mode(preset("parcae-140m"), torch.device("cpu")) == "segments"
+    assert default_exit_mode(preset("mini-demo"), torch.device("cpu")) == "graph"
+    assert default_exit_mode(model.config, "cpu") == "graph"
+    assert default_exit_mode(preset("parcae-140m"), torch.device("cuda")) == "graph"
+
+
+def test_a_compiled_engine_decodes_token_level_steps(model):
+    """Depth-level ticks need per-row iteration slots the static cache does not have: a compiled engine's several
+    prompts (and a compiled server lane) decode token-level steps, on an accelerator too (where depth-level ticks are
+    the default otherwise)."""
+    from parcae.inference.depth_batching import supports
+
+    assert supports(Engine(model, exit="latent-diff"))
+    assert not supports(Engine(model, exit="latent-diff", compile=True))
+
+
+def test_an_unknown_exit_mode_is_refused(model, monkeypatch):
+    monkeypatch.setenv("PARCAE_COMPILE_EXIT", "fast")
+    with pytest.raises(ValueError, match="PARCAE_COMPILE_EXIT='fast': choose one of segments, graph, eager"):
+        Engine(model, exit="latent-diff", compile=True)
+
+
 def test_compiled_equals_eager_and_the_full_forward(model, fixed):
     eager, compiled = fixed
     prompt = PROMPTS[0]
@@ -109,21 +137,57 @@ def test_exit_rule_under_full_is_one_graph_and_equals_eager(model, compile_cache
     assert compiled.iterations_run == eager.iterations_run
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode,backend", [("segments", "aot_eager"), ("graph", "aot_eager"),
+                                          pytest.param("segments", "inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("policy", ["latest", "ring:2"])
-def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, monkeypatch, policy, backend):
-    """latest / ring: one graph in which a row whose token exited keeps running without storing (no host read);
-    the tokens, depths, logits and KV fallbacks equal the eager exit schedule's, which drops such rows."""
+def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, monkeypatch, policy, mode, backend):
+    """latest / ring, both ways a compiled engine runs them (segments between checks on the rows still deciding;
+    one graph in which a row whose token exited keeps running without storing): the tokens, depths, logits and KV
+    fallbacks equal the eager exit schedule's, which drops such rows."""
     monkeypatch.setenv("PARCAE_COMPILE_BACKEND", backend)
+    monkeypatch.setenv("PARCAE_COMPILE_EXIT", mode)
     eager = Engine(model, exit="latent-diff:1", max_loops=4, kv_policy=policy)
     compiled = Engine(model, exit="latent-diff:1", max_loops=4, kv_policy=policy, compile=True)
     tokens_e, logits_e, depths_e = run(eager, PROMPTS)
+    before = recompiles()
     tokens_c, logits_c, depths_c = run(compiled, PROMPTS)
     assert tokens_c == tokens_e and depths_c == depths_e
     assert len(set(d for row in depths_e for d in row)) > 1
     assert (logits_c - logits_e).abs().max().item() <= TOL
     assert compiled.iterations_run == eager.iterations_run
-    assert compiled.iterations_run < eager.max_loops * 2 * NEW  # exited rows stopped computing
+    assert compiled.iterations_run < eager.max_loops * 2 * NEW  # the tokens' depths, not max_loops each
+    assert recompiles() == before
+
+
+@pytest.mark.parametrize("policy,options", [("latest", dict()), ("latest", dict(exit_every=2, min_loops=2)),
+                                            ("ring:3", dict(continuous=True))])
+def test_compiled_segments_compact_rows_to_buckets_and_equal_eager(model, compile_cache, traced, monkeypatch,
+                                                                  policy, options):
+    """Mixed depths 1..5 over 4 rows (ScriptedDepth): after each check the rows still deciding go on in a smaller row
+    bucket (4, then 2 or 1), so the graphs compute fewer (row, iteration) pairs than one graph of all rows; every
+    token, depth and logit is the eager engine's and no graph is compiled twice."""
+    from parcae.inference.exits import ScriptedDepth
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("PARCAE_COMPILE_EXIT", "segments")
+    prompts = PROMPTS + [[0, 9], [0, 1, 2, 3, 4, 5, 6]]
+    depth = dict(exit=ScriptedDepth.spread(5), max_loops=5, kv_policy=policy, **options)
+    eager, compiled = Engine(model, **depth), Engine(model, compile=True, **depth)
+    tokens_e, logits_e, depths_e = run(eager, prompts)
+    before = recompiles()
+    counters.clear()
+    alone = run(compiled, prompts[:1])  # a batch of 1 (its 1-row segments are other graphs than a batch of 4's)
+    ran_alone = compiled.compiled.row_iterations
+    tokens_c, logits_c, depths_c = run(compiled, prompts)
+    assert tokens_c == tokens_e and depths_c == depths_e and alone[0][0] == tokens_e[0]
+    assert (logits_c - logits_e).abs().max().item() <= TOL
+    assert recompiles() == before and not counters["graph_break"]  # whole graphs, each compiled once
+    buckets = {key[1] for key in compiled.compiled._graphs if key[0] == "segment"}
+    assert 4 in buckets and buckets & {1, 2}, buckets  # compaction ran the later segments on fewer rows
+    one_graph = 4 * 5 * NEW  # all 4 rows, max_loops each, every step
+    decoded = sum(d for row in depths_c for d in row)  # the generated tokens' iterations (the prompts' run eagerly)
+    assert decoded <= compiled.compiled.row_iterations - ran_alone < one_graph
 
 
 @pytest.mark.slow
