@@ -323,6 +323,8 @@ class CompiledStep:
         _show_progress()
         self.engine = engine
         self.cuda = engine.device.type == "cuda"
+        if not self.cuda:
+            _reuse_vector_isa_probe()
         self.mode = "reduce-overhead" if self.cuda else None
         # latest / ring with an exit rule (module docstring): "segments" (compaction), "graph" (one graph, exited
         # rows keep running) or "eager"
@@ -526,6 +528,41 @@ class CompiledStep:
             return torch.compile(fn, mode=self.mode if key[0] in ("fixed", "exit") else None, dynamic=False)
         # CPU: the graph's wrapper in C++ instead of Python (~20 % more tokens/s at batch 1 on the demo model)
         return torch.compile(fn, options={"cpp_wrapper": True}, dynamic=False)
+
+
+def _reuse_vector_isa_probe() -> None:
+    """Inductor checks each vector instruction set the CPU reports (AVX2, AVX-512 and its VNNI / BF16 parts, AMX) by
+    building a test library and loading it in a child Python (``torch._inductor.cpu_vec_isa.VecISA._probe_load``),
+    ten children per process on the 2-core VM: ~1 s of every compiled start. A library that loaded once loads again
+    (it sits in the compile cache under a name that hashes its code and flags), so the libraries that loaded are
+    listed in the cache folder (one file per torch, interpreter and CPU flags) and later processes skip their child;
+    a failed load is not listed and is probed again. Deleting the cache folder deletes the list with the
+    libraries."""
+    import hashlib
+    import platform
+
+    from torch._inductor import cpu_vec_isa
+
+    probe = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+    if probe is None or getattr(probe, "parcae_listed", False) or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    key = repr((torch.__version__, sys.executable, sorted(cpu_vec_isa.x86_isa_checker())))
+    listing = cache_dir() / f"vector-isa-{hashlib.sha256(key.encode()).hexdigest()[:16]}.loaded"
+    loaded = set(listing.read_text().splitlines()) if listing.exists() else set()
+
+    def listed_probe(self, output_path: str) -> bool:
+        if output_path in loaded:
+            return True
+        ok = probe(self, output_path)
+        if ok:
+            loaded.add(output_path)
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            with open(listing, "a") as f:
+                f.write(output_path + "\n")
+        return ok
+
+    listed_probe.parcae_listed = True
+    cpu_vec_isa.VecISA._probe_load = listed_probe
 
 
 def _own_code(fn, tag: str):

@@ -226,6 +226,31 @@ def test_cache_folder_defaults_to_parcaes(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "mine"  # the user's choice stands
 
 
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 vector ISA probes")
+def test_a_vector_isa_probe_that_loaded_is_not_run_again(monkeypatch, tmp_path):
+    """Inductor's per-process child that loads each vector-ISA test library (~1 s of a compiled start) runs once per
+    library: the loaded ones are listed in the cache folder and a later process skips them; a failed one is probed
+    again."""
+    from torch._inductor import cpu_vec_isa
+    from parcae.inference.compiled import _reuse_vector_isa_probe
+
+    assert callable(getattr(cpu_vec_isa.VecISA, "_probe_load", None))  # the pinned torch's probe (a rename fails here)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    children = []
+
+    def child(self, output_path):  # stands for the child process: loads "good.so", fails "bad.so"
+        children.append(output_path)
+        return output_path.endswith("good.so")
+
+    for process in range(2):  # a second process: the probe as torch defines it, wrapped again
+        monkeypatch.setattr(cpu_vec_isa.VecISA, "_probe_load", child)
+        _reuse_vector_isa_probe()
+        isa = cpu_vec_isa.VecAVX2()
+        assert [isa._probe_load(p) for p in ("/c/good.so", "/c/good.so", "/c/bad.so")] == [True, True, False]
+    assert children == ["/c/good.so", "/c/bad.so", "/c/bad.so"]
+    assert [f.read_text() for f in tmp_path.glob("vector-isa-*.loaded")] == ["/c/good.so\n"]
+
+
 def test_a_recompile_is_logged(fixed, caplog):
     """Any graph dynamo compiles again (a failed guard) is a warning on the parcae.compile logger."""
     fixed[1]  # the compiled engine installed the hook
