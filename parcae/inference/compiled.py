@@ -531,38 +531,31 @@ class CompiledStep:
 
 
 def _reuse_vector_isa_probe() -> None:
-    """Inductor checks each vector instruction set the CPU reports (AVX2, AVX-512 and its VNNI / BF16 parts, AMX) by
-    building a test library and loading it in a child Python (``torch._inductor.cpu_vec_isa.VecISA._probe_load``),
-    ten children per process on the 2-core VM: ~1 s of every compiled start. A library that loaded once loads again
-    (it sits in the compile cache under a name that hashes its code and flags), so the libraries that loaded are
-    listed in the cache folder (one file per torch, interpreter and CPU flags) and later processes skip their child;
-    a failed load is not listed and is probed again. Deleting the cache folder deletes the list with the
-    libraries."""
+    """Inductor checks each vector instruction set the CPU reports (AVX2, AVX-512, AMX, ...) by building a test
+    library and loading it in a child Python, in every process: ~1.4 s of a compiled start on the 2-core VM. Once
+    every instruction set the CPU reports has passed, a marker in the cache folder (keyed by torch, the interpreter
+    and the CPU's flags) records it, and this and every later process set inductor's own switch for a checked ISA
+    (``torch._inductor.config.cpp.vec_isa_ok``), which skips the basic checks (the checks of AVX-512's and AMX's
+    extensions still run). A failed or partial check writes nothing and leaves the switch alone, so such a machine
+    keeps checking. The switch is part of inductor's cache keys: it is set in the first process too, so the graphs
+    it compiles are the ones later processes find. Delete the cache folder to check again."""
     import hashlib
     import platform
 
-    from torch._inductor import cpu_vec_isa
+    from torch._inductor import config, cpu_vec_isa
 
-    probe = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
-    if probe is None or getattr(probe, "parcae_listed", False) or platform.machine() not in ("x86_64", "AMD64"):
+    if config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
         return
-    key = repr((torch.__version__, sys.executable, sorted(cpu_vec_isa.x86_isa_checker())))
-    listing = cache_dir() / f"vector-isa-{hashlib.sha256(key.encode()).hexdigest()[:16]}.loaded"
-    loaded = set(listing.read_text().splitlines()) if listing.exists() else set()
-
-    def listed_probe(self, output_path: str) -> bool:
-        if output_path in loaded:
-            return True
-        ok = probe(self, output_path)
-        if ok:
-            loaded.add(output_path)
-            listing.parent.mkdir(parents=True, exist_ok=True)
-            with open(listing, "a") as f:
-                f.write(output_path + "\n")
-        return ok
-
-    listed_probe.parcae_listed = True
-    cpu_vec_isa.VecISA._probe_load = listed_probe
+    flags = cpu_vec_isa.x86_isa_checker()
+    key = hashlib.sha256(repr((torch.__version__, sys.executable, sorted(flags))).encode()).hexdigest()[:16]
+    marker = cache_dir() / f"vector-isa-{key}.ok"
+    if not marker.exists():
+        reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+        if not reported or cpu_vec_isa.valid_vec_isa_list() != reported:  # (the check: each built and loaded)
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"every vector ISA the CPU reports built and loaded: {', '.join(map(str, reported))}\n")
+    config.cpp.vec_isa_ok = True
 
 
 def _own_code(fn, tag: str):
