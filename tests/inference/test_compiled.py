@@ -137,9 +137,9 @@ def test_exit_rule_under_full_is_one_graph_and_equals_eager(model, compile_cache
     assert compiled.iterations_run == eager.iterations_run
 
 
-@pytest.mark.parametrize("mode,backend", [("segments", "aot_eager"), ("graph", "aot_eager"),
-                                          pytest.param("segments", "inductor", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("policy", ["latest", "ring:2"])
+@pytest.mark.parametrize("policy,mode,backend", [
+    ("latest", "segments", "aot_eager"), ("latest", "graph", "aot_eager"), ("ring:2", "segments", "aot_eager"),
+    ("ring:2", "graph", "aot_eager"), pytest.param("latest", "segments", "inductor", marks=pytest.mark.slow)])
 def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, monkeypatch, policy, mode, backend):
     """latest / ring, both ways a compiled engine runs them (segments between checks on the rows still deciding;
     one graph in which a row whose token exited keeps running without storing): the tokens, depths, logits and KV
@@ -159,8 +159,8 @@ def test_exit_rules_under_latest_and_ring_equal_eager(model, compile_cache, monk
     assert recompiles() == before
 
 
-@pytest.mark.parametrize("policy,options", [("latest", dict()), ("latest", dict(exit_every=2, min_loops=2)),
-                                            ("ring:3", dict(continuous=True))])
+@pytest.mark.parametrize("policy,options", [("latest", dict()),
+                                            ("ring:3", dict(exit_every=2, min_loops=2, continuous=True))])
 def test_compiled_segments_compact_rows_to_buckets_and_equal_eager(model, compile_cache, traced, monkeypatch,
                                                                   policy, options):
     """Mixed depths 1..5 over 4 rows (ScriptedDepth): after each check the rows still deciding go on in a smaller row
@@ -190,15 +190,11 @@ def test_compiled_segments_compact_rows_to_buckets_and_equal_eager(model, compil
     assert decoded <= compiled.compiled.row_iterations - ran_alone < one_graph
 
 
-@pytest.mark.parametrize("rule,backend", [("latent-diff:1", "aot_eager"), ("cosine:0.05", "aot_eager"),
-                                          pytest.param("kl:0.05", "inductor", marks=pytest.mark.slow),
-                                          ("minp-kl:0.05", "aot_eager"), ("entropy-diff:0.05", "aot_eager"),
-                                          ("argmax-stability:2", "aot_eager")])
-def test_each_exit_rule_compiled_equals_eager(model, compile_cache, monkeypatch, rule, backend):
-    """Each rule traced into the one-graph step of the full policy; inductor's code for one of them (the output
-    rules' read-out and log-softmax at every check: the largest graph), the others through aot_eager (the same
-    dynamo graph; inductor's code generation is checked by the module's other inductor tests)."""
-    monkeypatch.setenv("PARCAE_COMPILE_BACKEND", backend)
+@pytest.mark.parametrize("rule", ["latent-diff:1", "cosine:0.05", "kl:0.05", "minp-kl:0.05", "entropy-diff:0.05",
+                                  "argmax-stability:2"])
+def test_each_exit_rule_compiled_equals_eager(model, compile_cache, traced, rule):
+    """Each rule traced into the one-graph step of the full policy (aot_eager: the same dynamo graph; inductor's
+    code for an exit rule is checked by the inductor case of the latest/ring test)."""
     eager = Engine(model, exit=rule, max_loops=4, kv_policy="full")
     compiled = Engine(model, exit=rule, max_loops=4, kv_policy="full", compile=True)
     tokens_e, logits_e, depths_e = run(eager, PROMPTS)
@@ -207,8 +203,7 @@ def test_each_exit_rule_compiled_equals_eager(model, compile_cache, monkeypatch,
     assert (logits_c - logits_e).abs().max().item() <= TOL
 
 
-@pytest.mark.slow
-def test_ring_policy_at_fixed_depth_compiled_equals_eager(model, compile_cache):
+def test_ring_policy_at_fixed_depth_compiled_equals_eager(model, compile_cache, traced):
     eager, compiled = Engine(model, loops=3, kv_policy="ring:2"), Engine(model, loops=3, kv_policy="ring:2", compile=True)
     tokens_e, logits_e, _ = run(eager, PROMPTS)
     tokens_c, logits_c, _ = run(compiled, PROMPTS)
