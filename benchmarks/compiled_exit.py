@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from depth_batching import build_model
-from exit_speed import ceiling, costs
+from exit_speed import ceiling, compile_exit_mode, costs
 from parcae.inference import Engine
 from parcae.inference.exits import ScriptedDepth
 
@@ -50,12 +50,8 @@ def engine(model, setting: str, loops: int) -> Engine:
     depth = dict(exit=ScriptedDepth.spread(loops), max_loops=loops, kv_policy="latest")
     if kind == "eager-exit":
         return Engine(model, **depth)
-    previous = os.environ.get("PARCAE_COMPILE_EXIT")
-    os.environ["PARCAE_COMPILE_EXIT"] = rest
-    try:
+    with compile_exit_mode(rest):
         return Engine(model, compile=True, **depth)
-    finally:
-        os.environ.pop("PARCAE_COMPILE_EXIT") if previous is None else os.environ.update(PARCAE_COMPILE_EXIT=previous)
 
 
 def run(e: Engine, batch: int, n: int) -> tuple[float, list, list]:

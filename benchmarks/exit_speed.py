@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -58,21 +59,29 @@ def engine_for(model, setting: str, **extra) -> Engine:
     KV policy (``PARCAE_COMPILE_EXIT``, parcae.inference.compiled)."""
     setting, _, mode = setting.partition("@")
     if mode:
-        previous = os.environ.get("PARCAE_COMPILE_EXIT")
-        os.environ["PARCAE_COMPILE_EXIT"] = mode
-        try:
+        with compile_exit_mode(mode):
             return engine_for(model, setting, **extra)
-        finally:
-            if previous is None:
-                del os.environ["PARCAE_COMPILE_EXIT"]
-            else:
-                os.environ["PARCAE_COMPILE_EXIT"] = previous
     kind, _, rest = setting.partition(":")
     if kind == "fixed":
         return Engine(model, loops=int(rest), **extra)
     if kind == "speculate":
         return Engine(model, loops=model.config.mean_recurrence, speculate=rest, **extra)
     return Engine(model, exit=setting, **extra)
+
+
+@contextmanager
+def compile_exit_mode(mode: str):
+    """Engines built inside run an exit rule under latest / ring in ``mode`` when compiled (``PARCAE_COMPILE_EXIT``:
+    segments, graph or eager); the variable is restored after."""
+    previous = os.environ.get("PARCAE_COMPILE_EXIT")
+    os.environ["PARCAE_COMPILE_EXIT"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PARCAE_COMPILE_EXIT"]
+        else:
+            os.environ["PARCAE_COMPILE_EXIT"] = previous
 
 
 def compile_supported() -> bool:

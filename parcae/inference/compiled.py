@@ -136,7 +136,8 @@ class StaticKVCache(LoopKVCache):
         self.length = capacity
         self.key_cols = torch.arange(capacity, device=device)
         # a compiled segment's first iteration (a 0-d tensor; None outside segments): the model's iteration t of
-        # the segment is iteration first_iteration + t, so one graph serves segments starting anywhere
+        # the segment is iteration first_iteration + t, so one graph serves segments starting anywhere (its views
+        # are LoopKVCache's per-row views, which index the stacked slots of the segments' caches)
         self.first_iteration: Optional[Tensor] = None
 
     def begin(self, cols: Tensor, real: Optional[Tensor], rows: Optional[Tensor] = None,
@@ -162,11 +163,11 @@ class StaticKVCache(LoopKVCache):
         return _StaticView(self, self.stores[index], 0, None, False, rows, write)
 
     def loop(self, block: int, iteration: int, rows: Optional[Tensor], write: Optional[Tensor]) -> _View:
-        if self.first_iteration is not None:  # a segment: the slot and the count are tensors
-            t = self.first_iteration + iteration
-            count = t + 1 if block == 0 and self.computed is not None else None
-            return _StaticView(self, self.recurrent[block], self.policy.slot(t), count, self.computed is not None,
-                               rows, write)
+        if self.first_iteration is not None:  # a segment: every row of the view at the iteration of a tensor
+            iterations = (self.first_iteration + iteration).expand((self.cols if rows is None else rows).shape[0])
+            # the per-row view of LoopKVCache (slot, count and fallback per row) over the stacked slots, all of
+            # which exist (top: the store's last slot)
+            return LoopKVCache.loop_rows(self, block, iterations, rows, write, top=self.recurrent[block].slots - 1)
         view = super().loop(block, iteration, rows, write)
         return _StaticView(self, view.store, view.slot, view.count, view.fallback, rows, write)
 
@@ -239,8 +240,6 @@ class _StaticView(_View):
     """A view that reads its own slot's tensor (no stacked copy) when no fallback is needed."""
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if isinstance(self.slot, Tensor):
-            return self._update_any_slot(k, v)
         if self.fallback and not torch.compiler.is_compiling():  # latest / ring, the eager exit schedule
             return super().update(k, v)
         c = self.cache
@@ -261,27 +260,6 @@ class _StaticView(_View):
                 older_k, older_v = older_k[batch_rows], older_v[batch_rows]
             keys, values = torch.where(pick == s, older_k, keys), torch.where(pick == s, older_v, values)
         return keys, values, mask
-
-    def _update_any_slot(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The slot is a 0-d tensor (a compiled segment, whose graph serves every iteration) into the stacked slots
-        of the store: the new entries go to the slot named (one scatter), and a token is read from slot
-        min(slot, computed − 1) (its own entry or its last computed one, :meth:`LoopKVCache.loop`'s fallback; one
-        gather)."""
-        c, st = self.cache, self.store
-        batch_rows, cols, mask, r = self.step()
-        K, V, s = st.k_all, st.v_all, self.slot.reshape(1, 1)  # (a 0-d index would be read as a number)
-        if self.write is None:
-            K[s, r, :, cols], V[s, r, :, cols] = k.to(K.dtype), v.to(V.dtype)
-        else:
-            m = self.write[..., None, None]
-            K[s, r, :, cols] = torch.where(m, k.to(K.dtype), K[s, r, :, cols])
-            V[s, r, :, cols] = torch.where(m, v.to(V.dtype), V[s, r, :, cols])
-        if self.count is not None:
-            self.record_count(r, cols, self.count)
-        computed = c.computed if batch_rows is None else c.computed[batch_rows]
-        pick = torch.minimum((computed - 1).clamp(min=0), s)                                  # [b, capacity]
-        key_cols = c.key_cols[None]
-        return K[pick, r, :, key_cols].transpose(1, 2), V[pick, r, :, key_cols].transpose(1, 2), mask
 
 
 class _Segment:
@@ -432,8 +410,7 @@ class CompiledStep:
         h, drive, rope, ve = self._graph(("enter", Bp, C, warm), self._enter)(
             cache, tokens, cols, positions, real, sequences, initial_state)
         exit = _ExitSchedule(e, real, compact=False)
-        # (distinct tensors: dynamo guards on which inputs alias, and after the first segment none do)
-        exit.tracker, exit.h_out = e.exit.start(h.clone(), e.config.vocab_size), h.clone()
+        exit.start(h.clone(), h.clone())  # (distinct tensors: dynamo guards on which inputs alias; later none do)
         rows, t = cache.all_rows, 0
         while True:
             n = min(e.min_loops if t == 0 else e.exit_every, e.max_loops - t)

@@ -167,9 +167,14 @@ class _ExitSchedule:
             return None
         return self.computing if self.keep_computing else pick(self.deciding, self.active)
 
+    def start(self, h0: Tensor, output: Optional[Tensor] = None) -> None:
+        """The loop begins at h₀ [B, S, d]: the rule's tracker starts from it, and every token's output is h₀ (or
+        ``output``, an equal tensor of its own) until the token stops."""
+        self.tracker, self.h_out = self.rule.start(h0, self.vocab_size), h0 if output is None else output
+
     def done(self, t: int, h_before: Tensor, h: Tensor, rows: Optional[Tensor], read_out) -> None:
         if self.tracker is None:  # t = 0, every row: h_before is h₀
-            self.tracker, self.h_out = self.rule.start(h_before, self.vocab_size), h_before
+            self.start(h_before)
         self.ran = t + 1
         last, n = t + 1 == self.iterations, t + 1 - self.min_loops
         if not last and (n < 0 or n % self.every):
